@@ -1,0 +1,45 @@
+"""The Python entry point: ``supermerge.merge(recipe_or_path, out)``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from supermerge.engine import MergeResult, MergeSpec, Progress, execute, plan_merge
+from supermerge.recipes import Recipe, load_recipe, parse_recipe
+
+
+def merge(
+    recipe: str | Path | dict[str, Any] | Recipe | MergeSpec,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    threads: int = 2,
+    shard_size: int = 5 * 2**30,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Merge the models a recipe names into a new model directory at ``out``.
+
+    ``recipe`` is a YAML file path, a mapping in the recipe format, a Recipe or an engine
+    MergeSpec. Everything is checked from headers before any weight is read (PlanError lists
+    every problem); then tensors stream one at a time with about (K + 2) x the largest
+    tensor resident. Returns a MergeResult; ``out`` is published atomically.
+    """
+    recipe_yaml = ""
+    if isinstance(recipe, MergeSpec):
+        spec = recipe
+    else:
+        root = None
+        if isinstance(recipe, str | Path):
+            root = Path(recipe).resolve().parent
+            recipe = load_recipe(recipe)
+        elif isinstance(recipe, dict):
+            recipe = parse_recipe(recipe)
+        spec = recipe.to_spec(root)
+        recipe_yaml = recipe.to_yaml()
+    plan = plan_merge(spec, out=Path(out), overwrite=overwrite)
+    try:
+        return execute(plan, out, overwrite=overwrite, threads=threads, shard_size=shard_size,
+                       recipe_yaml=recipe_yaml, progress=progress)
+    finally:
+        plan.close()

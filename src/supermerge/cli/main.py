@@ -1,0 +1,158 @@
+"""The `supermerge` command line: merge, inspect, methods, demo.
+
+The CLI owns the screen: it configures logging, draws progress bars and turns
+SupermergeError into one clear message and exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from supermerge.errors import SupermergeError
+
+log = logging.getLogger("supermerge")
+
+
+def _friendly(command):
+    """Print SupermergeError as a clean message and exit 1 instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SupermergeError as err:
+            click.secho(f"error: {err}", fg="red", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+class _Bar:
+    """A tqdm bar fed by the library's progress(done, total, what) callback."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar: tqdm | None = None
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        if self.bar is None or self.bar.total != total or done == 1:
+            self.close()
+            self.bar = tqdm(total=total, desc=self.desc, unit="tensor", leave=False,
+                            file=sys.stderr)
+        self.bar.set_postfix_str(what[-40:], refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.version_option(package_name="supermerge")
+def cli(verbose: int) -> None:
+    """Merge fine-tuned checkpoints of one pretrained model into one multi-task model."""
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Output model directory (published atomically).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--threads", default=2, show_default=True, help="Reader threads.")
+@click.option("--shard-size", default=5 * 2**30, show_default=True, type=int,
+              help="Largest safetensors shard, in bytes.")
+@_friendly
+def merge(recipe: Path, out: Path, overwrite: bool, threads: int, shard_size: int) -> None:
+    """Merge the models named in RECIPE (YAML, mergekit format) into OUT."""
+    from supermerge.api import merge as run_merge
+
+    bar = _Bar("merging")
+    try:
+        result = run_merge(recipe, out, overwrite=overwrite, threads=threads,
+                           shard_size=shard_size, progress=bar)
+    finally:
+        bar.close()
+    for warning in result.warnings:
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
+    click.echo(f"merged {result.merged} tensors, copied {result.copied}, in "
+               f"{result.seconds:.1f} s -> {result.out}")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--all", "show_all", is_flag=True, help="List every tensor, not the first 40.")
+@_friendly
+def inspect(paths: tuple[Path, ...], show_all: bool) -> None:
+    """Show a checkpoint's tensors, or how a second checkpoint differs from the first."""
+    from supermerge.engine import compare_checkpoints, summarize_checkpoint
+    from supermerge.io import open_checkpoint
+
+    if len(paths) > 2:
+        raise click.UsageError("inspect takes one path, or two to compare")
+    first = open_checkpoint(paths[0])
+    limit = None if show_all else 40
+    if len(paths) == 1:
+        summary = summarize_checkpoint(first)
+        names = first.names()
+        for name in names[:limit]:
+            info = first.info(name)
+            click.echo(f"{name:<60} {str(tuple(info.shape)):<20} "
+                       f"{str(info.dtype).removeprefix('torch.')}")
+        if limit is not None and len(names) > limit:
+            click.echo(f"... {len(names) - limit} more (--all)")
+        dtypes = ", ".join(f"{k}: {v:,}" for k, v in summary.dtypes.items())
+        click.echo(f"{summary.tensors} tensors, {summary.parameters:,} parameters "
+                   f"({dtypes}), {summary.bytes / 2**20:.1f} MiB")
+        return
+    second = open_checkpoint(paths[1])
+    counts: dict[str, int] = {}
+    shown = 0
+    click.echo(f"{'tensor':<60} {'status':<18} {'|delta|':>12} {'relative':>10}")
+    for diff in compare_checkpoints(first, second):
+        counts[diff.status] = counts.get(diff.status, 0) + 1
+        if limit is None or shown < limit:
+            shown += 1
+            delta = f"{diff.delta_norm:.4g}" if diff.delta_norm is not None else ""
+            rel = f"{diff.relative:.3g}" if diff.relative is not None else ""
+            click.echo(f"{diff.name:<60} {diff.status:<18} {delta:>12} {rel:>10}")
+    click.echo(", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+@cli.command()
+@click.argument("name", required=False)
+@_friendly
+def methods(name: str | None) -> None:
+    """List the merge methods (or one in detail) with parameters, data needs and papers."""
+    from supermerge.cli.listing import describe_methods
+
+    click.echo(describe_methods(name))
+
+
+@cli.command()
+@click.option("--out", default="supermerge-demo", show_default=True,
+              type=click.Path(path_type=Path), help="Where the demo writes its models.")
+@_friendly
+def demo(out: Path) -> None:
+    """Build a tiny base and experts, merge them with every data-free method, report."""
+    from supermerge.cli.demo import run_demo
+
+    run_demo(out, echo=click.echo)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="supermerge")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Streaming execution of a merge plan: read, merge and write one tensor at a time.
+
+Reads run on a thread pool ahead of the computation, limited by a byte budget of about
+(K + 2) x the largest tensor in float32, so peak memory stays bounded whatever the model
+size while small tensors still overlap their reads with compute. Every tensor is merged
+in plan order with a seed derived from its name, so the output does not depend on the
+number of threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from supermerge.engine.plan import MergePlan, Source, TensorJob
+from supermerge.engine.spec import parse_dtype
+from supermerge.errors import InputValueError
+from supermerge.io import CheckpointWriter
+from supermerge.methods import TensorContext
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+"""progress(done, total, what): called after each tensor of each pass."""
+
+
+@dataclass
+class LoadedJob:
+    """A job's inputs, resident in the compute dtype."""
+
+    job: TensorJob
+    reference: torch.Tensor
+    base: torch.Tensor | None
+    experts: list[torch.Tensor]
+
+
+@dataclass
+class MergeResult:
+    """What a merge did, for the CLI and the logs."""
+
+    out: Path
+    tensors: int
+    merged: int
+    copied: int
+    seconds: float
+    largest_tensor_bytes: int
+    memory_budget_bytes: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def execute(
+    plan: MergePlan,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    threads: int = 2,
+    shard_size: int = 5 * 2**30,
+    recipe_yaml: str = "",
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Run the plan and publish the merged model at ``out``; returns a MergeResult.
+
+    Cost: each input tensor is read once (plus ``passes`` more times for methods with a
+    whole-model statistic); resident memory about (K + 2) x the largest tensor.
+    On any error the partial output is removed and ``out`` is left as it was.
+    """
+    started = time.perf_counter()
+    compute = parse_dtype(plan.spec.compute_dtype, "compute_dtype") or torch.float32
+    statistic = _whole_model_statistic(plan, compute, threads, progress)
+    merged = copied = 0
+    with CheckpointWriter(out, overwrite=overwrite, shard_size=shard_size) as writer:
+        total = len(plan.jobs)
+        for done, loaded in enumerate(_stream(plan, plan.jobs, compute, threads), start=1):
+            tensor = _merge_one(plan, loaded, statistic)
+            writer.add(loaded.job.name, tensor.to(loaded.job.out_dtype).contiguous())
+            merged += loaded.job.merge
+            copied += not loaded.job.merge
+            if progress:
+                progress(done, total, loaded.job.name)
+        writer.copy_model_files(plan.reference.model_dir)
+        _record_output_dtype(plan, writer)
+        writer.write_text("supermerge_recipe.yaml", recipe_yaml)
+        writer.write_model_card(
+            base_models=[str(plan.spec.base_model or plan.spec.models[0].path)]
+            + [m.path for m in plan.spec.models if m.path != plan.spec.base_model],
+            method=plan.method.name,
+            recipe_yaml=recipe_yaml,
+        )
+        published = writer.commit()
+    for warning in plan.warnings:
+        log.warning(warning)
+    return MergeResult(out=published, tensors=len(plan.jobs), merged=merged, copied=copied,
+                       seconds=time.perf_counter() - started,
+                       largest_tensor_bytes=plan.largest_tensor_bytes,
+                       memory_budget_bytes=plan.memory_budget(), warnings=list(plan.warnings))
+
+
+def _record_output_dtype(plan: MergePlan, writer: CheckpointWriter) -> None:
+    """Say the recipe's output dtype in config.json, so transformers loads it as written."""
+    config = plan.reference.config
+    if config is None or plan.spec.out_dtype is None:
+        return
+    name = str(parse_dtype(plan.spec.out_dtype, "dtype")).removeprefix("torch.")
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+    writer.write_text("config.json", json.dumps({**config, **dict.fromkeys(keys, name)}, indent=2))
+
+
+def _merge_one(plan: MergePlan, loaded: LoadedJob, statistic) -> torch.Tensor:
+    """Return the output tensor of one job (the reference's values where nothing is merged)."""
+    job = loaded.job
+    if not job.merge:
+        return loaded.reference
+    rows = job.rows
+    cut = (lambda t: t[:rows]) if rows is not None else (lambda t: t)
+    base = cut(loaded.base) if loaded.base is not None else None
+    ctx = TensorContext(name=job.name, seed=job.seed, statistic=statistic)
+    result = plan.method.fn(base, [cut(e) for e in loaded.experts], job.params,
+                            job.model_params, ctx)
+    if rows is None:
+        return result
+    full = loaded.reference.clone()
+    full[:rows] = result
+    return full
+
+
+def _whole_model_statistic(plan: MergePlan, compute, threads, progress):
+    """Stream every mergeable tensor's task vectors through the method's statistic, if any."""
+    if plan.statistic_params is None:
+        return None
+    stat = plan.method.statistic(*plan.statistic_params)
+    jobs = [j for j in plan.jobs if j.merge]
+    for p in range(stat.passes):
+        for done, loaded in enumerate(_stream(plan, jobs, compute, threads), start=1):
+            rows = loaded.job.rows
+            base = loaded.base if rows is None else loaded.base[:rows]
+            for i, expert in enumerate(loaded.experts):
+                stat.observe(p, i, (expert if rows is None else expert[:rows]) - base)
+            if progress:
+                what = f"statistic pass {p + 1}/{stat.passes}: {loaded.job.name}"
+                progress(done, len(jobs), what)
+        stat.finish_pass(p)
+    return stat.result()
+
+
+def _stream(plan: MergePlan, jobs: list[TensorJob], compute: torch.dtype,
+            threads: int) -> Iterator[LoadedJob]:
+    """Yield the jobs' inputs in order, reading ahead on threads within the byte budget."""
+    budget = plan.memory_budget()
+    pending: deque[tuple[TensorJob, Future]] = deque()
+    in_flight = 0
+    upcoming = iter(jobs)
+    next_job = next(upcoming, None)
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="read") as pool:
+        while pending or next_job is not None:
+            while next_job is not None and (
+                not pending or in_flight + next_job.input_bytes() <= budget
+            ):
+                pending.append((next_job, pool.submit(_load, plan, next_job, compute)))
+                in_flight += next_job.input_bytes()
+                next_job = next(upcoming, None)
+            job, future = pending.popleft()
+            try:
+                loaded = future.result()
+            except BaseException:
+                for _, other in pending:
+                    other.cancel()
+                raise
+            in_flight -= job.input_bytes()
+            yield loaded
+
+
+def _load(plan: MergePlan, job: TensorJob, compute: torch.dtype) -> LoadedJob:
+    """Read one job's inputs; the reference is the base (or the first expert), never read twice."""
+    if not job.merge:
+        return LoadedJob(job, job.reference.checkpoint.read(job.reference.name), None, [])
+    base = _read(plan, job.base, compute) if job.base is not None else None
+    experts = [_read(plan, source, compute) for source in job.experts]
+    return LoadedJob(job, base if base is not None else experts[0], base, experts)
+
+
+def _read(plan: MergePlan, source: Source, compute: torch.dtype) -> torch.Tensor:
+    """Read one float input in the compute dtype, applying the NaN/Inf policy."""
+    tensor = source.checkpoint.read(source.name).to(compute)
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        message = f"{bad} NaN/Inf value(s) in an input tensor"
+        if plan.spec.on_nonfinite == "refuse":
+            raise InputValueError(message, file=str(source.checkpoint.path), tensor=source.name,
+                                  fix="repair the checkpoint, or set `on_nonfinite: warn` to merge "
+                                      "anyway")
+        log.warning("%s (file %s, tensor %s)", message, source.checkpoint.path, source.name)
+    return tensor

@@ -1,0 +1,297 @@
+"""Planning a merge from headers alone: every problem is found before any weight is read.
+
+``plan_merge`` opens every checkpoint lazily, checks that each expert has each tensor of
+the reference model with a compatible shape and dtype, resolves the per-tensor parameters
+and validates them against the method's types. It returns a :class:`MergePlan` (one
+:class:`TensorJob` per output tensor) or raises one :class:`PlanError` listing every
+problem at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from supermerge.engine.params import LayerPositions, is_tensor_dependent, resolve_all
+from supermerge.engine.spec import MergeSpec, parse_dtype
+from supermerge.errors import MethodError, PlanError, Problem, SupermergeError
+from supermerge.io import Checkpoint, TensorInfo, open_checkpoint, tied_aliases
+from supermerge.methods import Method, get_method
+
+log = logging.getLogger(__name__)
+
+_VOCAB_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "output.weight", "shared.weight")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one input tensor of a job lives: a checkpoint and the name inside it."""
+
+    checkpoint: Checkpoint
+    name: str
+
+    @property
+    def info(self) -> TensorInfo:
+        return self.checkpoint.info(self.name)
+
+
+@dataclass
+class TensorJob:
+    """One output tensor: copy it from the reference, or merge it from its sources."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    reference: Source
+    experts: list[Source] = field(default_factory=list)
+    base: Source | None = None
+    merge: bool = True
+    rows: int | None = None  # merge only the first `rows` rows (vocabulary mismatch)
+    params: Any = None
+    model_params: list[Any] = field(default_factory=list)
+    seed: int = 0
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+    def input_bytes(self) -> int:
+        """Bytes held while this job's inputs are resident in float32."""
+        count = 1 + (len(self.experts) if self.merge else 0)
+        return count * self.numel * 4
+
+
+@dataclass
+class MergePlan:
+    """Everything the executor needs, checked."""
+
+    spec: MergeSpec
+    method: Method
+    base: Checkpoint | None
+    experts: list[Checkpoint]
+    reference: Checkpoint
+    jobs: list[TensorJob]
+    statistic_params: tuple[Any, list[Any]] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def largest_tensor_bytes(self) -> int:
+        """float32 bytes of the largest output tensor."""
+        return max((job.numel * 4 for job in self.jobs), default=0)
+
+    def memory_budget(self) -> int:
+        """About (K + 2) x the largest tensor in float32: the engine's resident-bytes bound."""
+        return (len(self.experts) + 2) * self.largest_tensor_bytes
+
+    def close(self) -> None:
+        for ckpt in {id(c): c for c in [*self.experts, self.reference]}.values():
+            ckpt.close()
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed that depends only on the recipe seed and the name (thread-order free)."""
+    return zlib.crc32(f"{seed}:{name}".encode()) & 0x7FFFFFFF
+
+
+def plan_merge(spec: MergeSpec, *, out: Path | None = None, overwrite: bool = False) -> MergePlan:
+    """Check the whole merge from headers and return its plan.
+
+    Raises PlanError listing every problem found.
+
+    Cost: opens every checkpoint's headers; reads no weight.
+    """
+    problems: list[Problem] = []
+    method = _method_or_problem(spec, problems)
+    if out is not None and Path(out).exists() and not overwrite:
+        problems.append(Problem("the output already exists", file=str(out),
+                                fix="pass --overwrite or choose another output path"))
+    if out is not None:
+        _refuse_output_among_inputs(spec, Path(out), problems)
+    base = _open(spec.base_model, problems) if spec.base_model else None
+    experts = [_open(m.path, problems) for m in spec.models]
+    if method is not None and method.needs_base and spec.base_model is None:
+        problems.append(Problem(f"method '{method.name}' needs a base model",
+                                fix="add `base_model: <path>` to the recipe"))
+    for where, value in (("dtype", spec.out_dtype), ("compute_dtype", spec.compute_dtype)):
+        try:
+            parse_dtype(value, where)
+        except SupermergeError as err:
+            problems.append(Problem(err.message, fix=err.fix))
+    if problems:
+        raise PlanError(problems)
+    reference = base if base is not None else experts[0]
+    plan = MergePlan(spec=spec, method=method, base=base, experts=experts,  # type: ignore[arg-type]
+                     reference=reference, jobs=[])
+    global_specs, default_specs = _split(method, spec, problems)
+    plan.jobs = _plan_jobs(plan, global_specs, default_specs, problems)
+    if method.statistic is not None and not problems:
+        plan.statistic_params = _statistic_params(method, global_specs, default_specs, problems)
+    if problems:
+        plan.close()
+        raise PlanError(problems)
+    return plan
+
+
+def _refuse_output_among_inputs(spec: MergeSpec, out: Path, problems: list[Problem]) -> None:
+    target = out.resolve()
+    for path in [spec.base_model, *(m.path for m in spec.models)]:
+        if path is not None and target in (p := Path(path).resolve(), *p.parents):
+            problems.append(Problem("the output path is also an input", file=str(path),
+                                    fix="write the merge to a new directory"))
+
+
+def _method_or_problem(spec: MergeSpec, problems: list[Problem]) -> Method | None:
+    try:
+        method = get_method(spec.method)
+        method.check_count(len(spec.models))
+        return method
+    except MethodError as err:
+        problems.append(Problem(err.message, fix=err.fix))
+        return None
+
+
+def _open(path: str, problems: list[Problem]) -> Checkpoint | None:
+    try:
+        return open_checkpoint(path)
+    except SupermergeError as err:
+        problems.append(Problem(err.message, file=err.file or path, fix=err.fix))
+        return None
+
+
+def _split(method: Method, spec: MergeSpec, problems: list[Problem]):
+    """Return (global specs, per-model spec dicts) with unknown keys reported as problems."""
+    try:
+        global_specs, defaults = method.split_defaults(spec.parameters)
+    except MethodError as err:
+        problems.append(Problem(err.message, fix=err.fix))
+        global_specs, defaults = {}, {}
+    per_model = []
+    for i, model in enumerate(spec.models):
+        try:
+            method.check_model_keys(model.parameters, f"models[{i}] ({model.path})")
+        except MethodError as err:
+            problems.append(Problem(err.message, fix=err.fix))
+        per_model.append({**defaults, **model.parameters})
+    return global_specs, per_model
+
+
+def _plan_jobs(plan: MergePlan, global_specs, model_specs, problems) -> list[TensorJob]:
+    spec, method, reference = plan.spec, plan.method, plan.reference
+    out_dtype = parse_dtype(spec.out_dtype, "dtype")
+    positions = LayerPositions(reference.names())
+    aliases = [tied_aliases(e) for e in plan.experts]
+    validated: dict[tuple, tuple[Any, list[Any]]] = {}
+    jobs = []
+    for name in reference.names():
+        ref_info = reference.info(name)
+        keep_dtype = out_dtype is None or not ref_info.is_float
+        job = TensorJob(name=name, shape=tuple(ref_info.shape),
+                        out_dtype=ref_info.dtype if keep_dtype else out_dtype,
+                        reference=Source(reference, name),
+                        base=Source(plan.base, name) if plan.base is not None else None,
+                        seed=tensor_seed(spec.seed, name))
+        jobs.append(job)
+        if not ref_info.is_float:
+            job.merge = False  # integer buffers are copied from the reference, never averaged
+            continue
+        job.experts = _expert_sources(plan, name, ref_info, aliases, job, problems)
+        position = positions.position(name)
+        glob, p1 = resolve_all(global_specs, name, position, "parameters")
+        rows = []
+        for i, model_spec in enumerate(model_specs):
+            values, p2 = resolve_all(model_spec, name, position, f"models[{i}].parameters")
+            problems.extend(p2)
+            rows.append(values)
+        problems.extend(p1)
+        key = (repr(sorted(glob.items())), repr([sorted(r.items()) for r in rows]))
+        if key not in validated:
+            try:
+                validated[key] = method.validate(glob, rows)
+            except MethodError as err:
+                problems.append(Problem(err.message, tensor=name, fix=err.fix))
+                validated[key] = (None, [])
+        job.params, job.model_params = validated[key]
+    _report_extra_tensors(plan, aliases)
+    return jobs
+
+
+def _expert_sources(plan, name, ref_info, aliases, job, problems) -> list[Source]:
+    sources = []
+    for i, expert in enumerate(plan.experts):
+        actual = name if name in expert else aliases[i].get(name)
+        if actual is None or actual not in expert:
+            if plan.spec.on_missing == "base" and plan.base is not None:
+                sources.append(Source(plan.base, name))
+                plan.warnings.append(f"{expert.path}: missing {name}, used the base's tensor")
+                continue
+            problems.append(Problem("tensor missing in an expert", file=str(expert.path),
+                                    tensor=name,
+                                    fix="merge models of the same architecture, or set "
+                                        "`on_missing: base` to use the base's tensor"))
+            continue
+        info = expert.info(actual)
+        if not info.is_float:
+            problems.append(Problem(f"dtype {info.dtype} is not a float dtype but the reference's "
+                                    f"is {ref_info.dtype}", file=str(expert.path), tensor=name,
+                                    fix="merge checkpoints of the same model"))
+        elif tuple(info.shape) != tuple(ref_info.shape):
+            _shape_mismatch(plan, name, ref_info, info, expert, job, problems)
+        if info.dtype != ref_info.dtype and info.is_float:
+            log.info("%s: %s is %s, reference is %s (computed in float32)",
+                     expert.path, name, info.dtype, ref_info.dtype)
+        sources.append(Source(expert, actual))
+    return sources
+
+
+def _shape_mismatch(plan, name, ref_info, info, expert, job, problems) -> None:
+    same_width = len(info.shape) == len(ref_info.shape) and tuple(info.shape[1:]) == tuple(
+        ref_info.shape[1:])
+    vocab_like = same_width and any(h in name for h in _VOCAB_HINTS)
+    if vocab_like and plan.spec.vocab == "common_rows":
+        job.rows = min(job.rows or ref_info.shape[0], info.shape[0])
+        plan.warnings.append(
+            f"{name}: vocabulary sizes differ ({expert.path} has {info.shape[0]} rows, the "
+            f"reference {ref_info.shape[0]}); merged the first {job.rows} rows, kept the "
+            "reference's other rows")
+        return
+    fix = ("set `vocab: common_rows` to merge the shared rows" if vocab_like
+           else "merge fine-tunes of the same base model")
+    problems.append(Problem(f"shape {tuple(info.shape)} differs from the reference's "
+                            f"{tuple(ref_info.shape)}", file=str(expert.path), tensor=name,
+                            fix=fix))
+
+
+def _report_extra_tensors(plan: MergePlan, aliases) -> None:
+    wanted = set(plan.reference.names())
+    for expert, alias in zip(plan.experts, aliases, strict=True):
+        extra = [n for n in expert.names() if n not in wanted and n not in alias.values()]
+        if extra:
+            plan.warnings.append(f"{expert.path}: {len(extra)} tensor(s) not in the reference "
+                                 f"were ignored (e.g. {extra[0]})")
+
+
+def _statistic_params(method, global_specs, model_specs, problems):
+    """Whole-model statistics need one value per model: per-tensor specs are refused."""
+    varying = [k for k, v in global_specs.items() if is_tensor_dependent(v)] + [
+        k for m in model_specs for k, v in m.items() if is_tensor_dependent(v)]
+    try:
+        glob, models = method.validate(
+            {k: v for k, v in global_specs.items() if not is_tensor_dependent(v)},
+            [{k: v for k, v in m.items() if not is_tensor_dependent(v)} for m in model_specs])
+    except MethodError as err:
+        problems.append(Problem(err.message, fix=err.fix))
+        return None
+    if method.statistic(glob, models) is None:
+        return None
+    if varying:
+        problems.append(Problem(
+            f"method '{method.name}' computes a whole-model statistic with these parameters, "
+            f"so {sorted(set(varying))} cannot vary per tensor",
+            fix="give one scalar value per model (or use the per-tensor scope)"))
+        return None
+    return glob, models

@@ -1,0 +1,69 @@
+"""What the engine is asked to do: a merge specification, independent of any file format.
+
+Recipes (YAML, mergekit's format) are parsed in ``supermerge.recipes`` into a
+:class:`MergeSpec`; Python users may also build one directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from supermerge.errors import RecipeError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def parse_dtype(name: str | None, where: str) -> torch.dtype | None:
+    """Return the torch dtype for a recipe dtype name (None stays None); RecipeError if unknown."""
+    if name is None:
+        return None
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise RecipeError(
+            f"unknown dtype {name!r} in {where}",
+            fix=f"use one of: {', '.join(sorted(DTYPES))}",
+        ) from None
+
+
+@dataclass
+class ModelSpec:
+    """One input model and its own parameters (values may be per-tensor specs)."""
+
+    path: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MergeSpec:
+    """A data-free merge: method, inputs, parameters and the policies for awkward inputs.
+
+    ``out_dtype`` None keeps each tensor's dtype from the reference model (the base, or the
+    first model when there is no base). ``on_missing`` says what to do when an expert lacks
+    a tensor the reference has: ``refuse`` (default) or ``base`` (use the base's tensor,
+    i.e. a zero task vector). ``vocab`` says what to do with embeddings whose vocabulary
+    sizes differ: ``common_rows`` (merge the rows all models share, keep the reference's
+    extra rows) or ``refuse``. ``on_nonfinite``: ``refuse`` or ``warn`` on NaN/Inf inputs.
+    """
+
+    method: str
+    models: list[ModelSpec]
+    base_model: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    out_dtype: str | None = None
+    compute_dtype: str = "float32"
+    seed: int = 0
+    on_missing: Literal["refuse", "base"] = "refuse"
+    vocab: Literal["common_rows", "refuse"] = "common_rows"
+    on_nonfinite: Literal["refuse", "warn"] = "refuse"

@@ -1,0 +1,614 @@
+"""Open model checkpoints as lazy, read-only views of their tensors.
+
+A :class:`Checkpoint` knows every tensor's name, shape and dtype from the files' headers
+alone and reads one tensor at a time. Formats:
+
+- a Hugging Face model directory: ``config.json`` plus ``model.safetensors``, or shards
+  listed in ``model.safetensors.index.json``; or the same with ``pytorch_model.bin``;
+- a single ``.safetensors`` file;
+- a torch state dict saved with ``torch.save`` (``.bin``, ``.pt``, ``.pth``, ``.ckpt``),
+  loaded with ``weights_only=True`` and memory-mapped when the file allows it.
+
+Safetensors files are read with positional reads (``os.preadv``) straight into the
+returned tensor's memory: no mmap, no shared file position, so reads from many threads
+need no lock. Every file's identity (device, inode, size, mtime) is recorded when it is
+opened and checked on each read, so a file replaced mid-merge is reported, not misread.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+import torch
+
+from supermerge.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+TORCH_WEIGHTS = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+_SUPPORTED = (
+    "a Hugging Face model directory (config.json + model.safetensors, sharded "
+    "model-0000i-of-0000N.safetensors + model.safetensors.index.json, or the same with "
+    "pytorch_model.bin), a .safetensors file, or a torch state dict (.bin/.pt/.pth/.ckpt)"
+)
+_MAX_HEADER_BYTES = 100 * 2**20  # the limit the safetensors library itself enforces
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    code: dtype
+    for code, dtype in {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U64": torch.uint64,
+        "U32": torch.uint32,
+        "U16": torch.uint16,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "C64": torch.complex64,
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
+        "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
+        "F8_E8M0": getattr(torch, "float8_e8m0fnu", None),
+    }.items()
+    if dtype is not None
+}
+# Keys under which training scripts nest the state dict ({"state_dict": {...}, "epoch": 3}).
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+# (output tensor, input embedding, evidence prefix): the output is tied to the input when
+# the checkpoint lacks it; the evidence prefix, when set, must occur among the names so that
+# a headless model is not given a head it never had.
+_TIED_PAIRS: tuple[tuple[str, str, str | None], ...] = (
+    ("lm_head.weight", "model.embed_tokens.weight", None),  # Llama, Mistral, Qwen, Gemma
+    ("lm_head.weight", "transformer.wte.weight", None),  # GPT-2, GPT-J
+    ("lm_head.weight", "model.decoder.embed_tokens.weight", None),  # OPT
+    ("lm_head.weight", "transformer.word_embeddings.weight", None),  # BLOOM
+    ("lm_head.weight", "shared.weight", None),  # T5, BART
+    ("lm_head.weight", "embed_tokens.weight", None),
+    ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight",
+     "cls.predictions."),  # BERT masked LM
+    ("cls.predictions.decoder.bias", "cls.predictions.bias", None),  # BERT: bias tied too
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the header says about one tensor; costs nothing to keep."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        """True for floating-point dtypes (float64 ... float8), the ones merges average."""
+        return self.dtype.is_floating_point
+
+
+class _Store(Protocol):
+    """Where a checkpoint's tensors live and how one is read."""
+
+    infos: dict[str, TensorInfo]
+
+    def load(self, info: TensorInfo) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+class Checkpoint:
+    """A lazy, read-only view of one model's tensors. Build it with :func:`open_checkpoint`.
+
+    ``path`` is the path as opened; ``model_dir`` the Hugging Face directory whose
+    config and tokenizer files belong to the model, or ``None`` for a bare weights file.
+    """
+
+    def __init__(
+        self, path: Path, model_dir: Path | None, config: dict | None, store: _Store
+    ) -> None:
+        self.path = path
+        self.model_dir = model_dir
+        self._config = config
+        self._store = store
+        self._closed = False
+
+    def names(self) -> list[str]:
+        """Tensor names in stored order (shard by shard, by position in the file)."""
+        return list(self._store.infos)
+
+    def info(self, name: str) -> TensorInfo:
+        """Header information of one tensor; raises CheckpointError for an unknown name."""
+        try:
+            return self._store.infos[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, self._store.infos, n=3)
+            raise CheckpointError(
+                "the checkpoint has no tensor of this name",
+                file=self.path,
+                tensor=name,
+                fix=f"did you mean {', '.join(close)}?" if close
+                else "list its tensors with `supermerge inspect`",
+            ) from None
+
+    def infos(self) -> dict[str, TensorInfo]:
+        """All tensors' header information, by name in stored order (a new dict)."""
+        return dict(self._store.infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._store.infos
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into new CPU memory of its own (costs its nbytes); thread-safe.
+
+        Raises CheckpointError naming the file and tensor if the data cannot be read.
+        """
+        info = self.info(name)
+        if self._closed:
+            raise CheckpointError(
+                "the checkpoint is closed",
+                file=self.path,
+                tensor=name,
+                fix="read tensors before closing the checkpoint (or leaving its with-block)",
+            )
+        return self._store.load(info)
+
+    @property
+    def config(self) -> dict | None:
+        """The parsed config.json of a model directory, else None."""
+        return self._config
+
+    def close(self) -> None:
+        """Release the checkpoint's files (memory maps of torch files); idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._store.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self._store.infos)} tensors)"
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a checkpoint; reads only headers (and a torch file's pickle, memory-mapped).
+
+    Raises CheckpointError naming the file and the fix when the path is missing, is not a
+    model, or its files are truncated, corrupt or inconsistent.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            "checkpoint not found", file=path, fix=f"check the path; expected {_SUPPORTED}"
+        )
+    if path.is_dir():
+        return _open_model_dir(path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return Checkpoint(path, None, None, _SafetensorsStore({path: None}))
+    if suffix in TORCH_SUFFIXES:
+        return Checkpoint(path, None, None, _TorchStore({path: None}))
+    raise CheckpointError(
+        f"unsupported checkpoint format {suffix or '(no suffix)'!r}",
+        file=path,
+        fix=f"pass {_SUPPORTED}",
+    )
+
+
+def tied_aliases(ckpt: Checkpoint) -> dict[str, str]:
+    """Tied tensors the checkpoint does not store: {output name: name to read instead}.
+
+    Hugging Face omits the output embedding (``lm_head.weight``) of a model with tied word
+    embeddings; this maps it to the input embedding it equals. An alias is offered when the
+    output is missing, its input embedding is present and the config does not set
+    ``tie_word_embeddings: false`` (a config without the key counts as tied: the default
+    differs between transformers model classes, and the missing tensor is the evidence).
+    Costs nothing: names only.
+    """
+    config = ckpt.config or {}
+    if config.get("tie_word_embeddings", True) is False:
+        return {}
+    aliases: dict[str, str] = {}
+    for output, source, evidence in _TIED_PAIRS:
+        if output in ckpt or output in aliases or source not in ckpt:
+            continue
+        if evidence is None or any(n.startswith(evidence) for n in ckpt.names()):
+            aliases[output] = source
+    return aliases
+
+
+# --- Hugging Face directories ---------------------------------------------------------
+
+
+def _open_model_dir(directory: Path) -> Checkpoint:
+    config = _read_config(directory)
+    if (directory / SAFE_WEIGHTS).is_file():
+        store: _Store = _SafetensorsStore({directory / SAFE_WEIGHTS: None})
+    elif (directory / SAFE_INDEX).is_file():
+        store = _SafetensorsStore(_read_index(directory / SAFE_INDEX))
+    elif (directory / TORCH_WEIGHTS).is_file():
+        store = _TorchStore({directory / TORCH_WEIGHTS: None})
+    elif (directory / TORCH_INDEX).is_file():
+        store = _TorchStore(_read_index(directory / TORCH_INDEX))
+    else:
+        raise _not_a_model(directory)
+    if config is None:
+        log.warning("%s has weights but no config.json; config and tokenizer are unknown",
+                    directory)
+    return Checkpoint(directory, directory, config, store)
+
+
+def _not_a_model(directory: Path) -> CheckpointError:
+    weights = sorted(
+        p.name for p in directory.iterdir()
+        if p.suffix.lower() in (".safetensors", *TORCH_SUFFIXES)
+    )
+    if (directory / "adapter_config.json").is_file():
+        fix = ("this is a PEFT adapter, not a model: merge it into its base first "
+               "(peft's merge_and_unload() then save_pretrained()) and pass that directory")
+    elif weights:
+        fix = f"pass one of its weights files directly: {', '.join(weights[:5])}"
+    else:
+        fix = f"pass {_SUPPORTED}"
+    return CheckpointError(
+        f"the directory holds no model weights (looked for {SAFE_WEIGHTS}, {SAFE_INDEX}, "
+        f"{TORCH_WEIGHTS}, {TORCH_INDEX})",
+        file=directory,
+        fix=fix,
+    )
+
+
+def _read_json(file: Path, what: str) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"cannot read the {what}: {exc}",
+            file=file,
+            fix=f"repair or re-download {file.name} (re-save the model with save_pretrained)",
+        ) from exc
+
+
+def _read_config(directory: Path) -> dict | None:
+    file = directory / "config.json"
+    if not file.is_file():
+        return None
+    config = _read_json(file, "model config")
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            "config.json is not a JSON object", file=file, fix="repair or re-download it"
+        )
+    return config
+
+
+def _read_index(index: Path) -> dict[Path, list[str]]:
+    """{shard file: the tensor names the index assigns to it}, shards in name order."""
+    data = _read_json(index, "shard index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(
+            'the shard index has no "weight_map" of tensor name -> shard file',
+            file=index,
+            fix="repair or re-download the index (re-save the model with save_pretrained)",
+        )
+    shards: dict[Path, list[str]] = {}
+    for name, shard in weight_map.items():
+        shards.setdefault(index.parent / shard, []).append(name)
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(
+                f"the shard index {index.name} names a shard that does not exist",
+                file=shard,
+                fix=f"the download is incomplete: fetch {shard.name} again "
+                "(or re-save the model with save_pretrained)",
+            )
+    return dict(sorted(shards.items()))
+
+
+def _select(
+    file: Path, found: dict[str, TensorInfo], wanted: list[str] | None
+) -> dict[str, TensorInfo]:
+    """The tensors of one file the index assigns to it (all of them without an index)."""
+    if wanted is None:
+        return found
+    missing = [n for n in wanted if n not in found]
+    if missing:
+        raise CheckpointError(
+            f"the shard index assigns {len(missing)} tensor(s) to this shard, "
+            "but the shard does not hold them",
+            file=file,
+            tensor=missing[0],
+            fix="the index and shards come from different saves: re-download the model",
+        )
+    extra = len(found) - len(wanted)
+    if extra:
+        log.warning("%s holds %d tensor(s) its index does not list; ignoring them", file, extra)
+    keep = set(wanted)
+    return {n: i for n, i in found.items() if n in keep}
+
+
+def _merge_shards(per_file: list[dict[str, TensorInfo]]) -> dict[str, TensorInfo]:
+    merged: dict[str, TensorInfo] = {}
+    for infos in per_file:
+        for name, info in infos.items():
+            if name in merged:
+                raise CheckpointError(
+                    f"two shards hold the same tensor ({merged[name].file.name} and "
+                    f"{info.file.name})",
+                    file=info.file,
+                    tensor=name,
+                    fix="the shards come from different saves: re-download the model",
+                )
+            merged[name] = info
+    return merged
+
+
+# --- safetensors -----------------------------------------------------------------------
+
+
+_Identity = tuple[int, int, int, int]  # (device, inode, size, mtime_ns)
+
+
+def _file_identity(st: os.stat_result) -> _Identity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _corrupt(file: Path, problem: str, tensor: str | None = None) -> CheckpointError:
+    return CheckpointError(
+        f"corrupt or truncated safetensors file: {problem}",
+        file=file,
+        tensor=tensor,
+        fix="the file is damaged or incompletely downloaded: fetch or save it again",
+    )
+
+
+def _read_safetensors_header(file: Path) -> tuple[dict[str, tuple[TensorInfo, int]], _Identity]:
+    """({name: (info, absolute data offset)} in data order, file identity); header only."""
+    try:
+        with open(file, "rb") as f:
+            st = os.fstat(f.fileno())
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _corrupt(file, f"{st.st_size} bytes, shorter than the 8-byte header size")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(_MAX_HEADER_BYTES, st.st_size - 8):
+                raise _corrupt(
+                    file, f"header size {header_len} exceeds the file ({st.st_size} bytes)"
+                )
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot read the file: {exc.strerror or exc}",
+            file=file,
+            fix="check that the file exists and is readable",
+        ) from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt(file, f"header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise _corrupt(file, "header is not a JSON object")
+
+    data_start = 8 + header_len
+    data_len = st.st_size - data_start
+    entries: list[tuple[int, TensorInfo]] = []
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        info, begin = _parse_entry(file, name, spec, data_len)
+        entries.append((begin, info))
+    entries.sort(key=lambda e: e[0])
+    return {info.name: (info, data_start + begin) for begin, info in entries}, _file_identity(st)
+
+
+def _parse_entry(file: Path, name: str, spec: Any, data_len: int) -> tuple[TensorInfo, int]:
+    try:
+        dtype_code, shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(shape)
+        if not (isinstance(begin, int) and isinstance(end, int)):
+            raise ValueError((begin, end))
+    except (TypeError, KeyError, ValueError) as exc:
+        raise _corrupt(file, "malformed header entry", tensor=name) from exc
+    dtype = _SAFETENSORS_DTYPES.get(dtype_code)
+    if dtype is None:
+        raise CheckpointError(
+            f"unsupported safetensors dtype {dtype_code!r}",
+            file=file,
+            tensor=name,
+            fix=f"convert the tensor to one of {', '.join(_SAFETENSORS_DTYPES)}",
+        )
+    info = TensorInfo(name=name, shape=tuple(shape), dtype=dtype, file=file)
+    if not 0 <= begin <= end or end - begin != info.nbytes:
+        raise _corrupt(
+            file, f"data offsets [{begin}, {end}) do not match {dtype_code}{list(shape)}", name
+        )
+    if end > data_len:
+        raise _corrupt(
+            file, f"tensor data ends at byte {end} past the end of the data ({data_len} "
+            "bytes): the file is truncated", name,
+        )
+    return info, begin
+
+
+class _SafetensorsStore:
+    """Tensors in safetensors files, read with positional reads (no mmap, no lock)."""
+
+    def __init__(self, files: Mapping[Path, list[str] | None]) -> None:
+        self._offsets: dict[str, int] = {}
+        self._identity: dict[Path, _Identity] = {}
+        per_file = []
+        for file, wanted in files.items():
+            entries, self._identity[file] = _read_safetensors_header(file)
+            found = {name: info for name, (info, _) in entries.items()}
+            per_file.append(_select(file, found, wanted))
+            self._offsets.update({name: offset for name, (_, offset) in entries.items()})
+        self.infos = _merge_shards(per_file)
+
+    def load(self, info: TensorInfo) -> torch.Tensor:
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes == 0:
+            return out
+        buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+        offset = self._offsets[info.name]
+        try:
+            with open(info.file, "rb", buffering=0) as f:
+                if _file_identity(os.fstat(f.fileno())) != self._identity[info.file]:
+                    raise CheckpointError(
+                        "the file changed on disk after it was opened",
+                        file=info.file,
+                        tensor=info.name,
+                        fix="do not modify input checkpoints while a merge runs; run again",
+                    )
+                done = 0
+                while done < info.nbytes:  # preadv may return less than asked (2 GiB cap)
+                    got = os.preadv(f.fileno(), [buffer[done:]], offset + done)
+                    if got == 0:
+                        raise _corrupt(info.file, "unexpected end of file", info.name)
+                    done += got
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot read the tensor: {exc.strerror or exc}",
+                file=info.file,
+                tensor=info.name,
+                fix="check that the file is readable and the disk healthy",
+            ) from exc
+        return out
+
+    def close(self) -> None:
+        """Nothing to release: every read opens and closes its file."""
+
+
+# --- torch state dicts -----------------------------------------------------------------
+
+
+def _torch_load(file: Path) -> Any:
+    """torch.load with weights_only=True, memory-mapped unless the file is the legacy format."""
+    try:
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            log.info("%s is not in torch's zip format; loading it into memory", file)
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch reports damage as RuntimeError, EOFError, KeyError, ...
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if isinstance(exc, pickle.UnpicklingError) and found:
+            raise CheckpointError(
+                f"the torch file holds Python objects other than tensors ({found.group(1)}); "
+                "refused: loading them would run arbitrary code",
+                file=file,
+                fix="re-save only the weights: torch.save(model.state_dict(), path), or "
+                "convert it to safetensors",
+            ) from exc
+        raise CheckpointError(
+            f"cannot read the torch file ({type(exc).__name__}: {exc})",
+            file=file,
+            fix="the file is damaged or not a torch.save file: fetch or save it again",
+        ) from exc
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _unwrap_state_dict(obj: Any, file: Path) -> dict[str, torch.Tensor]:
+    """The {name: tensor} dict in ``obj``, looking inside {"state_dict": ...}-style wrappers."""
+    current, keys = obj, []
+    while not _is_state_dict(current):
+        key = next(
+            (k for k in _WRAPPER_KEYS if isinstance(current, Mapping) and k in current), None
+        )
+        if key is None:
+            raise CheckpointError(
+                f"not a state dict of tensors: {_describe(current)}",
+                file=file,
+                fix="save the weights alone: torch.save(model.state_dict(), path)",
+            )
+        keys.append(key)
+        current = current[key]
+    if keys:
+        log.info("%s: using the state dict under %s", file, "".join(f"[{k!r}]" for k in keys))
+    return dict(current)
+
+
+def _describe(obj: Any) -> str:
+    if not isinstance(obj, Mapping):
+        return f"found a {type(obj).__name__}"
+    if not obj:
+        return "found an empty dict"
+    key, value = next((k, v) for k, v in obj.items()
+                      if not (isinstance(k, str) and isinstance(v, torch.Tensor)))
+    return f"key {key!r} holds a {type(value).__name__}"
+
+
+class _TorchStore:
+    """Tensors of torch state dicts, memory-mapped; a read copies one tensor out."""
+
+    def __init__(self, files: Mapping[Path, list[str] | None]) -> None:
+        self._tensors: dict[str, torch.Tensor] = {}
+        per_file = []
+        for file, wanted in files.items():
+            tensors = _unwrap_state_dict(_torch_load(file), file)
+            found = {
+                name: TensorInfo(name, tuple(t.shape), t.dtype, file)
+                for name, t in tensors.items()
+            }
+            selected = _select(file, found, wanted)
+            per_file.append(selected)
+            self._tensors.update({name: tensors[name] for name in selected})
+        self.infos = _merge_shards(per_file)
+
+    def load(self, info: TensorInfo) -> torch.Tensor:
+        try:
+            return self._tensors[info.name].clone(memory_format=torch.contiguous_format)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"cannot read the tensor: {exc}",
+                file=info.file,
+                tensor=info.name,
+                fix="the file is damaged: fetch or save it again",
+            ) from exc
+
+    def close(self) -> None:
+        """Drop the memory-mapped tensors so the maps can be released."""
+        self._tensors.clear()

@@ -1,0 +1,49 @@
+"""Data-free merge methods: pure per-tensor functions behind one registry.
+
+Importing this package registers every method. Call one on tensors directly::
+
+    from supermerge.methods import ties
+    merged = ties(base, [a, b], density=0.2)
+
+or look one up by name with :func:`get_method`. Each method lives in its own
+``<name>_method`` module (whose docstring gives the formula, the paper and the
+differences from mergekit); the shared math is in :mod:`supermerge.methods.primitives`.
+The modules carry a ``_method`` suffix so that ``supermerge.methods.ties`` can be the
+method object without shadowing a submodule.
+"""
+
+from supermerge.methods.dare_linear_method import dare_linear
+from supermerge.methods.dare_ties_method import dare_ties
+from supermerge.methods.linear_method import linear
+from supermerge.methods.nuslerp_method import nuslerp
+from supermerge.methods.passthrough_method import passthrough
+from supermerge.methods.registry import (
+    Method,
+    ModelParams,
+    Params,
+    TensorContext,
+    available_methods,
+    get_method,
+    register,
+)
+from supermerge.methods.slerp_method import slerp
+from supermerge.methods.task_arithmetic_method import task_arithmetic
+from supermerge.methods.ties_method import ties
+
+__all__ = [
+    "Method",
+    "ModelParams",
+    "Params",
+    "TensorContext",
+    "available_methods",
+    "dare_linear",
+    "dare_ties",
+    "get_method",
+    "linear",
+    "nuslerp",
+    "passthrough",
+    "register",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+]

@@ -1,0 +1,144 @@
+"""Recipes: YAML merge configurations, validated by pydantic, in mergekit's format.
+
+A recipe accepts mergekit's keys for the methods both tools have::
+
+    merge_method: ties
+    base_model: ./base
+    models:
+      - model: ./math
+        parameters: {weight: 1.0, density: 0.2}
+      - model: ./code
+        parameters: {density: [0.1, 0.3]}   # a gradient over the layers
+    parameters: {lambda: 1.0}
+    dtype: bfloat16
+
+plus supermerge's own keys (``seed``, ``compute_dtype``, ``on_missing``, ``vocab``,
+``on_nonfinite``). Differences from mergekit are documented in the README: ``dtype`` is the
+*output* dtype here (computation is float32 unless ``compute_dtype`` says otherwise), and
+a base model listed again under ``models`` is dropped for methods that merge task vectors
+(its task vector is zero), as mergekit does.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from supermerge.engine import MergeSpec, ModelSpec
+from supermerge.errors import RecipeError
+from supermerge.methods import get_method
+
+log = logging.getLogger(__name__)
+
+_UNSUPPORTED = {
+    "slices": "supermerge merges whole models; list them under `models:`",
+    "tokenizer_source": "supermerge copies the tokenizer of the base model (or the first model)",
+    "tokenizer": "supermerge copies the tokenizer of the base model (or the first model)",
+    "chat_template": "the chat template is copied from the base model's tokenizer files",
+    "modules": "per-module recipes are not supported; use `filter` values in `parameters`",
+}
+
+
+class RecipeModel(BaseModel):
+    """One input model in a recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class Recipe(BaseModel):
+    """A whole merge recipe (mergekit-compatible where the two overlap)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[RecipeModel] = Field(default_factory=list)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    compute_dtype: str = "float32"
+    seed: int = 0
+    on_missing: Literal["refuse", "base"] = "refuse"
+    vocab: Literal["common_rows", "refuse"] = "common_rows"
+    on_nonfinite: Literal["refuse", "warn"] = "refuse"
+    name: str | None = None
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _plain_paths(cls, value: Any) -> Any:
+        """Accept `- ./path` as shorthand for `- model: ./path`."""
+        if isinstance(value, list):
+            return [{"model": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    def to_spec(self, root: Path | None = None) -> MergeSpec:
+        """Return the engine's MergeSpec; relative paths resolve against ``root`` when they
+        exist there (the recipe's folder), else against the working directory."""
+        method = get_method(self.merge_method)
+        base = _locate(self.base_model, root) if self.base_model else None
+        models = [ModelSpec(_locate(m.model, root), dict(m.parameters)) for m in self.models]
+        if base is not None and method.needs_base:
+            kept = [m for m in models if not _same(m.path, base)]
+            if len(kept) != len(models):
+                log.info("base model listed under models: dropped (its task vector is zero)")
+            models = kept
+        elif base is not None and method.name == "slerp":
+            # mergekit: t = 0 is the base model, t = 1 the other one
+            models.sort(key=lambda m: not _same(m.path, base))
+        return MergeSpec(
+            method=self.merge_method, models=models, base_model=base,
+            parameters=dict(self.parameters), out_dtype=self.out_dtype or self.dtype,
+            compute_dtype=self.compute_dtype, seed=self.seed, on_missing=self.on_missing,
+            vocab=self.vocab, on_nonfinite=self.on_nonfinite)
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML (what is saved beside the merged model)."""
+        return yaml.safe_dump(self.model_dump(exclude_defaults=True), sort_keys=False)
+
+
+def _locate(path: str, root: Path | None) -> str:
+    if root is not None and not Path(path).is_absolute() and (root / path).exists():
+        return str(root / path)
+    return path
+
+
+def _same(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping; RecipeError with every problem and the valid keys."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source} must be a mapping of keys to values", file=source,
+                          fix="see the README's recipe format")
+    for key, why in _UNSUPPORTED.items():
+        if key in data:
+            raise RecipeError(f"mergekit key `{key}` is not supported", file=source, fix=why)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+            for e in err.errors())
+        raise RecipeError(
+            f"invalid recipe: {details}", file=source,
+            fix=f"valid top-level keys: {', '.join(Recipe.model_fields)}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file; RecipeError naming the file on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError("recipe file not found", file=path, fix="check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"not valid YAML: {err}", file=path, fix="fix the YAML syntax") from None
+    return parse_recipe(data, str(path))

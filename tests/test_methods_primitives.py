@@ -1,0 +1,259 @@
+"""Shared merge primitives: hand-computed oracles and the whole-model threshold statistic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from supermerge.methods.primitives import (
+    GlobalMagnitudeThreshold,
+    dare,
+    dare_generator,
+    disjoint_mean,
+    elect_sign,
+    keep_count,
+    magnitude_trim,
+    sign_consensus,
+    slerp,
+    threshold_trim,
+    weighted_sum,
+)
+
+T = torch.tensor
+R2 = math.sqrt(2) / 2
+
+
+def randn(shape, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+# -- sums and trims -----------------------------------------------------------------------
+
+
+def test_weighted_sum():
+    assert torch.equal(weighted_sum([T([1.0, 2.0]), T([3.0, 4.0])], [2.0, -1.0]), T([-1.0, 0.0]))
+
+
+def test_weighted_sum_does_not_change_its_inputs():
+    a = T([1.0, 2.0])
+    weighted_sum([a, T([3.0, 4.0])], [1.0, 1.0])
+    assert torch.equal(a, T([1.0, 2.0]))
+
+
+@pytest.mark.parametrize(
+    ("density", "n", "k"),
+    [(0.2, 10, 2), (0.25, 10, 2), (0.26, 10, 3), (1.0, 7, 7), (0.0, 7, 0), (0.5, 0, 0)],
+)
+def test_keep_count_rounds(density, n, k):
+    assert keep_count(density, n) == k
+
+
+def test_magnitude_trim_keeps_the_largest():
+    x = T([0.5, -3.0, 2.0, -1.0, 4.0, 0.0])
+    assert torch.equal(magnitude_trim(x, 0.5), T([0.0, -3.0, 2.0, 0.0, 4.0, 0.0]))
+
+
+def test_magnitude_trim_breaks_ties_by_lowest_index():
+    x = T([1.0, -2.0, 2.0, -2.0, 0.5])
+    assert torch.equal(magnitude_trim(x, 0.4), T([0.0, -2.0, 2.0, 0.0, 0.0]))
+
+
+def test_magnitude_trim_keeps_shape_and_handles_the_ends():
+    x = T([[1.0, -5.0], [3.0, 0.1]])
+    assert torch.equal(magnitude_trim(x, 0.5), T([[0.0, -5.0], [3.0, 0.0]]))
+    assert torch.equal(magnitude_trim(x, 0.0), torch.zeros(2, 2))
+    assert torch.equal(magnitude_trim(x, 1.0), x)
+    assert torch.equal(magnitude_trim(T([0.0, 0.0, 3.0, 0.0]), 0.75), T([0.0, 0.0, 3.0, 0.0]))
+    assert torch.equal(magnitude_trim(T(2.0), 0.4), T(0.0))  # round(0.4) = 0
+    assert torch.equal(magnitude_trim(T(2.0), 0.6), T(2.0))
+    assert magnitude_trim(torch.zeros(0), 0.5).shape == (0,)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 300), st.floats(0, 1), st.integers(0, 2**32 - 1), st.booleans())
+def test_magnitude_trim_keeps_exactly_k_of_the_largest(n, density, seed, quantize):
+    x = randn(n, seed)
+    if quantize:  # many exact ties
+        x = (x * 2).round() / 2
+    out = magnitude_trim(x, density)
+    kept = out != 0
+    k = keep_count(density, n)
+    assert int(kept.sum()) == min(k, int((x != 0).sum()))
+    assert torch.equal(out[kept], x[kept])
+    if kept.any() and (~kept).any():
+        assert x[~kept].abs().max() <= x[kept].abs().min()
+
+
+def test_threshold_trim_keeps_ties():
+    assert torch.equal(threshold_trim(T([1.0, -2.0, 3.0]), 2.0), T([0.0, -2.0, 3.0]))
+    assert torch.equal(threshold_trim(T([1.0, -2.0]), math.inf), T([0.0, 0.0]))
+
+
+# -- sign election and disjoint mean ------------------------------------------------------
+
+
+def test_elect_sign_by_summed_mass():
+    electors = [T([1.0, -2.0, 0.0, 3.0]), T([-3.0, 1.0, 0.0, -3.0])]
+    assert torch.equal(elect_sign(electors), T([-1.0, -1.0, 0.0, 0.0]))
+
+
+def test_disjoint_mean_counts_only_agreeing_experts():
+    deltas = [T([1.0, -2.0, 0.0, 3.0]), T([-3.0, 1.0, 0.0, -3.0])]
+    sign = T([-1.0, -1.0, 0.0, 0.0])
+    assert torch.equal(disjoint_mean(deltas, [1.0, 1.0], sign), T([-3.0, -2.0, 0.0, 0.0]))
+
+
+def test_disjoint_weighted_mean_and_sum():
+    deltas = [T([2.0, 1.0]), T([4.0, -1.0]), T([-1.0, -3.0])]
+    weights = [1.0, 3.0, 2.0]
+    sign = elect_sign(deltas)  # sums [5, -3]
+    assert torch.equal(sign, T([1.0, -1.0]))
+    # entry 0: models 1, 2 agree -> (1*2 + 3*4) / 4; entry 1: models 2, 3 -> (-3 - 6) / 5
+    torch.testing.assert_close(disjoint_mean(deltas, weights, sign), T([3.5, -1.8]))
+    torch.testing.assert_close(
+        disjoint_mean(deltas, weights, sign, normalize=False), T([14.0, -9.0])
+    )
+
+
+def test_sign_consensus_elects_on_weighted_deltas_on_request():
+    deltas, weights = [T([3.0]), T([-2.0])], [1.0, 2.0]
+    # unweighted: 3 - 2 > 0, only model 1 agrees -> 3; weighted: 3 - 4 < 0 -> 2 * -2 / 2
+    assert torch.equal(sign_consensus(deltas, weights), T([3.0]))
+    assert torch.equal(sign_consensus(deltas, weights, sign_on_weighted=True), T([-2.0]))
+
+
+def test_sign_consensus_with_cancelling_weights_is_finite():
+    deltas, weights = [T([3.0]), T([2.0])], [1.0, -1.0]
+    # both agree, weights sum to 0: the undivided sum 3 - 2 is returned
+    assert torch.equal(sign_consensus(deltas, weights), T([1.0]))
+    # weighted electors 3 and -2: only model 1 agrees
+    assert torch.equal(sign_consensus(deltas, weights, sign_on_weighted=True), T([3.0]))
+
+
+def test_sign_consensus_of_zeros_is_zero():
+    out = sign_consensus([torch.zeros(3), torch.zeros(3)], [0.0, 0.0])
+    assert torch.equal(out, torch.zeros(3))
+
+
+# -- DARE ---------------------------------------------------------------------------------
+
+
+def test_dare_keeps_about_density_and_rescales_exactly():
+    x = torch.full((100_000,), 0.3)
+    out = dare(x, 0.25, dare_generator(seed=11, model_index=0))
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.25) < 0.01  # ~20 standard deviations
+    assert torch.equal(out[kept], torch.full((int(kept.sum()),), 0.3 / 0.25))
+    assert abs(out.mean().item() - 0.3) < 0.01  # unbiased
+
+
+def test_dare_is_reproducible_per_seed_and_model():
+    x = randn(1000, 0)
+    first = dare(x, 0.5, dare_generator(3, 0))
+    assert torch.equal(first, dare(x, 0.5, dare_generator(3, 0)))
+    assert not torch.equal(first, dare(x, 0.5, dare_generator(3, 1)))
+    assert not torch.equal(first, dare(x, 0.5, dare_generator(4, 0)))
+
+
+def test_dare_ends():
+    x = randn((3, 4), 1)
+    assert dare(x, 1.0, dare_generator(0, 0)) is x
+    assert torch.equal(dare(x, 0.0, dare_generator(0, 0)), torch.zeros(3, 4))
+    assert dare(T(2.0), 0.5, dare_generator(0, 0)).shape == ()
+
+
+# -- slerp --------------------------------------------------------------------------------
+
+
+def test_slerp_oracles():
+    a, b = T([1.0, 0.0]), T([0.0, 1.0])
+    torch.testing.assert_close(slerp(a, b, 0.5, 5e-4), T([R2, R2]))
+    torch.testing.assert_close(slerp(a, b, 1 / 3, 5e-4), T([math.sqrt(3) / 2, 0.5]))
+    # norms are interpolated with the direction, as in mergekit
+    torch.testing.assert_close(slerp(T([2.0, 0.0]), b, 0.5, 5e-4), T([2 * R2, R2]))
+
+
+def test_slerp_falls_back_to_lerp():
+    assert torch.equal(slerp(T([1.0, 2.0]), T([2.0, 4.0]), 0.25, 5e-4), T([1.25, 2.5]))
+    assert torch.equal(slerp(T([1.0, 0.0]), T([-1.0, 0.0]), 0.5, 5e-4), T([0.0, 0.0]))
+    assert torch.equal(slerp(T([0.0, 0.0]), T([1.0, 1.0]), 0.5, 5e-4), T([0.5, 0.5]))
+    assert torch.equal(slerp(T(2.0), T(4.0), 0.25, 5e-4), T(2.5))
+    assert slerp(torch.zeros(0), torch.zeros(0), 0.5, 5e-4).shape == (0,)
+    # cos = 0.99995 > 1 - 5e-4: linear
+    torch.testing.assert_close(slerp(T([1.0, 0.0]), T([1.0, 0.01]), 0.5, 5e-4), T([1.0, 0.005]))
+
+
+def test_slerp_row_wise():
+    a = T([[1.0, 0.0], [1.0, 2.0]])
+    b = T([[0.0, 1.0], [2.0, 4.0]])  # row 0 orthogonal (spherical), row 1 colinear (linear)
+    torch.testing.assert_close(slerp(a, b, 0.5, 5e-4, rows=True), T([[R2, R2], [1.5, 3.0]]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.integers(1, 5), max_size=3).map(tuple),
+    st.integers(0, 2**32 - 1),
+    st.booleans(),
+)
+def test_slerp_is_exact_at_the_ends(shape, seed, rows):
+    a, b = randn(shape, seed), randn(shape, seed + 1)
+    assert torch.equal(slerp(a, b, 0.0, 5e-4, rows=rows), a)
+    assert torch.equal(slerp(a, b, 1.0, 5e-4, rows=rows), b)
+
+
+# -- whole-model magnitude threshold ------------------------------------------------------
+
+
+def run_statistic(stat: GlobalMagnitudeThreshold, models: list[list[torch.Tensor]]):
+    for p in range(stat.passes):
+        for tensors in zip(*models, strict=True):  # the engine's order: tensor by tensor
+            for i, tau in enumerate(tensors):
+                stat.observe(p, i, tau)
+        stat.finish_pass(p)
+    return stat.result().thresholds
+
+
+def brute_force_threshold(tensors: list[torch.Tensor], density: float) -> float:
+    flat = torch.cat([t.abs().reshape(-1) for t in tensors])
+    k = round(density * flat.numel())
+    if k == 0:
+        return math.inf
+    if k == flat.numel():
+        return 0.0
+    return float(flat.kthvalue(flat.numel() - k + 1).values)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(1, 7), max_size=3).map(tuple), min_size=1, max_size=4),
+    st.lists(st.floats(0, 1), min_size=1, max_size=3),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["normal", "ties", "wide"]),
+)
+def test_model_threshold_equals_brute_force_kthvalue(shapes, densities, seed, kind):
+    gen = torch.Generator().manual_seed(seed)
+    models = []
+    for _ in densities:
+        tensors = [torch.randn(s, generator=gen) for s in shapes]
+        if kind == "ties":  # exact ties and zeros
+            tensors = [(t * 2).round() / 2 for t in tensors]
+        elif kind == "wide":  # magnitudes across many binades
+            tensors = [t * 10.0 ** float(torch.randint(-20, 20, (), generator=gen))
+                       for t in tensors]
+        models.append(tensors)
+    got = run_statistic(GlobalMagnitudeThreshold(densities), models)
+    assert got == tuple(brute_force_threshold(t, d) for t, d in zip(models, densities, strict=True))
+
+
+def test_model_threshold_keeps_exactly_k_without_ties():
+    gen = torch.Generator().manual_seed(0)
+    models = [[torch.randn(300, 40, generator=gen), torch.randn(77, generator=gen)]
+              for _ in range(2)]
+    thresholds = run_statistic(GlobalMagnitudeThreshold([0.2, 0.05]), models)
+    for tensors, t, density in zip(models, thresholds, [0.2, 0.05], strict=True):
+        kept = sum(int((threshold_trim(x, t) != 0).sum()) for x in tensors)
+        assert kept == round(density * 12_077)
