@@ -73,3 +73,8 @@ def assert_matches(ckpt: Checkpoint, state: dict[str, torch.Tensor]) -> None:
         assert info.nbytes == expected.numel() * expected.element_size()
         got = ckpt.read(name)
         assert got.dtype == expected.dtype and torch.equal(got, expected), name
+
+
+def layout_of(state: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """The (name, shape, dtype) layout CheckpointWriter takes, in ``state``'s order."""
+    return [(name, tuple(t.shape), t.dtype) for name, t in state.items()]

@@ -37,10 +37,13 @@ def test_save_pretrained_reads_back(tmp_path, tiny_llama, max_shard_size):
         assert ckpt.config["model_type"] == "llama"
 
 
-def test_written_model_loads_with_from_pretrained(tmp_path, tiny_llama):
+@pytest.mark.parametrize("streamed", [False, True], ids=["buffered", "layout"])
+def test_written_model_loads_with_from_pretrained(tmp_path, tiny_llama, streamed):
     tiny_llama.save_pretrained(tmp_path / "base")
-    with open_checkpoint(tmp_path / "base") as ckpt, \
-            CheckpointWriter(tmp_path / "merged", shard_size=8 * 1024) as writer:
+    with open_checkpoint(tmp_path / "base") as ckpt, CheckpointWriter(
+        tmp_path / "merged", shard_size=8 * 1024,
+        layout=[(i.name, i.shape, i.dtype) for i in ckpt.infos().values()] if streamed else None,
+    ) as writer:
         for name in ckpt.names():
             writer.add(name, ckpt.read(name))
         writer.copy_model_files(ckpt.model_dir)

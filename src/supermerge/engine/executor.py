@@ -76,7 +76,9 @@ def execute(
     compute = parse_dtype(plan.spec.compute_dtype, "compute_dtype") or torch.float32
     statistic = _whole_model_statistic(plan, compute, threads, progress)
     merged = copied = 0
-    with CheckpointWriter(out, overwrite=overwrite, shard_size=shard_size) as writer:
+    layout = [(job.name, job.shape, job.out_dtype) for job in plan.jobs]
+    with CheckpointWriter(out, overwrite=overwrite, shard_size=shard_size,
+                          layout=layout) as writer:
         total = len(plan.jobs)
         for done, loaded in enumerate(_stream(plan, plan.jobs, compute, threads), start=1):
             tensor = _merge_one(plan, loaded, statistic)
@@ -121,7 +123,8 @@ def _merge_one(plan: MergePlan, loaded: LoadedJob, statistic) -> torch.Tensor:
     rows = job.rows
     cut = (lambda t: t[:rows]) if rows is not None else (lambda t: t)
     base = cut(loaded.base) if loaded.base is not None else None
-    ctx = TensorContext(name=job.name, seed=job.seed, statistic=statistic)
+    ctx = TensorContext(name=job.name, seed=job.seed, statistic=statistic,
+                        position=job.position)
     result = plan.method.fn(base, [cut(e) for e in loaded.experts], job.params,
                             job.model_params, ctx)
     if rows is None:

@@ -55,6 +55,7 @@ class TensorJob:
     params: Any = None
     model_params: list[Any] = field(default_factory=list)
     seed: int = 0
+    position: float = 0.0
 
     @property
     def numel(self) -> int:
@@ -200,7 +201,7 @@ def _plan_jobs(plan: MergePlan, global_specs, model_specs, problems) -> list[Ten
             job.merge = False  # integer buffers are copied from the reference, never averaged
             continue
         job.experts = _expert_sources(plan, name, ref_info, aliases, job, problems)
-        position = positions.position(name)
+        position = job.position = positions.position(name)
         glob, p1 = resolve_all(global_specs, name, position, "parameters")
         rows = []
         for i, model_spec in enumerate(model_specs):

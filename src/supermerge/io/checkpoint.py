@@ -49,28 +49,30 @@ _SUPPORTED = (
     "pytorch_model.bin), a .safetensors file, or a torch state dict (.bin/.pt/.pth/.ckpt)"
 )
 _MAX_HEADER_BYTES = 100 * 2**20  # the limit the safetensors library itself enforces
-_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+# safetensors dtype codes in the order of safetensors' own Dtype enum (narrowest first); its
+# writer lays tensors out widest dtype first in this order, and so does CheckpointWriter.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     code: dtype
     for code, dtype in {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U64": torch.uint64,
-        "U32": torch.uint32,
-        "U16": torch.uint16,
-        "U8": torch.uint8,
         "BOOL": torch.bool,
-        "C64": torch.complex64,
-        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "U8": torch.uint8,
+        "I8": torch.int8,
         "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E8M0": getattr(torch, "float8_e8m0fnu", None),
         "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
         "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
-        "F8_E8M0": getattr(torch, "float8_e8m0fnu", None),
+        "I16": torch.int16,
+        "U16": torch.uint16,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I32": torch.int32,
+        "U32": torch.uint32,
+        "F32": torch.float32,
+        "C64": torch.complex64,
+        "F64": torch.float64,
+        "I64": torch.int64,
+        "U64": torch.uint64,
     }.items()
     if dtype is not None
 }
@@ -446,13 +448,13 @@ def _parse_entry(file: Path, name: str, spec: Any, data_len: int) -> tuple[Tenso
             raise ValueError((begin, end))
     except (TypeError, KeyError, ValueError) as exc:
         raise _corrupt(file, "malformed header entry", tensor=name) from exc
-    dtype = _SAFETENSORS_DTYPES.get(dtype_code)
+    dtype = SAFETENSORS_DTYPES.get(dtype_code)
     if dtype is None:
         raise CheckpointError(
             f"unsupported safetensors dtype {dtype_code!r}",
             file=file,
             tensor=name,
-            fix=f"convert the tensor to one of {', '.join(_SAFETENSORS_DTYPES)}",
+            fix=f"convert the tensor to one of {', '.join(SAFETENSORS_DTYPES)}",
         )
     info = TensorInfo(name=name, shape=tuple(shape), dtype=dtype, file=file)
     if not 0 <= begin <= end or end - begin != info.nbytes:

@@ -11,22 +11,22 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
-import re
 import secrets
 import shutil
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import NamedTuple
 
 import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from supermerge.errors import OutputError
-from supermerge.io.checkpoint import SAFE_INDEX, SAFE_WEIGHTS, TORCH_SUFFIXES
+from supermerge.io.checkpoint import SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_DTYPES, TORCH_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -52,43 +52,64 @@ MODEL_FILE_PATTERNS = (
     "*.py",
 )
 
+Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
+"""Every output tensor's (name, shape, dtype), in the order the shards are filled."""
+
 
 class CheckpointWriter:
-    """Stream tensors into sharded safetensors and publish the directory atomically.
+    """Write tensors into sharded safetensors and publish the directory atomically.
 
-    Tensors are buffered in memory until a shard is full (``shard_size`` bytes), so peak
-    memory is about one shard. The writer keeps a reference to each added tensor until
-    its shard is written: do not modify a tensor in place after adding it.
+    Two modes, the same files:
+
+    - with ``layout`` (every output tensor's ``(name, shape, dtype)``, known from headers
+      before any weight is read), shards are planned and their headers written up front,
+      and :meth:`add` writes each tensor's bytes straight to its place in its shard, in any
+      order. The writer keeps no tensor: its memory is the headers, whatever ``shard_size``.
+    - without, tensors are buffered until a shard is full (``shard_size`` bytes), so peak
+      memory is about one shard, and the writer keeps a reference to each added tensor
+      until its shard is written: do not modify a tensor in place after adding it.
+
+    Shards are filled in the order tensors are laid out (or added): a new shard starts when
+    the next tensor would exceed ``shard_size``; a larger tensor fills a shard alone.
     Use it as a context manager; leaving the block without :meth:`commit` aborts.
     """
 
     def __init__(
-        self, out: str | Path, *, overwrite: bool = False, shard_size: int = 5 * 2**30
+        self,
+        out: str | Path,
+        *,
+        overwrite: bool = False,
+        shard_size: int = 5 * 2**30,
+        layout: Layout | None = None,
     ) -> None:
         self.out = Path(os.path.abspath(out))
         self.overwrite = overwrite
         self.shard_size = shard_size
-        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer: dict[str, torch.Tensor] = {}  # without a layout: tensors not yet written
         self._buffer_bytes = 0
         self._buffer_storages: set[int] = set()  # storage pointers of buffered tensors
-        self._shards: list[tuple[Path, list[str]]] = []  # (temporary file, names)
-        self._names: set[str] = set()
-        self._total_size = 0
+        self._shards: list[_Shard] = []  # written (or, with a layout, planned) shards
+        self._layout: dict[str, tuple[_Spec, _Shard]] | None = None
+        self._names: set[str] = set()  # tensors added
         self._state = "open"
         if shard_size <= 0:
             raise OutputError(f"shard_size must be positive, got {shard_size}",
                               file=self.out, fix="pass a shard size in bytes, e.g. 5 * 2**30")
+        specs = None if layout is None else self._check_layout(layout)
         self._check_target()
         self._tmp = self._make_temp_dir()
+        if specs is not None:
+            self._start_shards(specs)
 
     # --- public ---------------------------------------------------------------------
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Buffer one tensor; writes a shard when the buffer would exceed ``shard_size``.
+        """Write one tensor (with a layout) or buffer it (without, writing a full shard).
 
-        A tensor larger than ``shard_size`` is written alone in its own shard. Raises
-        OutputError for a repeated name or when the shard cannot be written (then the
-        writer is aborted).
+        Raises OutputError for a repeated name, a tensor the layout does not list or
+        describes otherwise, or when a shard cannot be written (then the writer is aborted).
+        Cost with a layout: one positional write of the tensor's bytes (plus a contiguous
+        CPU copy if the tensor is not one already); nothing is kept.
         """
         self._require_open()
         if not isinstance(tensor, torch.Tensor):
@@ -97,17 +118,12 @@ class CheckpointWriter:
         if name in self._names:
             raise OutputError("tensor added twice", file=self.out, tensor=name,
                               fix="each tensor name may be written once")
-        tensor = self._own_contiguous(tensor)
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.shard_size:
-            self._flush()
+        spec = _Spec(name, tuple(tensor.shape), tensor.dtype)
+        if self._layout is None:
+            self._buffer_tensor(spec, tensor)
+        else:
+            self._write_tensor(spec, tensor)
         self._names.add(name)
-        self._buffer[name] = tensor
-        self._buffer_bytes += nbytes
-        if nbytes:
-            self._buffer_storages.add(tensor.untyped_storage().data_ptr())
-        if self._buffer_bytes >= self.shard_size:
-            self._flush()
 
     def copy_model_files(self, model_dir: Path | None) -> None:
         """Copy config, generation config, tokenizer/processor files and remote-code ``*.py``
@@ -168,11 +184,12 @@ class CheckpointWriter:
         self.write_text("README.md", card)
 
     def commit(self) -> Path:
-        """Write the last shard and the index, then rename the directory to ``out``.
+        """Write the last buffered shard and the index, then rename the directory to ``out``.
 
         One shard is named model.safetensors; several model-0000i-of-0000N.safetensors
         plus model.safetensors.index.json. With ``overwrite``, an existing output is moved
-        aside, replaced, then deleted. Returns the output path (absolute).
+        aside, replaced, then deleted. Raises OutputError (and aborts) when no tensor was
+        added or one of the layout's is missing. Returns the output path (absolute).
         """
         self._require_open()
         self._flush()
@@ -180,12 +197,18 @@ class CheckpointWriter:
             self.abort()
             raise OutputError("no tensor was added: refusing to write an empty model",
                               file=self.out, fix="add tensors before commit()")
+        missing = [name for name in self._layout or () if name not in self._names]
+        if missing:
+            self.abort()
+            raise OutputError(f"{len(missing)} tensor(s) of the layout were never added",
+                              file=self.out, tensor=missing[0],
+                              fix="add every tensor the layout lists before commit()")
         with self._writing(SAFE_INDEX if len(self._shards) > 1 else SAFE_WEIGHTS):
             self._name_shards()
         self._publish()
         self._state = "committed"
-        log.info("wrote %d tensors (%d bytes) in %d shard(s) to %s",
-                 len(self._names), self._total_size, len(self._shards), self.out)
+        log.info("wrote %d tensors (%d bytes) in %d shard(s) to %s", len(self._names),
+                 sum(s.nbytes for s in self._shards), len(self._shards), self.out)
         return self.out
 
     def abort(self) -> None:
@@ -250,6 +273,66 @@ class CheckpointWriter:
             raise OutputError(f"the writer is already {self._state}", file=self.out,
                               fix="create a new CheckpointWriter for another output")
 
+    def _check_layout(self, layout: Layout) -> list[_Spec]:
+        """The layout as specs, in its order; raises OutputError for a repeated name or a
+        dtype safetensors cannot store. Writes nothing."""
+        specs = [_Spec(name, tuple(int(d) for d in shape), dtype) for name, shape, dtype in layout]
+        seen: set[str] = set()
+        for spec in specs:
+            if spec.name in seen:
+                raise OutputError("the layout lists this tensor twice", file=self.out,
+                                  tensor=spec.name, fix="list each output tensor once")
+            self._check_storable(spec)
+            seen.add(spec.name)
+        return specs
+
+    def _check_storable(self, spec: _Spec) -> None:
+        """Raise OutputError unless safetensors can store this dtype under this name."""
+        if spec.dtype not in _DTYPE_CODES:
+            raise OutputError(f"safetensors cannot store {spec.dtype}", file=self.out,
+                              tensor=spec.name,
+                              fix=f"convert it to one of {', '.join(SAFETENSORS_DTYPES)}")
+        if spec.name == _METADATA:
+            raise OutputError(f"{_METADATA} is reserved by safetensors", file=self.out,
+                              tensor=spec.name, fix="rename the tensor")
+
+    def _start_shards(self, specs: list[_Spec]) -> None:
+        """Plan the shards of the layout and write their headers (final names; a few KiB)."""
+        groups = _pack(specs, self.shard_size)
+        self._layout = {}
+        for i, group in enumerate(groups, start=1):
+            shard = _Shard(self._tmp / _shard_name(i, len(groups)), group)
+            with self._writing(shard.path.name):
+                shard.create()
+            self._shards.append(shard)
+            self._layout.update({spec.name: (spec, shard) for spec in group})
+
+    def _write_tensor(self, spec: _Spec, tensor: torch.Tensor) -> None:
+        """Write a tensor of the layout to its shard; keeps no reference to it."""
+        if spec.name not in self._layout:
+            raise OutputError("the tensor is not in the writer's layout", file=self.out,
+                              tensor=spec.name, fix="add only the tensors the layout lists")
+        expected, shard = self._layout[spec.name]
+        if spec != expected:
+            raise OutputError(
+                f"the tensor is {_describe(spec)} but the layout says {_describe(expected)}",
+                file=self.out, tensor=spec.name,
+                fix="convert the tensor to the layout's shape and dtype",
+            )
+        with self._writing(shard.path.name):
+            shard.write(spec.name, tensor.detach().to("cpu").contiguous())
+
+    def _buffer_tensor(self, spec: _Spec, tensor: torch.Tensor) -> None:
+        """Buffer a tensor, first writing the buffered shard if the tensor starts a new one."""
+        self._check_storable(spec)
+        if self._buffer and _starts_shard(self._buffer_bytes, spec.nbytes, self.shard_size):
+            self._flush()
+        tensor = self._own_contiguous(tensor)
+        self._buffer[spec.name] = tensor
+        self._buffer_bytes += spec.nbytes
+        if spec.nbytes:
+            self._buffer_storages.add(tensor.untyped_storage().data_ptr())
+
     def _own_contiguous(self, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor on CPU, contiguous, owning its whole storage, sharing none buffered."""
         tensor = tensor.detach().to("cpu")
@@ -261,28 +344,31 @@ class CheckpointWriter:
         return tensor
 
     def _flush(self) -> None:
+        """Write the buffered tensors as the next shard (a temporary name until commit)."""
         if not self._buffer:
             return
-        file = self._tmp / f"shard-{len(self._shards) + 1:05d}.safetensors"
-        with self._writing(file.name):
-            save_file(self._buffer, file, metadata={"format": "pt"})
-        self._shards.append((file, list(self._buffer)))
-        self._total_size += self._buffer_bytes
+        specs = [_Spec(n, tuple(t.shape), t.dtype) for n, t in self._buffer.items()]
+        shard = _Shard(self._tmp / f"shard-{len(self._shards) + 1:05d}.safetensors", specs)
+        with self._writing(shard.path.name):
+            shard.create()
+            for name, tensor in self._buffer.items():
+                shard.write(name, tensor)
+        self._shards.append(shard)
         self._buffer = {}
         self._buffer_bytes = 0
         self._buffer_storages.clear()
 
     def _name_shards(self) -> None:
+        """Give the shards their final names (already theirs with a layout); write the index."""
         count = len(self._shards)
+        for i, shard in enumerate(self._shards, start=1):
+            final = self._tmp / _shard_name(i, count)
+            if shard.path != final:
+                shard.path = shard.path.rename(final)
         if count == 1:
-            self._shards[0][0].rename(self._tmp / SAFE_WEIGHTS)
             return
-        weight_map = {}
-        for i, (file, names) in enumerate(self._shards, start=1):
-            final = f"model-{i:05d}-of-{count:05d}.safetensors"
-            file.rename(self._tmp / final)
-            weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_size": self._total_size},
+        weight_map = {name: shard.path.name for shard in self._shards for name in shard.names}
+        index = {"metadata": {"total_size": sum(s.nbytes for s in self._shards)},
                  "weight_map": dict(sorted(weight_map.items()))}
         (self._tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
@@ -315,14 +401,110 @@ class CheckpointWriter:
 
     @contextmanager
     def _writing(self, name: str) -> Iterator[None]:
-        """Turn an OSError (or safetensors I/O error) into OutputError, aborting first."""
+        """Turn an OSError into OutputError naming the file, aborting first."""
         try:
             yield
-        except (OSError, SafetensorError) as exc:
+        except OSError as exc:
             self.abort()
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise OutputError(f"cannot write {name} of the output {self.out}: {reason}",
+            raise OutputError(f"cannot write {name} of the output {self.out}: "
+                              f"{exc.strerror or exc}",
                               file=self.out / name, fix=_fix_for(exc, self.out)) from exc
+
+
+class _Spec(NamedTuple):
+    """What a safetensors header says of one tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+_METADATA = "__metadata__"
+_DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+_DTYPE_RANK = {dtype: rank for rank, dtype in enumerate(SAFETENSORS_DTYPES.values())}
+
+
+class _Shard:
+    """One safetensors file of the output: its header and where each tensor's bytes go.
+
+    Tensors are laid out as safetensors' own writer lays them out (widest dtype first, then
+    by name), so each is aligned to its element size and the file holds the bytes
+    ``safetensors.torch.save_file(..., metadata={"format": "pt"})`` writes for the same
+    tensors. Keeps the header (a few KiB) and no tensor.
+    """
+
+    def __init__(self, path: Path, specs: list[_Spec]) -> None:
+        self.path = path
+        self.names = [spec.name for spec in specs]
+        self._offsets: dict[str, int] = {}  # name -> byte offset in the data section
+        header: dict[str, object] = {_METADATA: {"format": "pt"}}
+        offset = 0
+        for spec in sorted(specs, key=lambda s: (-_DTYPE_RANK[s.dtype], s.name)):
+            header[spec.name] = {"dtype": _DTYPE_CODES[spec.dtype], "shape": list(spec.shape),
+                                 "data_offsets": [offset, offset + spec.nbytes]}
+            self._offsets[spec.name] = offset
+            offset += spec.nbytes
+        self.nbytes = offset
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)  # safetensors pads the header to 8-byte alignment
+        self._header = struct.pack("<Q", len(text)) + text
+
+    def create(self) -> None:
+        """Create the file holding the header only; the data is written by :meth:`write`."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:
+            _pwrite_all(fd, memoryview(self._header), 0)
+        finally:
+            os.close(fd)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a contiguous CPU tensor's bytes at its offset (no copy); raises OSError."""
+        if tensor.numel() == 0:
+            return
+        data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            _pwrite_all(fd, data, len(self._header) + self._offsets[name])
+        finally:
+            os.close(fd)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset``: pwrite may write less (at most ~2 GiB a call)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _starts_shard(filled: int, nbytes: int, shard_size: int) -> bool:
+    """Whether a tensor of ``nbytes`` goes to a new shard after a non-empty one of ``filled``."""
+    return filled >= shard_size or filled + nbytes > shard_size
+
+
+def _pack(specs: list[_Spec], shard_size: int) -> list[list[_Spec]]:
+    """The specs grouped into shards, in order, by the rule of :func:`_starts_shard`."""
+    groups: list[list[_Spec]] = []
+    filled = 0
+    for spec in specs:
+        if not groups or _starts_shard(filled, spec.nbytes, shard_size):
+            groups.append([])
+            filled = 0
+        groups[-1].append(spec)
+        filled += spec.nbytes
+    return groups
+
+
+def _shard_name(i: int, count: int) -> str:
+    """The Hugging Face name of shard ``i`` (from 1) of ``count``."""
+    return SAFE_WEIGHTS if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+
+
+def _describe(spec: _Spec) -> str:
+    return f"{str(spec.dtype).removeprefix('torch.')}{list(spec.shape)}"
 
 
 def _looks_like_model(directory: Path) -> bool:
@@ -333,16 +515,12 @@ def _looks_like_model(directory: Path) -> bool:
     )
 
 
-def _fix_for(exc: BaseException, out: Path) -> str:
-    """A fix for an OS-level write failure, from its errno (safetensors puts it in text)."""
-    code = getattr(exc, "errno", None)
-    if code is None:
-        match = re.search(r"os error (\d+)", str(exc))
-        code = int(match.group(1)) if match else None
-    if code in (errno.ENOSPC, errno.EDQUOT):
+def _fix_for(exc: OSError, out: Path) -> str:
+    """A fix for an OS-level write failure, from its errno."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"free disk space on the filesystem of {out.parent}, or write elsewhere"
-    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"make {out.parent} writable, or write elsewhere"
-    if code == errno.EEXIST:
+    if exc.errno == errno.EEXIST:
         return "pass --overwrite to replace it, or choose another path"
     return f"check {out.parent} (disk, permissions) and run again"

@@ -48,6 +48,7 @@ class TensorContext:
     name: str = ""
     seed: int = 0
     statistic: Any = None
+    position: float = 0.0  # relative depth in [0, 1]: 0 at the first block, 1 at the last
 
 
 class ModelStatistic(Protocol):
@@ -179,6 +180,7 @@ class Method:
         per_model: Sequence[Mapping[str, Any]] | None = None,
         seed: int = 0,
         name: str = "",
+        position: float = 0.0,
         **params: Any,
     ) -> torch.Tensor:
         """Merge one tensor from Python; returns a float32 tensor of the base's shape.
@@ -215,7 +217,7 @@ class Method:
                         stat.observe(p, i, expert - base if base is not None else expert)
                     stat.finish_pass(p)
                 statistic = stat.result()
-        ctx = TensorContext(name=name, seed=seed, statistic=statistic)
+        ctx = TensorContext(name=name, seed=seed, statistic=statistic, position=position)
         return self.fn(base, experts, typed, models, ctx)
 
     # -- helpers ----------------------------------------------------------------------
