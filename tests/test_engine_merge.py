@@ -308,3 +308,32 @@ def test_base_listed_among_models_is_dropped_for_task_vector_methods(family, tmp
     a, b = load_out(out_a), load_out(out_b)
     for n in a:
         assert torch.equal(a[n], b[n])
+
+
+def test_mixed_float_dtypes_merge_in_float32_and_int_float_clash_is_refused(tmp_path):
+    base, experts = make_family(k=2)
+    experts[0] = {n: t.half() for n, t in experts[0].items()}
+    experts[1] = {n: t.bfloat16() for n, t in experts[1].items()}
+    base_path, paths = save_family(tmp_path / "in", base, experts)
+    out = tmp_path / "out"
+    supermerge.merge(recipe("linear", base_path, paths), out)
+    name = "model.layers.0.mlp.weight"
+    merged = load_out(out)[name]
+    assert merged.dtype == torch.float32  # the base's dtype
+    torch.testing.assert_close(merged, (experts[0][name].float() + experts[1][name].float()) / 2)
+    experts[1]["model.norm.weight"] = torch.ones(8, dtype=torch.int32)
+    base_path, paths = save_family(tmp_path / "in2", base, experts)
+    with pytest.raises(PlanError, match="not a float dtype"):
+        supermerge.merge(recipe("linear", base_path, paths), tmp_path / "out2")
+
+
+def test_a_spec_built_in_python_is_saved_beside_the_model(family, tmp_path):
+    from supermerge.engine import MergeSpec, ModelSpec
+
+    _, _, base_path, paths = family
+    spec = MergeSpec(method="ties", base_model=str(base_path),
+                     models=[ModelSpec(str(p), {"density": 0.5}) for p in paths])
+    out = tmp_path / "out"
+    supermerge.merge(spec, out)
+    saved = (out / "supermerge_recipe.yaml").read_text()
+    assert "ties" in saved and "density: 0.5" in saved

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from supermerge.engine import MergeResult, MergeSpec, Progress, execute, plan_merge
 from supermerge.recipes import Recipe, load_recipe, parse_recipe
@@ -25,9 +28,9 @@ def merge(
     every problem); then tensors stream one at a time with about (K + 2) x the largest
     tensor resident. Returns a MergeResult; ``out`` is published atomically.
     """
-    recipe_yaml = ""
     if isinstance(recipe, MergeSpec):
         spec = recipe
+        recipe_yaml = yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False)
     else:
         root = None
         if isinstance(recipe, str | Path):
