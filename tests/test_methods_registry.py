@@ -10,8 +10,9 @@ from supermerge.errors import MethodError
 from supermerge.methods import Method, available_methods, get_method
 
 NAMES = [
-    "dare_linear", "dare_ties", "linear", "nuslerp", "passthrough", "slerp",
-    "task_arithmetic", "ties",
+    "breadcrumbs", "consensus", "dare_linear", "dare_ties", "della", "della_linear",
+    "linear", "lines", "magmax", "model_stock", "nuslerp", "passthrough", "pcb", "slerp",
+    "task_arithmetic", "ties", "tsv",
 ]
 
 
@@ -76,6 +77,12 @@ def test_wrong_model_count():
         ("slerp", {"t": 2.0}, "t"),
         ("task_arithmetic", {"lambda": float("nan")}, "lambda"),
         ("linear", {"weight": float("inf")}, "weight"),
+        ("breadcrumbs", {"gamma": 1.5}, "gamma"),
+        ("della", {"density": 0.9, "epsilon": 0.3}, "epsilon"),
+        ("consensus", {"k": -1}, "k"),
+        ("pcb", {"ratio": 0.0}, "ratio"),
+        ("lines", {"inner": "slerp"}, "inner"),
+        ("model_stock", {"filter_wise": "sometimes"}, "filter_wise"),
     ],
 )
 def test_invalid_values_are_clear_errors(name, params, field):
@@ -99,7 +106,7 @@ def test_no_nan_on_degenerate_inputs(name, shape):
         out = case(method, base, experts)
         assert out.shape == base.shape and out.dtype == torch.float32
         assert torch.isfinite(out).all()
-    if name not in {"linear", "slerp", "nuslerp", "passthrough"}:  # weights mean something
+    if name not in {"linear", "slerp", "nuslerp", "passthrough", "model_stock"}:  # weighted
         out = case(method, base, [torch.ones(shape)] * 2, weights=[0.0, 0.0])
         assert torch.equal(out, base)
 

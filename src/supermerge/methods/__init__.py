@@ -12,11 +12,19 @@ The modules carry a ``_method`` suffix so that ``supermerge.methods.ties`` can b
 method object without shadowing a submodule.
 """
 
+from supermerge.methods.breadcrumbs_method import breadcrumbs
+from supermerge.methods.consensus_method import consensus
 from supermerge.methods.dare_linear_method import dare_linear
 from supermerge.methods.dare_ties_method import dare_ties
+from supermerge.methods.della_linear_method import della_linear
+from supermerge.methods.della_method import della
 from supermerge.methods.linear_method import linear
+from supermerge.methods.lines_method import lines
+from supermerge.methods.magmax_method import magmax
+from supermerge.methods.model_stock_method import model_stock
 from supermerge.methods.nuslerp_method import nuslerp
 from supermerge.methods.passthrough_method import passthrough
+from supermerge.methods.pcb_method import pcb
 from supermerge.methods.registry import (
     Method,
     ModelParams,
@@ -29,6 +37,7 @@ from supermerge.methods.registry import (
 from supermerge.methods.slerp_method import slerp
 from supermerge.methods.task_arithmetic_method import task_arithmetic
 from supermerge.methods.ties_method import ties
+from supermerge.methods.tsv_method import tsv
 
 __all__ = [
     "Method",
@@ -36,14 +45,23 @@ __all__ = [
     "Params",
     "TensorContext",
     "available_methods",
+    "breadcrumbs",
+    "consensus",
     "dare_linear",
     "dare_ties",
+    "della",
+    "della_linear",
     "get_method",
     "linear",
+    "lines",
+    "magmax",
+    "model_stock",
     "nuslerp",
     "passthrough",
+    "pcb",
     "register",
     "slerp",
     "task_arithmetic",
     "ties",
+    "tsv",
 ]

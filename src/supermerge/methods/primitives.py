@@ -8,7 +8,9 @@ Tie rules (documented once, here):
 
 * :func:`magnitude_trim` keeps exactly ``round(density * n)`` entries (Python's ``round``,
   halves to even). Entries tied with the k-th largest magnitude are kept lowest flat index
-  first, so the result does not depend on the device or the sort algorithm.
+  first (:func:`top_k_mask`), so the result does not depend on the device or the sort
+  algorithm. :func:`magnitude_band` (Breadcrumbs) and :func:`magprune` (DELLA, which ranks
+  with a stable sort) break magnitude ties the same way: the lower index ranks higher.
 * :class:`GlobalMagnitudeThreshold` (TIES ``trim_scope: model``) returns the exact k-th
   largest magnitude of each model's whole task vector; :func:`threshold_trim` keeps every
   entry at or above it, so entries tied with the threshold are all kept (more than k only
@@ -22,10 +24,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Self
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from supermerge.methods.registry import ModelParams, Params
 
@@ -97,6 +99,31 @@ class UnweightedModelParams(ModelParams):
         return value
 
 
+class MagPruneModelParams(ModelParams):
+    """Per-model parameters of the DELLA methods (della, della_linear)."""
+
+    weight: Weight = Field(1.0, description="this model's weight (in the mean or the sum)")
+    density: Density = Field(
+        0.5, description="average probability that a task-vector entry is kept (1 - p)"
+    )
+    epsilon: Density = Field(
+        0.1,
+        description="spread of the drop probabilities: from p - epsilon/2 (largest "
+        "magnitude) to p + epsilon/2 (smallest); mergekit's epsilon is half of this",
+    )
+
+    @model_validator(mode="after")
+    def _probabilities_in_range(self) -> Self:
+        limit = 2 * min(self.density, 1 - self.density)
+        if self.epsilon > limit + 1e-12:
+            raise ValueError(
+                f"epsilon {self.epsilon} needs epsilon / 2 <= min(density, 1 - density) "
+                f"= {limit / 2:g} so that every keep probability lies in [0, 1]; "
+                f"use epsilon <= {limit:g}"
+            )
+        return self
+
+
 # -- task vectors and sums ----------------------------------------------------------------
 
 
@@ -131,12 +158,38 @@ def keep_count(density: float, n: int) -> int:
     return min(n, max(0, round(density * n)))
 
 
+def top_k_mask(x: torch.Tensor, k: int, *, exact: bool = True) -> torch.Tensor:
+    """Return a boolean mask of ``x``'s shape selecting exactly its ``k`` largest ``|x|``.
+
+    Entries tied with the k-th largest magnitude are selected lowest flat index first, so
+    ``top_k_mask(x, a)`` is contained in ``top_k_mask(x, b)`` for ``a <= b``. ``k`` is
+    clipped to ``[0, n]``. ``exact=False``: when the k-th largest magnitude is 0, return
+    ``x != 0`` instead (the same entries once applied to ``x``, without indexing the
+    zeros: an all-zero task vector of a frozen layer costs no index pass). Cost: one
+    ``kthvalue`` (linear time, no sort) and a few boolean temporaries.
+    """
+    n = x.numel()
+    if k >= n:
+        return torch.ones_like(x, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    magnitude = x.reshape(-1).abs()
+    threshold = torch.kthvalue(magnitude, n - k + 1).values
+    if threshold == 0 and not exact:
+        return x != 0
+    keep = magnitude > threshold
+    tied = magnitude == threshold
+    missing = k - int(keep.sum())
+    if int(tied.sum()) > missing:
+        tied[tied.nonzero().squeeze(1)[missing:]] = False
+    return (keep | tied).reshape(x.shape)
+
+
 def magnitude_trim(x: torch.Tensor, density: float) -> torch.Tensor:
     """Return ``x`` with all but its ``round(density * n)`` largest-magnitude entries zeroed.
 
-    Ties at the threshold are kept lowest flat index first. Returns ``x`` itself when
-    nothing is dropped. Cost: one ``kthvalue`` (linear time, no sort) and a few boolean
-    temporaries.
+    Ties at the threshold are kept lowest flat index first (:func:`top_k_mask`). Returns
+    ``x`` itself when nothing is dropped. Cost: one ``kthvalue`` and a few temporaries.
     """
     n = x.numel()
     k = keep_count(density, n)
@@ -144,17 +197,25 @@ def magnitude_trim(x: torch.Tensor, density: float) -> torch.Tensor:
         return x
     if k == 0:
         return torch.zeros_like(x)
-    flat = x.reshape(-1)
-    magnitude = flat.abs()
-    threshold = torch.kthvalue(magnitude, n - k + 1).values
-    if threshold == 0:  # every non-zero entry is kept; dropping zeros changes nothing
-        return x
-    keep = magnitude > threshold
-    tied = magnitude == threshold
-    missing = k - int(keep.sum())
-    if int(tied.sum()) > missing:
-        tied[tied.nonzero().squeeze(1)[missing:]] = False
-    return torch.where(keep | tied, flat, 0.0).reshape(x.shape)
+    return torch.where(top_k_mask(x, k, exact=False), x, 0.0)
+
+
+def magnitude_band(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Return ``x`` with only a band of its magnitude ranking kept (Model Breadcrumbs).
+
+    Ranked by ``|x|`` from the largest (ties lowest flat index first), the first
+    ``top = round(gamma * n)`` entries (the outliers) are dropped, the next
+    ``k = round(density * n)`` kept and the rest (the small ones) dropped. When
+    ``top + k > n`` the kept count wins: ``top`` shrinks to ``n - k``. ``gamma = 0`` is
+    :func:`magnitude_trim`. Cost: two ``kthvalue`` calls and a few boolean temporaries.
+    """
+    n = x.numel()
+    k = keep_count(density, n)
+    top = min(keep_count(gamma, n), n - k)
+    if top == 0:
+        return magnitude_trim(x, density)
+    keep = top_k_mask(x, top + k, exact=False) & ~top_k_mask(x, top, exact=False)
+    return torch.where(keep, x, 0.0)
 
 
 def threshold_trim(x: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -344,6 +405,94 @@ def dare_task_vectors(
     taus = task_vectors(base, experts)
     for i, (tau, density) in enumerate(zip(taus, densities, strict=True)):
         yield dare(tau, density, dare_generator(seed, i, tau.device))
+
+
+def magprune(
+    x: torch.Tensor, density: float, epsilon: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Return DELLA's MagPrune(x): magnitude-ranked random drop, kept entries rescaled.
+
+    Each row (``x`` viewed as ``shape[0] x rest``; 0-d and 1-D tensors are one row) of
+    ``m`` entries is ranked by ``|x|`` from the largest (rank 0; ties lowest index first).
+    Entry of rank ``r`` is kept with probability
+    ``q_r = density + epsilon / 2 - epsilon * r / (m - 1)`` (``density`` when ``m = 1``),
+    i.e. drop probabilities ``p_r = 1 - q_r`` linearly spaced over
+    ``[p - epsilon/2, p + epsilon/2]``, ``p = 1 - density``, the largest magnitude least
+    likely dropped; a kept entry is divided by ``q_r`` (``1 / (1 - p_r)``), so each entry's
+    expectation is itself. Callers ensure ``epsilon / 2 <= min(density, 1 - density)``;
+    an entry with ``q_r = 0`` is always dropped. Returns ``x`` itself at density 1 with
+    epsilon 0 and zeros at density 0 (drawing nothing). Cost: one stable sort per row, one
+    float32 uniform draw of n entries, a few temporaries.
+    """
+    if x.numel() == 0 or (density >= 1 and epsilon == 0):
+        return x
+    if density <= 0:
+        return torch.zeros_like(x)
+    rows = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
+    m = rows.shape[1]
+    if m > 1:
+        order = torch.sort(rows.abs(), dim=1, descending=True, stable=True).indices
+        steps = torch.arange(m, device=x.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(1, order, steps).to(x.dtype)
+        keep_prob = (density + epsilon / 2) - rank * (epsilon / (m - 1))
+    else:
+        keep_prob = torch.full_like(rows, density)
+    keep = torch.rand(rows.shape, generator=generator, device=x.device) < keep_prob
+    scaled = rows / keep_prob.clamp_min(torch.finfo(x.dtype).tiny)
+    return torch.where(keep, scaled, 0.0).reshape(x.shape)
+
+
+def magprune_task_vectors(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    densities: Sequence[float],
+    epsilons: Sequence[float],
+    seed: int,
+) -> list[torch.Tensor]:
+    """Return ``magprune(x_i - base)`` per model, model i drawing from its own generator.
+
+    The generator is :func:`dare_generator` of (tensor seed, model index). Cost per model:
+    one subtraction and one :func:`magprune`.
+    """
+    pairs = zip(task_vectors(base, experts), densities, epsilons, strict=True)
+    return [
+        magprune(tau, density, epsilon, dare_generator(seed, i, tau.device))
+        for i, (tau, density, epsilon) in enumerate(pairs)
+    ]
+
+
+# -- TALL masks and consensus -------------------------------------------------------------
+
+
+def tall_masks(
+    taus: Sequence[torch.Tensor], lambdas: Sequence[float], multi_task: torch.Tensor
+) -> list[torch.Tensor]:
+    """Return the TALL masks ``m_t = |tau_t| >= lambda_t * |multi_task - tau_t|`` (boolean).
+
+    ``multi_task`` is the merged task vector (``sum_t tau_t`` for task arithmetic): an entry
+    belongs to task t when the fine-tuned model is at least ``lambda_t`` times closer to the
+    merged model than to the base there. ``lambda_t = 0`` keeps every entry (``>=``, unlike
+    the reference code's strict ``>``, which drops entries where both sides are 0). Paper:
+    Wang et al. 2024, arXiv 2405.07813, eq. for TALL masks. Cost: K boolean tensors (one
+    byte per entry each), two float temporaries at a time.
+    """
+    return [
+        tau.abs() >= lam * (multi_task - tau).abs()
+        for tau, lam in zip(taus, lambdas, strict=True)
+    ]
+
+
+def consensus_mask(masks: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+    """Return where at least ``k`` of the boolean ``masks`` are set (all True when k <= 0).
+
+    Cost: one int16 counter (K < 32768) and a boolean result.
+    """
+    if k <= 0:
+        return torch.ones_like(masks[0], dtype=torch.bool)
+    count = torch.zeros_like(masks[0], dtype=torch.int16)
+    for mask in masks:
+        count.add_(mask)
+    return count >= k
 
 
 # -- spherical interpolation --------------------------------------------------------------

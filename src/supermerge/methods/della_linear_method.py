@@ -1,0 +1,59 @@
+"""``della_linear``: DELLA's MagPrune (magnitude-ranked drop and rescale), then task arithmetic.
+
+Formula, per tensor, with ``d_i = MagPrune(tau_i)`` as in :mod:`supermerge.methods.della_method`
+(drop probabilities linearly spaced over ``[p - epsilon/2, p + epsilon/2]``, the largest
+magnitude least likely dropped, kept entries divided by their keep probability)::
+
+    merged = base + lambda * sum_i w_i d_i
+
+Paper: Deep, Bhardwaj & Poria 2024, "DELLA-Merging" (arXiv 2406.11617), without its Elect
+step (mergekit's ``della_linear``): DARE with MagPrune's magnitude-ranked probabilities
+instead of a uniform one. Seeding, the reading of the paper, the defaults
+(density 0.5, epsilon 0.1, lambda 1.0) and the ``epsilon`` range are those of ``della``.
+
+Differences from mergekit's ``della_linear``: as for ``della`` (epsilon is the full width
+here, twice mergekit's; kept entries are rescaled by ``1 / (1 - p)``; row ranking and a
+per-tensor, per-model generator); mergekit's optional ``normalize`` (divide by the summed
+weights) is absent: use weights summing to 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from supermerge.methods.primitives import (
+    MagPruneModelParams,
+    TaskVectorParams,
+    magprune_task_vectors,
+    weighted_sum,
+)
+from supermerge.methods.registry import Method, TensorContext, register
+
+
+def merge_della_linear(
+    base: torch.Tensor,
+    experts: list[torch.Tensor],
+    params: TaskVectorParams,
+    models: list[MagPruneModelParams],
+    ctx: TensorContext,
+) -> torch.Tensor:
+    """Return ``base + lambda * sum_i w_i MagPrune(tau_i)``. Cost: K sorts and K draws."""
+    pruned = magprune_task_vectors(
+        base, experts, [m.density for m in models], [m.epsilon for m in models], ctx.seed
+    )
+    total = weighted_sum(pruned, [m.weight for m in models])
+    return torch.add(base, total, alpha=params.scale)
+
+
+della_linear = register(
+    Method(
+        name="della_linear",
+        fn=merge_della_linear,
+        params=TaskVectorParams,
+        model_params=MagPruneModelParams,
+        summary="drop task-vector entries with magnitude-ranked probabilities, rescale, "
+        "then add them up (no sign election)",
+        paper="Deep et al. 2024, DELLA-Merging (arXiv 2406.11617)",
+        needs="none",
+    )
+)
