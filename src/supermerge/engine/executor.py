@@ -124,7 +124,7 @@ def _merge_one(plan: MergePlan, loaded: LoadedJob, statistic) -> torch.Tensor:
     cut = (lambda t: t[:rows]) if rows is not None else (lambda t: t)
     base = cut(loaded.base) if loaded.base is not None else None
     ctx = TensorContext(name=job.name, seed=job.seed, statistic=statistic,
-                        position=job.position)
+                        position=job.position, scratch=True)
     result = plan.method.fn(base, [cut(e) for e in loaded.experts], job.params,
                             job.model_params, ctx)
     if rows is None:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, Protocol, Union, get_args, get_origin
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -49,6 +50,7 @@ class TensorContext:
     seed: int = 0
     statistic: Any = None
     position: float = 0.0  # relative depth in [0, 1]: 0 at the first block, 1 at the last
+    scratch: bool = False  # True: the method may overwrite the expert tensors (never the base)
 
 
 class ModelStatistic(Protocol):
@@ -56,7 +58,8 @@ class ModelStatistic(Protocol):
 
     The engine streams every mergeable tensor's task vectors through ``observe`` for
     ``passes`` passes (calling ``finish_pass`` after each), then hands ``result()`` to the
-    method in ``TensorContext.statistic``.
+    method in ``TensorContext.statistic``. Within a pass, tensors come in plan order and each
+    tensor's task vectors arrive back to back, model 0 to K - 1.
     """
 
     passes: int
@@ -246,6 +249,8 @@ def _type_name(annotation: Any) -> str:
     """'float', 'bool', or the choices of a Literal: 'tensor | model'."""
     if get_origin(annotation) is Literal:
         return " | ".join(str(choice) for choice in get_args(annotation))
+    if get_origin(annotation) in (Union, UnionType):
+        return " | ".join(_type_name(arg) for arg in get_args(annotation))
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
