@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +47,22 @@ def merge(
                        recipe_yaml=recipe_yaml, progress=progress)
     finally:
         plan.close()
+
+
+def merge_learned(
+    recipe: str | Path | dict[str, Any],
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    shard_size: int = 5 * 2**30,
+    progress: Callable[[int, int, float], None] | None = None,
+):
+    """Learn a merge (SuperMerge, AdaMerging) from a learn recipe and export it to ``out``.
+
+    Returns a LearnOutcome (the output path and the LearnedMerge with its coefficients, tree
+    and losses). See :mod:`supermerge.recipes.learn` for the recipe format and the costs.
+    """
+    from supermerge.recipes.learn import run_learn_recipe
+
+    return run_learn_recipe(recipe, out, overwrite=overwrite, shard_size=shard_size,
+                            progress=progress)

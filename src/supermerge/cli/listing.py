@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+from supermerge.errors import MethodError
+from supermerge.learn import LEARNED_METHODS, LearnedMethod
 from supermerge.methods import available_methods, get_method
 from supermerge.methods.registry import Method
 
 
 def describe_methods(name: str | None = None) -> str:
     """Return the table of all methods, or one method in full (MethodError if unknown)."""
+    learned = {m.name: m for m in LEARNED_METHODS}
     if name is not None:
-        return _describe(get_method(name))
-    lines = [f"{'method':<18} {'needs':<8} {'base':<5} summary"]
-    for method in available_methods():
-        lines.append(f"{method.name:<18} {method.needs:<8} "
+        return _describe(learned[name] if name in learned else _data_free(name, learned))
+    lines = [f"{'method':<18} {'needs':<10} {'base':<5} summary"]
+    for method in [*available_methods(), *LEARNED_METHODS]:
+        lines.append(f"{method.name:<18} {method.needs:<10} "
                      f"{'yes' if method.needs_base else 'no':<5} {method.summary}")
-    lines.append("\n`supermerge methods NAME` shows a method's parameters and paper.")
+    lines.append("\n`supermerge methods NAME` shows a method's parameters and paper. Methods "
+                 "that need data run with `supermerge learn`.")
     return "\n".join(lines)
 
 
-def _describe(method: Method) -> str:
+def _data_free(name: str, learned: dict[str, LearnedMethod]) -> Method:
+    try:
+        return get_method(name)
+    except MethodError as err:
+        raise MethodError(f"{err.message} (nor a learned method)",
+                          fix=f"{err.fix}; learned: {', '.join(sorted(learned))}") from None
+
+
+def _describe(method: Method | LearnedMethod) -> str:
     count = (f"{method.min_models}" if method.min_models == method.max_models
              else f"{method.min_models}+" if method.max_models is None
              else f"{method.min_models}-{method.max_models}")

@@ -107,6 +107,38 @@ def merge(recipe: Path, out: Path, overwrite: bool, threads: int, shard_size: in
 
 
 @cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Output model directory (published atomically).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--shard-size", default=5 * 2**30, show_default=True, type=int,
+              help="Largest safetensors shard, in bytes.")
+@_friendly
+def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int) -> None:
+    """Learn merge coefficients (SuperMerge, AdaMerging) on validation data, export to OUT."""
+    from supermerge.recipes.learn import run_learn_recipe
+
+    bar = tqdm(desc="learning", unit="step", file=sys.stderr, leave=False)
+
+    def progress(done: int, planned: int, loss: float) -> None:
+        bar.total = planned
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.update(done - bar.n)
+
+    try:
+        outcome = run_learn_recipe(recipe, out, overwrite=overwrite, shard_size=shard_size,
+                                   progress=progress)
+    finally:
+        bar.close()
+    click.echo(outcome.merge.tree.render())
+    for node, fit in outcome.merge.fits.items():
+        heldout = "-" if fit.heldout_loss is None else f"{fit.heldout_loss:.4f}"
+        click.echo(f"{node}: kept step {fit.best_step}, train loss {fit.train_loss:.4f}, "
+                   f"held-out loss {heldout}")
+    click.echo(f"learned merge -> {outcome.out}")
+
+
+@cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--all", "show_all", is_flag=True, help="List every tensor, not the first 40.")
 @_friendly

@@ -1,0 +1,72 @@
+"""Data-driven merging: coefficients learned on validation data (SuperMerge, AdaMerging).
+
+Layers inside the package: ``groups`` (merge groups) -> ``model`` (:class:`MergedModel`) ->
+``data`` / ``objectives`` -> ``train`` (:func:`learn_coefficients`) -> ``hierarchical``
+(the merge tree) -> ``merge`` (:func:`supermerge`, :func:`adamerging`) -> ``export``.
+:data:`LEARNED_METHODS` lists the methods for `supermerge methods`.
+"""
+
+from supermerge.learn.data import Task, TaskData, load_task_data
+from supermerge.learn.errors import LearnError
+from supermerge.learn.export import (
+    coefficients_csv,
+    coefficients_json,
+    export_learned,
+    plot_coefficients,
+    save_coefficient_tensors,
+    save_heads,
+)
+from supermerge.learn.groups import assign_groups, block_of
+from supermerge.learn.hierarchical import (
+    LearnedMerge,
+    MergeNode,
+    cluster_experts,
+    cosine_similarities,
+    merge_tree,
+)
+from supermerge.learn.memory import PeakRSS
+from supermerge.learn.merge import adamerging, supermerge, ties_prepare
+from supermerge.learn.model import CheckpointState, MergedModel, TaskVectors
+from supermerge.learn.objectives import entropy_loss, supervised_loss
+from supermerge.learn.params import (
+    LEARNED_METHODS,
+    AdaMergingParams,
+    LearnedMethod,
+    SuperMergeParams,
+)
+from supermerge.learn.train import LearnResult, learn_coefficients
+
+__all__ = [
+    "LEARNED_METHODS",
+    "AdaMergingParams",
+    "CheckpointState",
+    "LearnError",
+    "LearnResult",
+    "LearnedMerge",
+    "LearnedMethod",
+    "MergeNode",
+    "MergedModel",
+    "PeakRSS",
+    "SuperMergeParams",
+    "Task",
+    "TaskData",
+    "TaskVectors",
+    "adamerging",
+    "assign_groups",
+    "block_of",
+    "cluster_experts",
+    "coefficients_csv",
+    "coefficients_json",
+    "cosine_similarities",
+    "entropy_loss",
+    "export_learned",
+    "learn_coefficients",
+    "load_task_data",
+    "merge_tree",
+    "plot_coefficients",
+    "save_coefficient_tensors",
+    "save_heads",
+    "supermerge",
+    "supervised_loss",
+    "ties_prepare",
+]

@@ -1,0 +1,176 @@
+"""Export of a learned merge: the model through the checkpoint writer, the coefficients beside.
+
+Files, per learned node (``root`` alone for a flat merge):
+
+- ``coefficients.safetensors``: ``<node>.raw`` (W) and ``<node>.coefficients`` (map(W)),
+  K experts x J groups, with the expert and group names in the metadata;
+- ``coefficients.json``: per node the map, expert names, group names, map(W) and the
+  losses at the kept step; ``coefficients.csv``: one row per (node, expert, group);
+- ``coefficients.png``: a heatmap of map(W) (experts x groups), one panel per node;
+- ``heads/<task>.safetensors``: each task's own head (load it over the model to answer
+  that task; the model's own head tensors are the base's).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from supermerge.io import CheckpointWriter
+from supermerge.learn.errors import LearnError
+from supermerge.learn.hierarchical import LearnedMerge
+from supermerge.learn.train import LearnResult
+
+Fits = Mapping[str, LearnResult]
+
+
+def coefficients_json(fits: Fits) -> str:
+    """Return the readable JSON of every node's coefficients and losses."""
+    nodes = {
+        name: {
+            "map": fit.coefficient_map,
+            "experts": fit.expert_names,
+            "groups": fit.group_names,
+            "coefficients": fit.coefficients.tolist(),
+            "best_step": fit.best_step,
+            "train_loss": fit.train_loss,
+            "heldout_loss": fit.heldout_loss,
+        }
+        for name, fit in fits.items()
+    }
+    return json.dumps({"nodes": nodes}, indent=2) + "\n"
+
+
+def coefficients_csv(fits: Fits) -> str:
+    """Return CSV text: node, expert, group, raw W and mapped coefficient, one row each."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["node", "expert", "group", "raw", "coefficient"])
+    for node, fit in fits.items():
+        for i, expert in enumerate(fit.expert_names):
+            for j, group in enumerate(fit.group_names):
+                writer.writerow([node, expert, group, float(fit.raw[i, j]),
+                                 float(fit.coefficients[i, j])])
+    return out.getvalue()
+
+
+def save_coefficient_tensors(path: str | Path, fits: Fits) -> Path:
+    """Write ``coefficients.safetensors`` (raw and mapped W per node); returns its path."""
+    tensors, metadata = {}, {}
+    for node, fit in fits.items():
+        tensors[f"{node}.raw"] = fit.raw.detach().float().contiguous()
+        tensors[f"{node}.coefficients"] = fit.coefficients.detach().float().contiguous()
+        metadata[node] = json.dumps(
+            {"map": fit.coefficient_map, "experts": fit.expert_names, "groups": fit.group_names}
+        )
+    save_file(tensors, path, metadata=metadata)
+    return Path(path)
+
+
+def plot_coefficients(path: str | Path, fits: Fits, max_labels: int = 60) -> Path:
+    """Draw map(W) of every node as a heatmap (experts x groups) into a PNG; returns its path.
+
+    Needs matplotlib. Groups beyond ``max_labels`` get every n-th label only.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise LearnError("the coefficient heatmap needs matplotlib",
+                         fix="pip install matplotlib") from None
+
+    widest = max(len(fit.group_names) for fit in fits.values())
+    label_inches = 0.06 * max(len(name) for fit in fits.values() for name in fit.group_names)
+    figure = Figure(figsize=(min(40.0, max(6.0, 0.18 * widest)),
+                             sum(1.5 + label_inches + 0.35 * len(f.expert_names)
+                                 for f in fits.values())),
+                    layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(fits), 1, squeeze=False)[:, 0]
+    for ax, (node, fit) in zip(axes, fits.items(), strict=True):
+        values = fit.coefficients.detach().float().numpy()
+        low = 0.0 if fit.coefficient_map == "clamp" else -1.0
+        image = ax.imshow(values, aspect="auto", vmin=low, vmax=1.0,
+                          cmap="viridis" if low == 0 else "RdBu_r", interpolation="nearest")
+        step = max(1, math.ceil(len(fit.group_names) / max_labels))
+        ax.set_xticks(range(0, len(fit.group_names), step),
+                      fit.group_names[::step], rotation=90, fontsize=6)
+        ax.set_yticks(range(len(fit.expert_names)), fit.expert_names, fontsize=8)
+        ax.set_title(f"{node}: {fit.coefficient_map}(W)", fontsize=9)
+        figure.colorbar(image, ax=ax)
+    figure.savefig(path, dpi=100, bbox_inches="tight")  # room for the long tensor names
+    return Path(path)
+
+
+def save_heads(
+    directory: str | Path, heads: Mapping[str, Mapping[str, torch.Tensor]]
+) -> list[Path]:
+    """Write each task's head to ``<directory>/heads/<task>.safetensors``; returns the paths."""
+    folder = Path(directory) / "heads"
+    if heads:
+        folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for task, head in heads.items():
+        path = folder / f"{task}.safetensors"
+        save_file({k: v.detach().contiguous() for k, v in head.items()}, path)
+        paths.append(path)
+    return paths
+
+
+def export_learned(
+    out: str | Path,
+    merge: LearnedMerge,
+    *,
+    method: str,
+    base_models: Sequence[str],
+    recipe_yaml: str = "",
+    model_dir: str | Path | None = None,
+    overwrite: bool = False,
+    shard_size: int = 5 * 2**30,
+) -> Path:
+    """Write the merged model (a Hugging Face directory) with its coefficients; returns ``out``.
+
+    The weights, config/tokenizer files from ``model_dir``, the model card, the recipe and
+    the JSON/CSV coefficients are published atomically by the checkpoint writer; the
+    binary extras (coefficient tensors, heatmap, heads) are added right after. Costs one
+    merged copy of the weights in memory plus the writer's shard buffer.
+    """
+    fits = merge.fits
+    with CheckpointWriter(out, overwrite=overwrite, shard_size=shard_size) as writer:
+        for name, tensor in merge.model.merged_state_dict().items():
+            writer.add(name, tensor)
+        writer.copy_model_files(Path(model_dir) if model_dir is not None else None)
+        writer.write_model_card(base_models=list(base_models), method=method,
+                                recipe_yaml=recipe_yaml, extra_markdown=_card_notes(merge))
+        writer.write_text("supermerge_recipe.yaml", recipe_yaml)
+        writer.write_text("coefficients.json", coefficients_json(fits))
+        writer.write_text("coefficients.csv", coefficients_csv(fits))
+        path = writer.commit()
+    save_coefficient_tensors(path / "coefficients.safetensors", fits)
+    plot_coefficients(path / "coefficients.png", fits)
+    save_heads(path, merge.model.head_state_dicts())
+    return path
+
+
+def _card_notes(merge: LearnedMerge) -> str:
+    rows = [
+        f"| {node} | {fit.best_step} | {fit.train_loss:.4f} | "
+        f"{'-' if fit.heldout_loss is None else f'{fit.heldout_loss:.4f}'} |"
+        for node, fit in merge.fits.items()
+    ]
+    return (
+        "## Learned coefficients\n\n"
+        "Coefficients per expert and merge group are in `coefficients.json` / `.csv` / "
+        "`.safetensors` and `coefficients.png`; each task's head is in "
+        "`heads/<task>.safetensors`.\n\n"
+        "| node | kept step | train loss | held-out loss |\n|---|---|---|---|\n"
+        + "\n".join(rows)
+        + f"\n\nMerge tree:\n\n```\n{merge.tree.render()}\n```\n"
+    )

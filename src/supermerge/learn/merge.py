@@ -1,0 +1,94 @@
+"""The learned methods' Python API: ``supermerge`` and ``adamerging``.
+
+Both take the module (its architecture, loaded with the base weights), the base state,
+the experts by name (state dicts or lazy mappings such as ``CheckpointState``), the tasks
+with their validation data, the head (``head_prefix`` or ``heads``) and the method's
+parameters by their recipe names (see :mod:`supermerge.learn.params`). Both return a
+:class:`~supermerge.learn.hierarchical.LearnedMerge`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from supermerge.learn.data import Task
+from supermerge.learn.hierarchical import LearnedMerge, State, merge_tree
+from supermerge.learn.model import Head
+from supermerge.learn.params import ADAMERGING, SUPERMERGE
+from supermerge.learn.train import Progress
+from supermerge.methods.primitives import elect_sign, magnitude_trim
+
+
+def supermerge(
+    module: nn.Module,
+    base_state: State,
+    experts: Mapping[str, State],
+    tasks: Sequence[Task],
+    *,
+    head_prefix: str | None = None,
+    heads: Mapping[str, Head] | None = None,
+    progress: Progress | None = None,
+    workdir: str | Path | None = None,
+    **params: Any,
+) -> LearnedMerge:
+    """SuperMerge: W mapped by tanh, learned with the tasks' supervised losses.
+
+    ``params`` are :class:`~supermerge.learn.params.SuperMergeParams` (``hierarchical``,
+    ``fan_in``, ``steps``, ...). Costs ``steps`` training steps over K task vectors (flat),
+    or per tree node over its ``fan_in`` children (hierarchical).
+    """
+    p = SUPERMERGE.validate(params)
+    return merge_tree(
+        module, base_state, experts, tasks,
+        fan_in=p.fan_in if p.hierarchical else None,
+        head_prefix=head_prefix, heads=heads,
+        model_options={"coefficient_map": "tanh", **p.model_options()},
+        fit_options={"objective": "supervised", **p.fit_options()},
+        progress=progress, workdir=workdir,
+    )
+
+
+def adamerging(
+    module: nn.Module,
+    base_state: State,
+    experts: Mapping[str, State],
+    tasks: Sequence[Task],
+    *,
+    head_prefix: str | None = None,
+    heads: Mapping[str, Head] | None = None,
+    progress: Progress | None = None,
+    **params: Any,
+) -> LearnedMerge:
+    """AdaMerging (AdaMerging++ with ``ties=True``): W clamped to [0, 1], entropy loss.
+
+    Task-wise with ``granularity="task"``, layer-wise with ``"tensor"`` (default). The
+    tasks' data needs no labels. ``params`` are
+    :class:`~supermerge.learn.params.AdaMergingParams`. Costs ``steps`` training steps.
+    """
+    p = ADAMERGING.validate(params)
+    prepare = partial(ties_prepare, density=p.density) if p.ties else None
+    return merge_tree(
+        module, base_state, experts, tasks,
+        head_prefix=head_prefix, heads=heads,
+        model_options={"coefficient_map": "clamp", "prepare": prepare, **p.model_options()},
+        fit_options={"objective": "entropy", **p.fit_options()},
+        progress=progress,
+    )
+
+
+def ties_prepare(stacked: torch.Tensor, density: float) -> torch.Tensor:
+    """Return TIES-processed task vectors ``[K, *shape]`` of one tensor, for AdaMerging++.
+
+    Each expert's vector keeps its ``round(density * n)`` largest magnitudes; entries whose
+    sign disagrees with the elected sign are zeroed. The trim is per tensor (mergekit's
+    scope), not over the whole model. Costs K trims and K + 1 temporaries.
+    """
+    trimmed = [magnitude_trim(vector, density) for vector in stacked]
+    sign = elect_sign(trimmed)
+    return torch.stack([torch.where(t.sign() == sign, t, 0.0) for t in trimmed])

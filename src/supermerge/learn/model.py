@@ -1,0 +1,433 @@
+"""MergedModel: merged weights as a differentiable function of learned coefficients.
+
+For every merged tensor ``p`` in merge group ``j``::
+
+    merged[p] = base[p] + sum_i map(W[i, j]) * tau[i][p],    tau[i] = expert_i - base
+
+``W`` (K experts x J groups) is the only trainable parameter. The wrapped module is run
+with ``torch.func.functional_call`` on the merged tensors, so gradients flow into ``W``
+alone; the base, the task vectors and the module's own parameters stay frozen.
+
+Memory: the base (shared with the module when ``base_state`` is ``module.state_dict()``),
+the K task vectors stacked per tensor (in ``vector_dtype``; bfloat16 halves them) and, for
+each forward pass, one merged copy computed tensor by tensor. No per-expert merged copy is
+ever materialised.
+
+Heads: a task may have its own head, never merged. Either a mapping of parameter
+overrides (e.g. the ``classifier.*`` tensors of that task's expert, swapped into the module
+for that task) or an ``nn.Module`` applied to the module's output.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from itertools import chain
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from supermerge.io import Checkpoint
+from supermerge.learn.errors import LearnError
+from supermerge.learn.groups import Granularity, assign_groups
+
+log = logging.getLogger(__name__)
+
+CoefficientMap = Literal["tanh", "clamp", "identity"]
+Head = Mapping[str, torch.Tensor] | nn.Module
+Prepare = Callable[[torch.Tensor], torch.Tensor]
+
+# map name -> (map applied to W, inverse used to initialise W from a mapped value)
+_MAPS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[float], float]]] = {
+    "tanh": (torch.tanh, math.atanh),
+    "clamp": (lambda w: w.clamp(0.0, 1.0), float),
+    "identity": (lambda w: w, float),
+}
+
+
+def wide_float(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or float64 if it already is."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _preview(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(list(names)[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+class CheckpointState(Mapping[str, torch.Tensor]):
+    """A :class:`supermerge.io.Checkpoint` as a lazy mapping: each lookup reads one tensor."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.checkpoint:
+            raise KeyError(name)
+        return self.checkpoint.read(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.checkpoint
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.checkpoint.names())
+
+    def __len__(self) -> int:
+        return len(self.checkpoint.names())
+
+
+class TaskVectors(Mapping[str, torch.Tensor]):
+    """Lazy ``expert - base`` over ``names``; each lookup reads one tensor of each side.
+
+    ``expert`` may itself be lazy (a checkpoint view): then only one tensor is resident
+    per lookup. Values are float32 (float64 if the inputs are).
+    """
+
+    def __init__(
+        self,
+        base: Mapping[str, torch.Tensor],
+        expert: Mapping[str, torch.Tensor],
+        names: Sequence[str],
+    ) -> None:
+        self._base, self._expert, self._names = base, expert, list(names)
+        self._known = set(self._names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        return wide_float(self._expert[name]) - wide_float(self._base[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def module_tensors(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Return (primary name -> tensor in state-dict order, tied alias -> primary name)."""
+    primary: dict[int, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    named = chain(
+        module.named_parameters(remove_duplicate=False),
+        module.named_buffers(remove_duplicate=False),
+    )
+    for name, tensor in named:
+        if id(tensor) in primary:
+            aliases[name] = primary[id(tensor)]
+        else:
+            primary[id(tensor)] = name
+            tensors[name] = tensor
+    order = {name: i for i, name in enumerate(module.state_dict(keep_vars=True))}
+    ordered = sorted(tensors, key=lambda n: order.get(n, len(order)))
+    return {n: tensors[n] for n in ordered}, aliases
+
+
+def _shape(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    """A tensor's shape, from the header alone for a checkpoint."""
+    if isinstance(state, CheckpointState):
+        return state.checkpoint.info(name).shape
+    return tuple(state[name].shape)
+
+
+def prepare_experts(
+    module: nn.Module,
+    base_state: Mapping[str, torch.Tensor],
+    experts: Mapping[str, Mapping[str, torch.Tensor]],
+    head_prefix: str | None = None,
+    heads: Mapping[str, Head] | None = None,
+) -> tuple[list[str], dict[str, Head]]:
+    """Check the experts against the module; returns (names to merge, heads by task).
+
+    Merged: the module's floating tensors present in the base, outside ``head_prefix``
+    (tied aliases merge through their primary name; integer buffers are never merged).
+    With ``head_prefix`` each expert's tensors under it become the head of the task named
+    like the expert (an expert without any may serve no task; a task without a head is
+    refused when training starts); otherwise ``heads`` are used as given. Raises LearnError
+    if an expert lacks a tensor, has tensors the base lacks, or a shape differs. Reads only
+    the head tensors (shapes of checkpoints come from their headers).
+    """
+    if head_prefix and heads:
+        raise LearnError("give head_prefix or heads, not both")
+    reference = {
+        n: t
+        for n, t in module_tensors(module)[0].items()
+        if t.is_floating_point() and n in base_state
+        and not (head_prefix and n.startswith(head_prefix))
+    }
+    for expert_name, expert in experts.items():
+        missing = [n for n in reference if n not in expert]
+        extra = [
+            n for n in expert
+            if n not in base_state and not (head_prefix and n.startswith(head_prefix))
+        ]
+        if missing:
+            raise LearnError(
+                f"expert {expert_name!r} lacks {len(missing)} tensor(s) of the base: "
+                f"{_preview(missing)}",
+                fix="merge only fine-tunes of the same architecture as the base",
+            )
+        if extra:
+            raise LearnError(
+                f"expert {expert_name!r} has {len(extra)} tensor(s) the base lacks: "
+                f"{_preview(extra)}",
+                fix="if these are the task's head, name its prefix (head_prefix, e.g. "
+                "'classifier.'); otherwise merge only fine-tunes of the base's architecture",
+            )
+        for name, tensor in reference.items():
+            if _shape(expert, name) != tuple(tensor.shape):
+                raise _shape_error(expert_name, name, _shape(expert, name), tensor.shape)
+    if head_prefix:
+        heads = {}
+        for name, expert in experts.items():
+            head = {k: expert[k] for k in expert if k.startswith(head_prefix)}
+            if head:
+                heads[name] = head
+    return list(reference), dict(heads or {})
+
+
+def _shape_error(expert: str, tensor: str, shape: Sequence[int], base: Sequence[int]) -> LearnError:
+    return LearnError(
+        f"expert {expert!r} has shape {tuple(shape)}, the base {tuple(base)}",
+        tensor=tensor,
+        fix="merge only fine-tunes of the same architecture",
+    )
+
+
+class MergedModel(nn.Module):
+    """One module run with ``base + sum_i map(W[i, group]) * tau[i]`` as its weights.
+
+    ``task_vectors`` are K mappings name -> ``expert - base`` with the same names (lazy
+    ones such as :class:`TaskVectors` are read one tensor at a time). ``heads`` maps a
+    task name to its head. ``prepare`` is applied once to each tensor's stacked task
+    vectors ``[K, *shape]`` (AdaMerging++ trims them here). Construction reads every task
+    vector once and holds K stacked copies in ``vector_dtype``, on the base's device: build
+    it where it will run (``.to()`` moves W and the module, not the stacked vectors).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        base_state: Mapping[str, torch.Tensor],
+        task_vectors: Sequence[Mapping[str, torch.Tensor]],
+        *,
+        expert_names: Sequence[str] | None = None,
+        heads: Mapping[str, Head] | None = None,
+        granularity: Granularity = "tensor",
+        coefficient_map: CoefficientMap = "tanh",
+        init: float = 0.3,
+        vector_dtype: torch.dtype = torch.float32,
+        prepare: Prepare | None = None,
+    ) -> None:
+        super().__init__()
+        if not task_vectors:
+            raise LearnError("no task vectors to merge", fix="pass at least one expert")
+        if coefficient_map not in _MAPS:
+            raise LearnError(
+                f"unknown coefficient map {coefficient_map!r}", fix=f"use one of {list(_MAPS)}"
+            )
+        forward, inverse = _MAPS[coefficient_map]
+        try:
+            start = inverse(init)
+        except ValueError:  # atanh outside (-1, 1)
+            start = math.nan
+        if not math.isclose(float(forward(torch.tensor(start, dtype=torch.float64))), init):
+            raise LearnError(
+                f"init {init} is outside the range of the {coefficient_map!r} map",
+                fix="tanh takes -1 < init < 1, clamp 0 <= init <= 1",
+            )
+        k = len(task_vectors)
+        self.expert_names = list(expert_names or (f"expert{i}" for i in range(k)))
+        if len(self.expert_names) != k:
+            raise LearnError(f"{len(self.expert_names)} expert names for {k} task vectors")
+        self.module = module.requires_grad_(False)
+        self.coefficient_map = coefficient_map
+        tensors, self._aliases = module_tensors(module)
+        self.names = self._check_names(tensors, base_state, task_vectors)
+        self.group_names, self._group_of = assign_groups(self.names, granularity)
+        self._base = [base_state[n].detach() for n in self.names]
+        self._vectors = [
+            self._stack(name, base, task_vectors, vector_dtype, prepare)
+            for name, base in zip(self.names, self._base, strict=True)
+        ]
+        w_dtype = torch.promote_types(torch.float32, vector_dtype)
+        self.weight = nn.Parameter(torch.full((k, len(self.group_names)), start, dtype=w_dtype,
+                                              device=self._base[0].device))
+        self._tensor_heads: dict[str, dict[str, torch.Tensor]] = {}
+        self.head_modules = nn.ModuleDict()
+        for task, head in (heads or {}).items():
+            self._add_head(task, head)
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_experts(
+        cls,
+        module: nn.Module,
+        base_state: Mapping[str, torch.Tensor],
+        experts: Mapping[str, Mapping[str, torch.Tensor]],
+        *,
+        head_prefix: str | None = None,
+        heads: Mapping[str, Head] | None = None,
+        **options: Any,
+    ) -> MergedModel:
+        """Build from named expert state dicts (lazy mappings welcome); returns the model.
+
+        With ``head_prefix`` (e.g. ``"classifier."``) each expert's tensors under it become
+        the head of the task named like the expert and are excluded from merging; or pass
+        ``heads`` (task -> head) yourself (see :func:`prepare_experts`). Costs one read of
+        every expert tensor.
+        """
+        names, heads = prepare_experts(module, base_state, experts, head_prefix, heads)
+        vectors = [TaskVectors(base_state, e, names) for e in experts.values()]
+        return cls(
+            module, base_state, vectors, expert_names=list(experts), heads=heads, **options
+        )
+
+    def _check_names(
+        self,
+        primary: Mapping[str, torch.Tensor],
+        base_state: Mapping[str, torch.Tensor],
+        task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    ) -> list[str]:
+        first = list(task_vectors[0])
+        for expert, vectors in zip(self.expert_names[1:], task_vectors[1:], strict=True):
+            if set(vectors) != set(first):
+                diff = sorted(set(vectors) ^ set(first))
+                raise LearnError(
+                    f"task vectors of {expert!r} and {self.expert_names[0]!r} name different "
+                    f"tensors: {_preview(diff)}",
+                    fix="merge only fine-tunes of the same architecture",
+                )
+        unknown = [n for n in first if n not in primary and n not in self._aliases]
+        if unknown:
+            raise LearnError(
+                f"the task vectors name {len(unknown)} tensor(s) the module lacks: "
+                f"{_preview(unknown)}",
+                fix="build the module with the experts' architecture",
+            )
+        absent = [n for n in first if n in primary and n not in base_state]
+        if absent:
+            raise LearnError(
+                f"the base lacks {len(absent)} tensor(s) of the task vectors: {_preview(absent)}"
+            )
+        # tied aliases are merged through their primary; integer tensors are never merged
+        names = [n for n in first if n in primary and primary[n].is_floating_point()]
+        if not names:
+            raise LearnError("the task vectors hold no floating-point tensor of the module",
+                             fix="check head_prefix: it may cover the whole model")
+        return names
+
+    def _stack(
+        self,
+        name: str,
+        base: torch.Tensor,
+        task_vectors: Sequence[Mapping[str, torch.Tensor]],
+        dtype: torch.dtype,
+        prepare: Prepare | None,
+    ) -> torch.Tensor:
+        wide = torch.promote_types(base.dtype, torch.float32)
+        stacked = torch.empty((len(task_vectors), *base.shape), dtype=wide)
+        for i, (expert, vectors) in enumerate(zip(self.expert_names, task_vectors, strict=True)):
+            vector = vectors[name]
+            if vector.shape != base.shape:
+                raise _shape_error(expert, name, vector.shape, base.shape)
+            stacked[i] = vector
+        if prepare is not None:
+            stacked = prepare(stacked)
+        return stacked.to(device=base.device, dtype=dtype)
+
+    def _add_head(self, task: str, head: Head) -> None:
+        if isinstance(head, nn.Module):
+            self.head_modules[task] = head.requires_grad_(False)
+            return
+        merged = set(self.names)
+        clash = [n for n in head if n in merged]
+        if clash:
+            raise LearnError(
+                f"head of task {task!r} overrides merged tensor(s) {_preview(clash)}",
+                fix="a head holds only task-specific tensors; check head_prefix",
+            )
+        self._tensor_heads[task] = {k: v.detach() for k, v in head.items()}
+
+    # -- coefficients -------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        """Names of the tasks that have a head (empty: the module's output serves all)."""
+        return [*self._tensor_heads, *self.head_modules]
+
+    def coefficients(self) -> torch.Tensor:
+        """Return map(W), K x J, differentiable."""
+        return _MAPS[self.coefficient_map][0](self.weight)
+
+    @torch.no_grad()
+    def set_weight(self, raw: torch.Tensor) -> None:
+        """Overwrite W (K x J) in place, e.g. with the best W found while training."""
+        self.weight.copy_(raw)
+
+    # -- forward ------------------------------------------------------------------------
+    def merged_parameters(self) -> dict[str, torch.Tensor]:
+        """Return the merged tensors (differentiable w.r.t. W): one full weight set.
+
+        Costs one read of every stacked task vector (a K-row matrix-vector product per
+        tensor).
+        """
+        coefficients = self.coefficients()
+        merged = {}
+        for name, base, vectors, group in zip(
+            self.names, self._base, self._vectors, self._group_of, strict=True
+        ):
+            c = coefficients[:, group].to(vectors.dtype)
+            flat = vectors.reshape(len(c), -1)
+            if vectors.dtype == base.dtype:  # one fused op, no temporary delta
+                merged[name] = torch.addmv(base.reshape(-1), flat.T, c).reshape(base.shape)
+            else:
+                merged[name] = base + (c @ flat).reshape(base.shape).to(base.dtype)
+        return merged
+
+    def forward(
+        self,
+        *args: Any,
+        task: str | None = None,
+        weights: Mapping[str, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the module with merged weights and ``task``'s head; returns the module's output.
+
+        ``weights`` (from :meth:`merged_parameters`) lets several tasks share one merge.
+        """
+        weights = self.merged_parameters() if weights is None else weights
+        if self.tasks and task not in self.tasks:
+            raise LearnError(
+                f"no head for task {task!r}", fix=f"tasks with a head: {', '.join(self.tasks)}"
+            )
+        if task in self.head_modules:
+            output = functional_call(self.module, dict(weights), args, kwargs)
+            return self.head_modules[task](output)
+        params = {**weights, **self._tensor_heads.get(task, {})}
+        return functional_call(self.module, params, args, kwargs)
+
+    # -- results ------------------------------------------------------------------------
+    @torch.no_grad()
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """Return the module's state dict with every merged tensor (and its tied aliases)
+        replaced by its detached merged value; other entries share the module's storage.
+
+        Heads in it are the module's own; task heads come from :meth:`head_state_dicts`.
+        """
+        state = {k: v.detach() for k, v in self.module.state_dict().items()}
+        merged = self.merged_parameters()
+        state.update(merged)
+        for alias, primary in self._aliases.items():
+            if primary in merged and alias in state:
+                state[alias] = merged[primary]
+        return state
+
+    def head_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Return each task's head tensors: overrides as given, head modules' state dicts."""
+        heads = dict(self._tensor_heads)
+        heads.update({task: dict(h.state_dict()) for task, h in self.head_modules.items()})
+        return heads

@@ -1,0 +1,140 @@
+"""Parameters of the learned methods and their entries for `supermerge methods`.
+
+The method registry (:mod:`supermerge.methods.registry`) holds per-tensor functions;
+learned methods need the whole model and data, so they are listed here instead, in
+:data:`LEARNED_METHODS`, with the attributes the listing reads from a registered method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, ValidationError
+
+from supermerge.errors import MethodError
+from supermerge.learn.groups import Granularity
+from supermerge.methods.primitives import Density
+from supermerge.methods.registry import DataNeed, Method, Params
+
+VECTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class LearnParams(Params):
+    """Parameters shared by the learned methods."""
+
+    granularity: Granularity = Field(
+        "tensor",
+        description="one coefficient per expert and tensor, per transformer block, or per "
+        "whole model (task)",
+    )
+    init: float = Field(0.3, description="initial mapped coefficient of every entry")
+    steps: int = Field(200, ge=1, description="optimisation steps (Adam)")
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate")
+    batch_size: int = Field(16, ge=1, description="examples per task in each step")
+    holdout: float = Field(
+        0.25, ge=0, lt=1, description="fraction of each task's examples held out to pick the "
+        "best coefficients (0: keep the last)",
+    )
+    eval_every: int = Field(10, ge=1, description="steps between held-out evaluations")
+    seed: int = Field(0, description="seed of the split and the batches")
+    vector_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype the task vectors are held in (bfloat16 halves memory)"
+    )
+
+    def model_options(self) -> dict[str, Any]:
+        """Keyword options for :class:`~supermerge.learn.model.MergedModel`."""
+        return {
+            "granularity": self.granularity,
+            "init": self.init,
+            "vector_dtype": VECTOR_DTYPES[self.vector_dtype],
+        }
+
+    def fit_options(self) -> dict[str, Any]:
+        """Keyword options for :func:`~supermerge.learn.train.learn_coefficients`."""
+        return {
+            "steps": self.steps,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "holdout": self.holdout,
+            "eval_every": self.eval_every,
+            "seed": self.seed,
+        }
+
+
+class SuperMergeParams(LearnParams):
+    """Parameters of ``supermerge`` (coefficients mapped by tanh, supervised loss)."""
+
+    hierarchical: bool = Field(
+        False, description="merge groups of similar experts first, level by level, to bound "
+        "memory (each task must be named like its expert)",
+    )
+    fan_in: int = Field(2, ge=2, description="experts per group when hierarchical")
+
+
+class AdaMergingParams(LearnParams):
+    """Parameters of ``adamerging`` (coefficients clamped to [0, 1], entropy loss)."""
+
+    steps: int = Field(500, ge=1, description="optimisation steps (Adam; the paper's 500)")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate (the paper's 1e-3)")
+    ties: bool = Field(
+        False, description="AdaMerging++: learn on TIES-trimmed, sign-elected task vectors"
+    )
+    density: Density = Field(
+        0.2, description="with ties: fraction of each tensor's task vector entries kept"
+    )
+
+
+class _NoModelParams(Params):
+    """Learned methods take no per-model parameters."""
+
+
+@dataclass(frozen=True)
+class LearnedMethod:
+    """A data-driven method as `supermerge methods` lists it."""
+
+    name: str
+    summary: str
+    paper: str
+    needs: DataNeed
+    params: type[LearnParams]
+    model_params: type[Params] = _NoModelParams
+    needs_base: bool = True
+    min_models: int = 1
+    max_models: int | None = None
+
+    describe = Method.describe  # the registry's listing: it reads params and model_params
+
+    def validate(self, raw: Mapping[str, Any]) -> Any:
+        """Return the typed parameters; MethodError naming every invalid value."""
+        try:
+            return self.params.model_validate(dict(raw))
+        except ValidationError as err:
+            details = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or '(all)'}: {e['msg']}" for e in err.errors()
+            )
+            raise MethodError(
+                f"invalid parameters for method '{self.name}': {details}",
+                fix=f"see `supermerge methods {self.name}` for valid values",
+            ) from None
+
+
+SUPERMERGE = LearnedMethod(
+    name="supermerge",
+    summary="learn a tanh coefficient per expert and tensor on labelled validation data",
+    paper="Yang, Zhang, Sathe 2024, SuperMerge: An Approach For Gradient-Based Model "
+    "Merging (arXiv 2412.10416)",
+    needs="labelled",
+    params=SuperMergeParams,
+)
+ADAMERGING = LearnedMethod(
+    name="adamerging",
+    summary="learn coefficients in [0, 1] by minimising prediction entropy on unlabelled data",
+    paper="Yang et al. 2024, AdaMerging: Adaptive Model Merging for Multi-Task Learning "
+    "(arXiv 2310.02575)",
+    needs="unlabelled",
+    params=AdaMergingParams,
+)
+LEARNED_METHODS: list[LearnedMethod] = [ADAMERGING, SUPERMERGE]

@@ -1,0 +1,109 @@
+"""`supermerge learn`: a learned merge of tiny BERT classifiers from a YAML recipe."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from supermerge.cli.main import cli
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = ["apple", "pear", "red", "blue", "cat", "dog", "sun", "rain", "car", "tree"]
+
+
+def sentence(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(5))
+
+
+def examples(keyword: str, n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = [{"input": sentence(rng)} for _ in range(n)]
+    for row in rows:
+        row["label"] = "yes" if keyword in row["input"].split() else "no"
+    return rows
+
+
+def tiny_classifier(seed: int):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16,
+                                     num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16,
+                                     num_labels=2)
+    return transformers.BertForSequenceClassification(config)
+
+
+@pytest.fixture(scope="module")
+def learn_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("learn")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = transformers.BertTokenizer(str(vocab))
+    base = tiny_classifier(0)
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    experts = []
+    for i, keyword in enumerate(["apple", "red"]):
+        model = tiny_classifier(0)
+        rows = examples(keyword, 256, seed=i)
+        batch = tokenizer([r["input"] for r in rows], return_tensors="pt", padding=True)
+        labels = torch.tensor([r["label"] == "yes" for r in rows]).long()
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(40):
+            loss = model(**batch, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.save_pretrained(root / keyword)
+        (root / f"{keyword}.jsonl").write_text(
+            "\n".join(json.dumps(r) for r in examples(keyword, 32, seed=100 + i)))
+        experts.append({"model": keyword, "data": f"{keyword}.jsonl", "labels": ["no", "yes"]})
+    recipe = {"merge_method": "supermerge", "base_model": "base", "head_prefix": "classifier.",
+              "max_length": 8, "experts": experts,
+              "parameters": {"steps": 12, "eval_every": 4, "batch_size": 8}}
+    return root, recipe
+
+
+def write(root, recipe) -> str:
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def test_learn_exports_a_model_with_its_coefficients_and_heads(learn_setup, tmp_path):
+    root, recipe = learn_setup
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(cli, ["learn", write(root, recipe), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "held-out loss" in result.output
+    for name in ["coefficients.json", "coefficients.csv", "coefficients.safetensors",
+                 "coefficients.png", "heads/apple.safetensors", "heads/red.safetensors",
+                 "supermerge_recipe.yaml", "README.md"]:
+        assert (out / name).exists(), name
+    coefficients = json.loads((out / "coefficients.json").read_text())
+    assert "apple" in json.dumps(coefficients) and "bert.encoder.layer.0" in json.dumps(
+        coefficients)
+    model = transformers.BertForSequenceClassification.from_pretrained(out)
+    assert torch.isfinite(model(torch.tensor([[2, 5, 6, 3]])).logits).all()
+
+
+def test_learn_refuses_bad_input_before_training(learn_setup, tmp_path):
+    root, recipe = learn_setup
+    runner = CliRunner()
+    missing = {**recipe, "experts": [{**recipe["experts"][0], "data": "nowhere.jsonl"},
+                                     recipe["experts"][1]]}
+    result = runner.invoke(cli, ["learn", write(root, missing), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "nowhere.jsonl" in result.output
+    wrong_labels = {**recipe, "experts": [{**recipe["experts"][0], "labels": ["a", "b"]},
+                                          recipe["experts"][1]]}
+    result = runner.invoke(cli, ["learn", write(root, wrong_labels), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "yes" in result.output
+    bad_param = {**recipe, "parameters": {"stepz": 3}}
+    result = runner.invoke(cli, ["learn", write(root, bad_param), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "stepz" in result.output
+    assert not (tmp_path / "o").exists()
