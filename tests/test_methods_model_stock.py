@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from supermerge.errors import MethodError
-from supermerge.methods import TensorContext, model_stock
-from supermerge.methods.model_stock_method import merge_model_stock
+from supermerge.methods import TensorContext, model_stock, model_stock_method
+from supermerge.methods.model_stock_method import gram, merge_model_stock
 
 T = torch.tensor
 R2 = math.sqrt(2)
@@ -88,3 +89,13 @@ def test_copies_return_the_model_and_t_stays_in_range(shape, k, rows, seed):
     # merged = base + t (mean - base) with t in [0, 1] per row: between base and mean
     lo, hi = torch.minimum(base, mean), torch.maximum(base, mean)
     assert torch.all(out >= lo - 1e-5) and torch.all(out <= hi + 1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 5, 7, 40])
+def test_gram_in_blocks_is_the_float64_gram(block):
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randn(6, 7, generator=gen) for _ in range(3)]
+    with mock.patch.object(model_stock_method, "BLOCK", block):
+        got = gram(rows)
+    stacked = torch.stack(rows).double()  # (K, R, W)
+    torch.testing.assert_close(got, torch.einsum("irw,jrw->rij", stacked, stacked))

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from supermerge.errors import MethodError
 from supermerge.methods import pcb
-from supermerge.methods.pcb_method import _clip_magnitudes
+from supermerge.methods.pcb_method import _clip_magnitudes_
 
 T = torch.tensor
 E2 = math.e**2
@@ -63,9 +63,10 @@ def test_tied_top_scores_are_kept_with_weight_one():
 
 def test_clip_pulls_in_the_extremes():
     a = torch.arange(1.0, 21.0)
-    clipped = _clip_magnitudes(a, 0.1)  # floor(0.1 * 20) = 2 at each end
+    clipped = _clip_magnitudes_(a.clone(), 0.1)  # floor(0.1 * 20) = 2 at each end
     assert torch.equal(clipped, a.clamp(3.0, 18.0))
-    assert _clip_magnitudes(a, 0.01) is a  # floor(0.2) = 0: unchanged
+    assert _clip_magnitudes_(a, 0.01) is a  # floor(0.2) = 0: unchanged
+    assert torch.equal(a, torch.arange(1.0, 21.0))
 
 
 def test_degenerate_inputs_give_no_nan():

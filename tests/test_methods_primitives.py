@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from supermerge.methods import primitives
 from supermerge.methods.primitives import (
     GlobalMagnitudeThreshold,
-    dare,
+    dare_,
     dare_generator,
-    disjoint_mean,
+    disjoint_mean_,
     elect_sign,
     keep_count,
+    keep_where_,
+    kthvalue,
+    magnitude_band_,
     magnitude_trim,
-    sign_consensus,
-    slerp,
-    threshold_trim,
+    magnitude_trim_,
+    sign_consensus_,
+    slerp_,
+    threshold_trim_,
+    top_k_mask,
     weighted_sum,
 )
 
@@ -29,6 +36,11 @@ R2 = math.sqrt(2) / 2
 
 def randn(shape, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def fresh(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies for the in-place functions, so that an oracle can reuse its inputs."""
+    return [t.clone() for t in tensors]
 
 
 # -- sums and trims -----------------------------------------------------------------------
@@ -88,9 +100,109 @@ def test_magnitude_trim_keeps_exactly_k_of_the_largest(n, density, seed, quantiz
         assert x[~kept].abs().max() <= x[kept].abs().min()
 
 
+# -- exact selection against the plain kthvalue ---------------------------------------------
+
+
+def plain_top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference selection: one kthvalue over every magnitude, ties lowest index first."""
+    n = x.numel()
+    if k >= n:
+        return torch.ones_like(x, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    magnitude = x.reshape(-1).abs()
+    threshold = torch.kthvalue(magnitude, n - k + 1).values
+    keep = magnitude > threshold
+    tied = magnitude == threshold
+    missing = k - int(keep.sum())
+    if int(tied.sum()) > missing:
+        tied[tied.nonzero().squeeze(1)[missing:]] = False
+    return (keep | tied).reshape(x.shape)
+
+
+def awkward(n: int, seed: int, kind: str) -> torch.Tensor:
+    """Values with the hard cases: heavy ties, many zeros, -0.0, magnitudes across binades."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen)
+    if kind == "ties":  # a handful of levels
+        x = (x * 2).round() / 2
+    elif kind == "zeros":  # mostly zeros, some of them negative
+        x = torch.where(torch.rand(n, generator=gen) < 0.7, 0.0, x)
+        x[torch.rand(n, generator=gen) < 0.2] = -0.0
+    elif kind == "wide":
+        x = x * 10.0 ** torch.randint(-30, 30, (n,), generator=gen).float()
+    elif kind == "constant":
+        x = torch.full((n,), -0.25)
+    return x
+
+
+SELECTION = [
+    st.integers(1, 3000),
+    st.floats(0, 1),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["normal", "ties", "zeros", "wide", "constant"]),
+    st.sampled_from([0.0, 4.0]),  # bracket spread: 0 misses often (the fallback), 4 rarely
+]
+
+
+def sampling_everything(spread: float):
+    """Rank even tiny tensors by sampling (a quarter of the entries), with this spread."""
+    return mock.patch.multiple(
+        primitives, _SAMPLED_FROM=16, _SAMPLE_SHIFT=2, _SAMPLE_SPREAD=spread
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(*SELECTION)
+def test_top_k_is_the_plain_kthvalue_selection_bit_for_bit(n, density, seed, kind, spread):
+    x = awkward(n, seed, kind)
+    k = round(density * n)
+    with sampling_everything(spread):
+        mask = top_k_mask(x, k)
+        trimmed = magnitude_trim_(x.clone(), density)
+    assert torch.equal(mask, plain_top_k_mask(x, k))
+    expected = torch.where(plain_top_k_mask(x, keep_count(density, n)), x, 0.0)
+    assert torch.equal(trimmed, expected)  # a dropped -0.0 may come back as 0.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(*SELECTION, st.floats(0, 0.3))
+def test_magnitude_band_is_the_plain_band(n, density, seed, kind, spread, gamma):
+    x = awkward(n, seed, kind)
+    with sampling_everything(spread):
+        band = magnitude_band_(x.clone(), density, gamma)
+    k = keep_count(density, n)
+    top = min(keep_count(gamma, n), n - k)
+    keep = plain_top_k_mask(x, top + k) & ~plain_top_k_mask(x, top)
+    assert torch.equal(band, torch.where(keep, x, 0.0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(*SELECTION)
+def test_kthvalue_is_torch_kthvalue(n, density, seed, kind, spread):
+    x = awkward(n, seed, kind)
+    k = min(n, max(1, round(density * n)))
+    with sampling_everything(spread):
+        got = kthvalue(x, k)
+    assert got == torch.kthvalue(x, k).values  # -0.0 == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_large_selections_sample_by_default(dtype):
+    x = awkward(200_000, 5, "ties").to(dtype)
+    for k in (1, 17, 40_000, 123_457, 199_999):
+        assert torch.equal(top_k_mask(x, k), plain_top_k_mask(x, k))
+        assert kthvalue(x, k) == torch.kthvalue(x, k).values
+
+
+def test_nan_ranks_above_every_magnitude():
+    x = T([1.0, math.nan, -math.inf, 3.0])
+    assert top_k_mask(x, 2).tolist() == [False, True, True, False]
+
+
 def test_threshold_trim_keeps_ties():
-    assert torch.equal(threshold_trim(T([1.0, -2.0, 3.0]), 2.0), T([0.0, -2.0, 3.0]))
-    assert torch.equal(threshold_trim(T([1.0, -2.0]), math.inf), T([0.0, 0.0]))
+    assert torch.equal(threshold_trim_(T([1.0, -2.0, 3.0]), 2.0), T([0.0, -2.0, 3.0]))
+    assert torch.equal(threshold_trim_(T([1.0, -2.0]), math.inf), T([0.0, 0.0]))
 
 
 # -- sign election and disjoint mean ------------------------------------------------------
@@ -104,7 +216,7 @@ def test_elect_sign_by_summed_mass():
 def test_disjoint_mean_counts_only_agreeing_experts():
     deltas = [T([1.0, -2.0, 0.0, 3.0]), T([-3.0, 1.0, 0.0, -3.0])]
     sign = T([-1.0, -1.0, 0.0, 0.0])
-    assert torch.equal(disjoint_mean(deltas, [1.0, 1.0], sign), T([-3.0, -2.0, 0.0, 0.0]))
+    assert torch.equal(disjoint_mean_(fresh(deltas), [1.0, 1.0], sign), T([-3.0, -2.0, 0.0, 0.0]))
 
 
 def test_disjoint_weighted_mean_and_sum():
@@ -113,29 +225,29 @@ def test_disjoint_weighted_mean_and_sum():
     sign = elect_sign(deltas)  # sums [5, -3]
     assert torch.equal(sign, T([1.0, -1.0]))
     # entry 0: models 1, 2 agree -> (1*2 + 3*4) / 4; entry 1: models 2, 3 -> (-3 - 6) / 5
-    torch.testing.assert_close(disjoint_mean(deltas, weights, sign), T([3.5, -1.8]))
+    torch.testing.assert_close(disjoint_mean_(fresh(deltas), weights, sign), T([3.5, -1.8]))
     torch.testing.assert_close(
-        disjoint_mean(deltas, weights, sign, normalize=False), T([14.0, -9.0])
+        disjoint_mean_(fresh(deltas), weights, sign, normalize=False), T([14.0, -9.0])
     )
 
 
 def test_sign_consensus_elects_on_weighted_deltas_on_request():
     deltas, weights = [T([3.0]), T([-2.0])], [1.0, 2.0]
     # unweighted: 3 - 2 > 0, only model 1 agrees -> 3; weighted: 3 - 4 < 0 -> 2 * -2 / 2
-    assert torch.equal(sign_consensus(deltas, weights), T([3.0]))
-    assert torch.equal(sign_consensus(deltas, weights, sign_on_weighted=True), T([-2.0]))
+    assert torch.equal(sign_consensus_(fresh(deltas), weights), T([3.0]))
+    assert torch.equal(sign_consensus_(fresh(deltas), weights, sign_on_weighted=True), T([-2.0]))
 
 
 def test_sign_consensus_with_cancelling_weights_is_finite():
     deltas, weights = [T([3.0]), T([2.0])], [1.0, -1.0]
     # both agree, weights sum to 0: the undivided sum 3 - 2 is returned
-    assert torch.equal(sign_consensus(deltas, weights), T([1.0]))
+    assert torch.equal(sign_consensus_(fresh(deltas), weights), T([1.0]))
     # weighted electors 3 and -2: only model 1 agrees
-    assert torch.equal(sign_consensus(deltas, weights, sign_on_weighted=True), T([3.0]))
+    assert torch.equal(sign_consensus_(fresh(deltas), weights, sign_on_weighted=True), T([3.0]))
 
 
 def test_sign_consensus_of_zeros_is_zero():
-    out = sign_consensus([torch.zeros(3), torch.zeros(3)], [0.0, 0.0])
+    out = sign_consensus_([torch.zeros(3), torch.zeros(3)], [0.0, 0.0])
     assert torch.equal(out, torch.zeros(3))
 
 
@@ -144,7 +256,7 @@ def test_sign_consensus_of_zeros_is_zero():
 
 def test_dare_keeps_about_density_and_rescales_exactly():
     x = torch.full((100_000,), 0.3)
-    out = dare(x, 0.25, dare_generator(seed=11, model_index=0))
+    out = dare_(x.clone(), 0.25, dare_generator(seed=11, model_index=0))
     kept = out != 0
     assert abs(kept.float().mean().item() - 0.25) < 0.01  # ~20 standard deviations
     assert torch.equal(out[kept], torch.full((int(kept.sum()),), 0.3 / 0.25))
@@ -153,17 +265,47 @@ def test_dare_keeps_about_density_and_rescales_exactly():
 
 def test_dare_is_reproducible_per_seed_and_model():
     x = randn(1000, 0)
-    first = dare(x, 0.5, dare_generator(3, 0))
-    assert torch.equal(first, dare(x, 0.5, dare_generator(3, 0)))
-    assert not torch.equal(first, dare(x, 0.5, dare_generator(3, 1)))
-    assert not torch.equal(first, dare(x, 0.5, dare_generator(4, 0)))
+    first = dare_(x.clone(), 0.5, dare_generator(3, 0))
+    assert torch.equal(first, dare_(x.clone(), 0.5, dare_generator(3, 0)))
+    assert not torch.equal(first, dare_(x.clone(), 0.5, dare_generator(3, 1)))
+    assert not torch.equal(first, dare_(x.clone(), 0.5, dare_generator(4, 0)))
+
+
+def test_dare_draws_in_blocks_as_one_rand_over_the_whole_tensor():
+    x = randn((7, 9), 2)
+    with mock.patch.object(primitives, "BLOCK", 10):  # 7 blocks, the last one short
+        out = dare_(x.clone(), 0.3, dare_generator(5, 1))
+    keep = torch.rand(x.shape, generator=dare_generator(5, 1)) < 0.3
+    assert torch.equal(out, torch.where(keep, x / 0.3, 0.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dare_of_other_dtypes_uses_the_same_float32_draws(dtype):
+    x = randn(300, 4).to(dtype)
+    out = dare_(x.clone(), 0.7, dare_generator(2, 0))
+    keep = torch.rand(300, generator=dare_generator(2, 0)) < 0.7
+    assert torch.equal(out, torch.where(keep, x / 0.7, 0.0))
+
+
+def test_keep_where_keeps_by_key_with_integer_arithmetic():
+    x = T([1.0, -2.0, 3.0, -4.0])
+    keys = T([0, 5, 7, 9], dtype=torch.int32)
+    assert torch.equal(keep_where_(x.clone(), keys.clone(), 7), T([0.0, 0.0, 3.0, -4.0]))
+    below = keep_where_(x.clone(), keys.clone(), 7, at_least=False)
+    assert torch.equal(below, T([1.0, -2.0, 0.0, 0.0]))
+    assert torch.equal(keep_where_(x.clone(), keys.clone(), 0), x)  # every key >= 0
+    assert torch.equal(keep_where_(x.clone(), keys.clone(), 0, at_least=False), 0 * x)
+    assert torch.equal(keep_where_(x.clone(), keys.clone(), 2**31), torch.zeros(4))
+    assert torch.equal(keep_where_(x.clone(), keys.clone(), 2**31, at_least=False), x)
+    wide = keep_where_(x.double(), keys.clone(), 7)  # 32-bit keys, 64-bit values
+    assert torch.equal(wide, T([0.0, 0.0, 3.0, -4.0], dtype=torch.float64))
 
 
 def test_dare_ends():
     x = randn((3, 4), 1)
-    assert dare(x, 1.0, dare_generator(0, 0)) is x
-    assert torch.equal(dare(x, 0.0, dare_generator(0, 0)), torch.zeros(3, 4))
-    assert dare(T(2.0), 0.5, dare_generator(0, 0)).shape == ()
+    assert dare_(x, 1.0, dare_generator(0, 0)) is x
+    assert torch.equal(dare_(x.clone(), 0.0, dare_generator(0, 0)), torch.zeros(3, 4))
+    assert dare_(T(2.0), 0.5, dare_generator(0, 0)).shape == ()
 
 
 # -- slerp --------------------------------------------------------------------------------
@@ -171,26 +313,28 @@ def test_dare_ends():
 
 def test_slerp_oracles():
     a, b = T([1.0, 0.0]), T([0.0, 1.0])
-    torch.testing.assert_close(slerp(a, b, 0.5, 5e-4), T([R2, R2]))
-    torch.testing.assert_close(slerp(a, b, 1 / 3, 5e-4), T([math.sqrt(3) / 2, 0.5]))
+    torch.testing.assert_close(slerp_(a.clone(), b.clone(), 0.5, 5e-4), T([R2, R2]))
+    third = slerp_(a.clone(), b.clone(), 1 / 3, 5e-4)
+    torch.testing.assert_close(third, T([math.sqrt(3) / 2, 0.5]))
     # norms are interpolated with the direction, as in mergekit
-    torch.testing.assert_close(slerp(T([2.0, 0.0]), b, 0.5, 5e-4), T([2 * R2, R2]))
+    torch.testing.assert_close(slerp_(T([2.0, 0.0]), b, 0.5, 5e-4), T([2 * R2, R2]))
 
 
 def test_slerp_falls_back_to_lerp():
-    assert torch.equal(slerp(T([1.0, 2.0]), T([2.0, 4.0]), 0.25, 5e-4), T([1.25, 2.5]))
-    assert torch.equal(slerp(T([1.0, 0.0]), T([-1.0, 0.0]), 0.5, 5e-4), T([0.0, 0.0]))
-    assert torch.equal(slerp(T([0.0, 0.0]), T([1.0, 1.0]), 0.5, 5e-4), T([0.5, 0.5]))
-    assert torch.equal(slerp(T(2.0), T(4.0), 0.25, 5e-4), T(2.5))
-    assert slerp(torch.zeros(0), torch.zeros(0), 0.5, 5e-4).shape == (0,)
+    assert torch.equal(slerp_(T([1.0, 2.0]), T([2.0, 4.0]), 0.25, 5e-4), T([1.25, 2.5]))
+    assert torch.equal(slerp_(T([1.0, 0.0]), T([-1.0, 0.0]), 0.5, 5e-4), T([0.0, 0.0]))
+    assert torch.equal(slerp_(T([0.0, 0.0]), T([1.0, 1.0]), 0.5, 5e-4), T([0.5, 0.5]))
+    assert torch.equal(slerp_(T(2.0), T(4.0), 0.25, 5e-4), T(2.5))
+    assert slerp_(torch.zeros(0), torch.zeros(0), 0.5, 5e-4).shape == (0,)
     # cos = 0.99995 > 1 - 5e-4: linear
-    torch.testing.assert_close(slerp(T([1.0, 0.0]), T([1.0, 0.01]), 0.5, 5e-4), T([1.0, 0.005]))
+    torch.testing.assert_close(slerp_(T([1.0, 0.0]), T([1.0, 0.01]), 0.5, 5e-4), T([1.0, 0.005]))
 
 
 def test_slerp_row_wise():
     a = T([[1.0, 0.0], [1.0, 2.0]])
     b = T([[0.0, 1.0], [2.0, 4.0]])  # row 0 orthogonal (spherical), row 1 colinear (linear)
-    torch.testing.assert_close(slerp(a, b, 0.5, 5e-4, rows=True), T([[R2, R2], [1.5, 3.0]]))
+    out = slerp_(a.clone(), b.clone(), 0.5, 5e-4, rows=True)
+    torch.testing.assert_close(out, T([[R2, R2], [1.5, 3.0]]))
 
 
 @settings(max_examples=25, deadline=None)
@@ -201,8 +345,8 @@ def test_slerp_row_wise():
 )
 def test_slerp_is_exact_at_the_ends(shape, seed, rows):
     a, b = randn(shape, seed), randn(shape, seed + 1)
-    assert torch.equal(slerp(a, b, 0.0, 5e-4, rows=rows), a)
-    assert torch.equal(slerp(a, b, 1.0, 5e-4, rows=rows), b)
+    assert torch.equal(slerp_(a.clone(), b.clone(), 0.0, 5e-4, rows=rows), a)
+    assert torch.equal(slerp_(a.clone(), b.clone(), 1.0, 5e-4, rows=rows), b)
 
 
 # -- whole-model magnitude threshold ------------------------------------------------------
@@ -255,5 +399,5 @@ def test_model_threshold_keeps_exactly_k_without_ties():
               for _ in range(2)]
     thresholds = run_statistic(GlobalMagnitudeThreshold([0.2, 0.05]), models)
     for tensors, t, density in zip(models, thresholds, [0.2, 0.05], strict=True):
-        kept = sum(int((threshold_trim(x, t) != 0).sum()) for x in tensors)
+        kept = sum(int((threshold_trim_(x.clone(), t) != 0).sum()) for x in tensors)
         assert kept == round(density * 12_077)

@@ -14,6 +14,7 @@ NAMES = [
     "linear", "lines", "magmax", "model_stock", "nuslerp", "passthrough", "pcb", "slerp",
     "task_arithmetic", "ties", "tsv",
 ]
+PER_TASK = ["emr", "tall_masks"]  # return a TaskSpecific: tested in test_task_specific_*.py
 
 
 def count_for(method: Method) -> int:
@@ -25,11 +26,13 @@ def case(method: Method, base: torch.Tensor, experts: list[torch.Tensor], **kw) 
 
 
 def test_registry_is_full_and_reexported():
-    assert [m.name for m in available_methods()] == NAMES
-    for name in NAMES:
+    assert [m.name for m in available_methods()] == sorted(NAMES + PER_TASK)
+    for name in NAMES + PER_TASK:
         method = get_method(name)
         assert getattr(methods, name) is method
-        assert method.summary and method.paper and method.needs == "none"
+        assert method.summary and method.paper
+        assert method.needs == ("task id" if name in PER_TASK else "none")
+        assert method.per_task == (name in PER_TASK)
 
 
 def test_every_parameter_is_described():
@@ -48,7 +51,7 @@ def test_lambda_is_an_alias_of_scale():
 def test_unknown_method_lists_the_valid_names():
     with pytest.raises(MethodError, match="unknown merge method 'tie'") as err:
         get_method("tie")
-    assert ", ".join(NAMES) in str(err.value)
+    assert ", ".join(sorted(NAMES + PER_TASK)) in str(err.value)
 
 
 def test_unknown_parameter_lists_the_valid_ones():

@@ -12,9 +12,10 @@ Python API::
 import logging
 
 from supermerge.api import merge, merge_learned
+from supermerge.engine import load_task_model
 from supermerge.errors import SupermergeError
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
-__all__ = ["SupermergeError", "merge", "merge_learned"]
+__all__ = ["SupermergeError", "load_task_model", "merge", "merge_learned"]

@@ -5,6 +5,11 @@ Reads run on a thread pool ahead of the computation, limited by a byte budget of
 size while small tensors still overlap their reads with compute. Every tensor is merged
 in plan order with a seed derived from its name, so the output does not depend on the
 number of threads.
+
+A ``per_task`` method (TALL masks, EMR) returns a shared tensor plus per-task masks: the
+shared tensors are written as the model, the masks 1 bit per entry into the output's
+``task_state.safetensors`` through the same streaming writer, and ``task_state.json``
+records the tasks and their scales (:mod:`supermerge.engine.task_state`).
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ import torch
 
 from supermerge.engine.plan import MergePlan, Source, TensorJob
 from supermerge.engine.spec import parse_dtype
+from supermerge.engine.task_state import TaskStateWriter
 from supermerge.errors import InputValueError
 from supermerge.io import CheckpointWriter
-from supermerge.methods import TensorContext
+from supermerge.methods import TaskSpecific, TensorContext
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +75,23 @@ def execute(
     """Run the plan and publish the merged model at ``out``; returns a MergeResult.
 
     Cost: each input tensor is read once (plus ``passes`` more times for methods with a
-    whole-model statistic); resident memory about (K + 2) x the largest tensor.
-    On any error the partial output is removed and ``out`` is left as it was.
+    whole-model statistic); resident memory about (K + 2) x the largest tensor (a per-task
+    method adds K boolean masks of one tensor). On any error the partial output, masks
+    included, is removed and ``out`` is left as it was.
     """
     started = time.perf_counter()
     compute = parse_dtype(plan.spec.compute_dtype, "compute_dtype") or torch.float32
     statistic = _whole_model_statistic(plan, compute, threads, progress)
     merged = copied = 0
     layout = [(job.name, job.shape, job.out_dtype) for job in plan.jobs]
-    with CheckpointWriter(out, overwrite=overwrite, shard_size=shard_size,
-                          layout=layout) as writer:
+    task_state = _task_state_writer(plan)
+    with CheckpointWriter(out, overwrite=overwrite, shard_size=shard_size, layout=layout,
+                          side_files=task_state.side_files if task_state else None) as writer:
         total = len(plan.jobs)
         for done, loaded in enumerate(_stream(plan, plan.jobs, compute, threads), start=1):
             tensor = _merge_one(plan, loaded, statistic)
+            if task_state is not None and loaded.job.merge:
+                tensor = task_state.add(writer, loaded.job.name, tensor)
             writer.add(loaded.job.name, tensor.to(loaded.job.out_dtype).contiguous())
             merged += loaded.job.merge
             copied += not loaded.job.merge
@@ -90,11 +100,14 @@ def execute(
         writer.copy_model_files(plan.reference.model_dir)
         _record_output_dtype(plan, writer)
         writer.write_text("supermerge_recipe.yaml", recipe_yaml)
+        if task_state is not None:
+            task_state.finish(writer)
         writer.write_model_card(
             base_models=[str(plan.spec.base_model or plan.spec.models[0].path)]
             + [m.path for m in plan.spec.models if m.path != plan.spec.base_model],
             method=plan.method.name,
             recipe_yaml=recipe_yaml,
+            extra_markdown=task_state.model_card_note() if task_state else "",
         )
         published = writer.commit()
     for warning in plan.warnings:
@@ -103,6 +116,16 @@ def execute(
                        seconds=time.perf_counter() - started,
                        largest_tensor_bytes=plan.largest_tensor_bytes,
                        memory_budget_bytes=plan.memory_budget(), warnings=list(plan.warnings))
+
+
+def _task_state_writer(plan: MergePlan) -> TaskStateWriter | None:
+    """The writer of a per-task method's masks and task_state.json; None for other methods."""
+    if not plan.method.per_task:
+        return None
+    base = plan.spec.base_model  # recorded absolute: load_task_model may run elsewhere
+    return TaskStateWriter(plan.method.name, [m.path for m in plan.spec.models],
+                           str(Path(base).resolve()) if base is not None else None,
+                           [(job.name, job.shape) for job in plan.jobs if job.merge])
 
 
 def _record_output_dtype(plan: MergePlan, writer: CheckpointWriter) -> None:
@@ -115,8 +138,13 @@ def _record_output_dtype(plan: MergePlan, writer: CheckpointWriter) -> None:
     writer.write_text("config.json", json.dumps({**config, **dict.fromkeys(keys, name)}, indent=2))
 
 
-def _merge_one(plan: MergePlan, loaded: LoadedJob, statistic) -> torch.Tensor:
-    """Return the output tensor of one job (the reference's values where nothing is merged)."""
+def _merge_one(plan: MergePlan, loaded: LoadedJob, statistic) -> torch.Tensor | TaskSpecific:
+    """Return the output of one job: the method's tensor (or TaskSpecific), or the
+    reference's values where nothing is merged.
+
+    With ``job.rows`` only the first rows are merged; the other rows keep the reference's
+    values (and, for a per-task method, masks of False: every task keeps them too).
+    """
     job = loaded.job
     if not job.merge:
         return loaded.reference
@@ -129,9 +157,19 @@ def _merge_one(plan: MergePlan, loaded: LoadedJob, statistic) -> torch.Tensor:
                             job.model_params, ctx)
     if rows is None:
         return result
-    full = loaded.reference.clone()
-    full[:rows] = result
-    return full
+    if isinstance(result, TaskSpecific):
+        no = torch.zeros_like(loaded.reference, dtype=torch.bool)
+        return TaskSpecific(shared=_fill_rows(loaded.reference, result.shared, rows),
+                            masks=[_fill_rows(no, m, rows) for m in result.masks],
+                            scales=result.scales)
+    return _fill_rows(loaded.reference, result, rows)
+
+
+def _fill_rows(full: torch.Tensor, head: torch.Tensor, rows: int) -> torch.Tensor:
+    """Return a copy of ``full`` with its first ``rows`` rows replaced by ``head``."""
+    out = full.clone()
+    out[:rows] = head
+    return out
 
 
 def _whole_model_statistic(plan: MergePlan, compute, threads, progress):

@@ -18,6 +18,7 @@ from supermerge.methods.dare_linear_method import dare_linear
 from supermerge.methods.dare_ties_method import dare_ties
 from supermerge.methods.della_linear_method import della_linear
 from supermerge.methods.della_method import della
+from supermerge.methods.emr_method import emr
 from supermerge.methods.linear_method import linear
 from supermerge.methods.lines_method import lines
 from supermerge.methods.magmax_method import magmax
@@ -29,12 +30,14 @@ from supermerge.methods.registry import (
     Method,
     ModelParams,
     Params,
+    TaskSpecific,
     TensorContext,
     available_methods,
     get_method,
     register,
 )
 from supermerge.methods.slerp_method import slerp
+from supermerge.methods.tall_masks_method import tall_masks
 from supermerge.methods.task_arithmetic_method import task_arithmetic
 from supermerge.methods.ties_method import ties
 from supermerge.methods.tsv_method import tsv
@@ -43,6 +46,7 @@ __all__ = [
     "Method",
     "ModelParams",
     "Params",
+    "TaskSpecific",
     "TensorContext",
     "available_methods",
     "breadcrumbs",
@@ -51,6 +55,7 @@ __all__ = [
     "dare_ties",
     "della",
     "della_linear",
+    "emr",
     "get_method",
     "linear",
     "lines",
@@ -61,6 +66,7 @@ __all__ = [
     "pcb",
     "register",
     "slerp",
+    "tall_masks",
     "task_arithmetic",
     "ties",
     "tsv",

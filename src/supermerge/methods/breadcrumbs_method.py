@@ -43,7 +43,7 @@ from supermerge.methods.primitives import (
     Density,
     TaskVectorParams,
     Weight,
-    magnitude_band,
+    magnitude_band_,
     task_vectors,
     weighted_sum,
 )
@@ -71,11 +71,15 @@ def merge_breadcrumbs(
     models: list[BreadcrumbsModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
-    """Return ``base + lambda * sum_i w_i band(tau_i)``. Cost: 2 kthvalue calls per model."""
-    pairs = zip(task_vectors(base, experts), models, strict=True)
-    masked = (magnitude_band(tau, m.density, m.gamma) for tau, m in pairs)
-    total = weighted_sum(masked, [m.weight for m in models])
-    return torch.add(base, total, alpha=params.scale)
+    """Return ``base + lambda * sum_i w_i band(tau_i)``.
+
+    Cost: two top-k selections per model, a few temporaries while one is ranked; in place in
+    the experts' buffers when ``ctx.scratch``.
+    """
+    pairs = zip(task_vectors(base, experts, in_place=ctx.scratch), models, strict=True)
+    masked = (magnitude_band_(tau, m.density, m.gamma) for tau, m in pairs)
+    total = weighted_sum(masked, [m.weight for m in models], in_place=True)
+    return torch.add(base, total, alpha=params.scale, out=total)
 
 
 breadcrumbs = register(

@@ -38,6 +38,7 @@ from pydantic import Field
 from supermerge.methods.primitives import (
     TaskVectorParams,
     Weight,
+    blocks,
     consensus_mask,
     tall_masks,
     task_vectors,
@@ -77,13 +78,19 @@ def merge_consensus(
     models: list[ConsensusModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
-    """Return ``base + lambda * consensus_mask * tau_MTL``. Cost: K task vectors, K masks."""
-    taus = list(task_vectors(base, experts))
+    """Return ``base + lambda * consensus_mask * tau_MTL``.
+
+    Cost: the sum, then the TALL masks and their count by blocks (temporaries of one
+    block); K new task vectors unless ``ctx.scratch``.
+    """
+    taus = list(task_vectors(base, experts, in_place=ctx.scratch))
     multi_task = weighted_sum(taus, [m.weight for m in models])
     if params.k > 0:
-        masks = tall_masks(taus, [m.tall_lambda for m in models], multi_task)
-        multi_task = torch.where(consensus_mask(masks, params.k), multi_task, 0.0)
-    return torch.add(base, multi_task, alpha=params.scale)
+        lambdas = [m.tall_lambda for m in models]
+        for total, *parts in blocks(multi_task, *taus):
+            selfish = consensus_mask(tall_masks(parts, lambdas, total), params.k).logical_not_()
+            total.masked_fill_(selfish, 0.0)
+    return torch.add(base, multi_task, alpha=params.scale, out=multi_task)
 
 
 consensus = register(

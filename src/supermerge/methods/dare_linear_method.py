@@ -53,10 +53,15 @@ def merge_dare_linear(
     models: list[DareLinearModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
-    """Return ``base + lambda * sum_i w_i dare(tau_i)``. Cost: K draws, about 3 temporaries."""
-    sparse = dare_task_vectors(base, experts, [m.density for m in models], ctx.seed)
-    total = weighted_sum(sparse, [m.weight for m in models])
-    return torch.add(base, total, alpha=params.scale)
+    """Return ``base + lambda * sum_i w_i dare(tau_i)``.
+
+    Cost: K draws; in place in the experts' buffers when ``ctx.scratch``, else one new
+    tensor at a time besides the sum.
+    """
+    densities = [m.density for m in models]
+    sparse = dare_task_vectors(base, experts, densities, ctx.seed, in_place=ctx.scratch)
+    total = weighted_sum(sparse, [m.weight for m in models], in_place=True)
+    return torch.add(base, total, alpha=params.scale, out=total)
 
 
 dare_linear = register(

@@ -29,7 +29,7 @@ from supermerge.methods.primitives import (
     SignConsensusParams,
     Weight,
     dare_task_vectors,
-    sign_consensus,
+    sign_consensus_,
 )
 from supermerge.methods.registry import Method, ModelParams, TensorContext, register
 
@@ -50,15 +50,20 @@ def merge_dare_ties(
     models: list[DareTiesModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
-    """Return the DARE + TIES merge. Cost: K draws and 2K + 3 temporaries."""
-    sparse = list(dare_task_vectors(base, experts, [m.density for m in models], ctx.seed))
-    merged = sign_consensus(
+    """Return the DARE + TIES merge.
+
+    Cost: K draws, then the sign and one accumulator; in place in the experts' buffers
+    when ``ctx.scratch``, else K new task vectors.
+    """
+    densities = [m.density for m in models]
+    sparse = list(dare_task_vectors(base, experts, densities, ctx.seed, in_place=ctx.scratch))
+    merged = sign_consensus_(
         sparse,
         [m.weight for m in models],
         normalize=params.normalize,
         sign_on_weighted=params.sign_on_weighted,
     )
-    return torch.add(base, merged, alpha=params.scale)
+    return torch.add(base, merged, alpha=params.scale, out=merged)
 
 
 dare_ties = register(

@@ -37,12 +37,16 @@ def merge_della_linear(
     models: list[MagPruneModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
-    """Return ``base + lambda * sum_i w_i MagPrune(tau_i)``. Cost: K sorts and K draws."""
+    """Return ``base + lambda * sum_i w_i MagPrune(tau_i)``.
+
+    Cost: K row sorts and K draws; in place in the experts' buffers when ``ctx.scratch``.
+    """
+    densities, epsilons = [m.density for m in models], [m.epsilon for m in models]
     pruned = magprune_task_vectors(
-        base, experts, [m.density for m in models], [m.epsilon for m in models], ctx.seed
+        base, experts, densities, epsilons, ctx.seed, in_place=ctx.scratch
     )
-    total = weighted_sum(pruned, [m.weight for m in models])
-    return torch.add(base, total, alpha=params.scale)
+    total = weighted_sum(pruned, [m.weight for m in models], in_place=True)
+    return torch.add(base, total, alpha=params.scale, out=total)
 
 
 della_linear = register(

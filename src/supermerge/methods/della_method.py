@@ -51,7 +51,7 @@ from supermerge.methods.primitives import (
     MagPruneModelParams,
     SignConsensusParams,
     magprune_task_vectors,
-    sign_consensus,
+    sign_consensus_,
 )
 from supermerge.methods.registry import Method, TensorContext, register
 
@@ -63,17 +63,22 @@ def merge_della(
     models: list[MagPruneModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
-    """Return the DELLA merge (MagPrune, elect, fuse). Cost: K sorts and draws, 2K + 3 temps."""
-    pruned = magprune_task_vectors(
-        base, experts, [m.density for m in models], [m.epsilon for m in models], ctx.seed
+    """Return the DELLA merge (MagPrune, elect, fuse).
+
+    Cost: K row sorts and draws, then the sign and one accumulator; in place in the
+    experts' buffers when ``ctx.scratch``, else K new task vectors.
+    """
+    densities, epsilons = [m.density for m in models], [m.epsilon for m in models]
+    pruned = list(
+        magprune_task_vectors(base, experts, densities, epsilons, ctx.seed, in_place=ctx.scratch)
     )
-    merged = sign_consensus(
+    merged = sign_consensus_(
         pruned,
         [m.weight for m in models],
         normalize=params.normalize,
         sign_on_weighted=params.sign_on_weighted,
     )
-    return torch.add(base, merged, alpha=params.scale)
+    return torch.add(base, merged, alpha=params.scale, out=merged)
 
 
 della = register(

@@ -46,7 +46,10 @@ def merge_linear(
     models: list[LinearModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
-    """Return the (normalised) weighted sum of the experts. Cost: K multiply-adds."""
+    """Return the (normalised) weighted sum of the experts.
+
+    Cost: K multiply-adds, in the first expert's buffer when ``ctx.scratch``.
+    """
     weights = [m.weight for m in models]
     if params.normalize:
         total = math.fsum(weights)
@@ -57,7 +60,7 @@ def merge_linear(
                 fix="use weights with a non-zero sum, or set normalize: false",
             )
         weights = [w / total for w in weights]
-    return weighted_sum(experts, weights)
+    return weighted_sum(experts, weights, in_place=ctx.scratch)
 
 
 linear = register(

@@ -223,7 +223,8 @@ def merge_lines(
 ) -> torch.Tensor:
     """Return ``base + (alpha + beta * position) * (inner merge - base)``.
 
-    Cost: the inner method's, plus one subtraction and one multiply-add.
+    Cost: the inner method's, plus one subtraction and one multiply-add in its result's
+    buffer (the inner methods return a buffer of their own, never the base).
     """
     inner = INNER[params.inner]
     try:
@@ -245,7 +246,7 @@ def merge_lines(
     scale = alpha + params.beta * ctx.position
     if scale == 1:
         return merged
-    return torch.add(base, merged - base, alpha=scale)
+    return torch.add(base, merged.sub_(base), alpha=scale, out=merged)
 
 
 lines = register(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from supermerge.methods.primitives import TaskVectorParams, Weight, task_vectors
+from supermerge.methods.primitives import TaskVectorParams, Weight, blocks, task_vectors
 from supermerge.methods.registry import Method, ModelParams, TensorContext, register
 
 
@@ -54,13 +54,21 @@ def merge_magmax(
     models: list[MagMaxModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
-    """Return ``base + lambda * (entry of largest magnitude)``. Cost: K passes, 2 temporaries."""
+    """Return ``base + lambda * (entry of largest magnitude)``.
+
+    Cost: K passes, by blocks; in the first expert's buffer when ``ctx.scratch``, else one
+    new tensor at a time besides the selection.
+    """
     selected: torch.Tensor | None = None
-    for tau, m in zip(task_vectors(base, experts), models, strict=True):
-        u = tau * m.weight
-        selected = u if selected is None else torch.where(u.abs() >= selected.abs(), u, selected)
+    for tau, m in zip(task_vectors(base, experts, in_place=ctx.scratch), models, strict=True):
+        u = tau.mul_(m.weight)
+        if selected is None:
+            selected = u
+            continue
+        for u_part, part in blocks(u, selected):
+            torch.where(u_part.abs() >= part.abs(), u_part, part, out=part)
     assert selected is not None  # the registry guarantees at least one expert
-    return torch.add(base, selected, alpha=params.scale)
+    return torch.add(base, selected, alpha=params.scale, out=selected)
 
 
 magmax = register(

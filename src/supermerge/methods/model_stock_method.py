@@ -36,7 +36,12 @@ import torch
 from pydantic import Field
 
 from supermerge.errors import MethodError
-from supermerge.methods.primitives import UnweightedModelParams, task_vectors, weighted_sum
+from supermerge.methods.primitives import (
+    BLOCK,
+    UnweightedModelParams,
+    task_vectors,
+    weighted_sum,
+)
 from supermerge.methods.registry import Method, Params, TensorContext, register
 
 
@@ -50,21 +55,36 @@ class ModelStockParams(Params):
     )
 
 
+def gram(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Return ``G[r, i, j] = <rows_i[r], rows_j[r]>`` in float64 for K matrices of one shape.
+
+    Converts about ``BLOCK`` entries of each matrix to float64 at a time, so the cost is
+    K^2 dot products and K blocks of temporaries, never a float64 copy of a whole tensor.
+    """
+    count, width = rows[0].shape
+    total = torch.zeros(count, len(rows), len(rows), dtype=torch.float64, device=rows[0].device)
+    step_rows, step_cols = max(1, BLOCK // width), min(width, BLOCK)
+    for r in range(0, count, step_rows):
+        for c in range(0, width, step_cols):
+            block = torch.stack([m[r : r + step_rows, c : c + step_cols] for m in rows]).double()
+            total[r : r + step_rows] += torch.einsum("irc,jrc->rij", block, block)
+    return total
+
+
 def interpolation_ratio(taus: list[torch.Tensor], rows: bool) -> torch.Tensor:
     """Return Model Stock's ``t`` (per row when ``rows``), a float32 column ``(R, 1)``.
 
-    Cost: K (K - 1) / 2 dot products and K norms, in float64.
+    Cost: K^2 dot products, in float64 (:func:`gram`).
     """
     k = len(taus)
     width = taus[0][0].numel() if rows and taus[0].dim() >= 2 else taus[0].numel()
-    flat = [tau.reshape(-1, width).double() for tau in taus]
-    norms = [torch.linalg.vector_norm(f, dim=1) for f in flat]
-    total = torch.zeros_like(norms[0])
+    dots = gram([tau.reshape(-1, width) for tau in taus])
+    norms = dots.diagonal(dim1=1, dim2=2).sqrt()
+    total = torch.zeros_like(norms[:, 0])
     for i in range(k):
         for j in range(i + 1, k):
-            denominator = norms[i] * norms[j]
-            dot = torch.linalg.vecdot(flat[i], flat[j], dim=1)
-            total += torch.where(denominator > 0, dot / denominator, 0.0)
+            denominator = norms[:, i] * norms[:, j]
+            total += torch.where(denominator > 0, dots[:, i, j] / denominator, 0.0)
     cos = (total / (k * (k - 1) / 2)).clamp(0.0, 1.0)
     t = k * cos / (1 + (k - 1) * cos)
     return t.float().unsqueeze(1)
@@ -77,7 +97,11 @@ def merge_model_stock(
     models: list[UnweightedModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
-    """Return ``base + t * mean_i(tau_i)``. Cost: K task vectors, K^2 / 2 dot products."""
+    """Return ``base + t * mean_i(tau_i)``.
+
+    Cost: K^2 dot products and the mean, in the first expert's buffer when ``ctx.scratch``
+    (else K new task vectors).
+    """
     k = len(experts)
     if k < 2:
         raise MethodError(
@@ -88,11 +112,11 @@ def merge_model_stock(
         )
     if base.numel() == 0:
         return base.clone()
-    taus = list(task_vectors(base, experts))
+    taus = list(task_vectors(base, experts, in_place=ctx.scratch))
     t = interpolation_ratio(taus, params.filter_wise)
-    mean = weighted_sum(taus, [1.0 / k] * k)
-    step = (t * mean.reshape(t.shape[0], -1)).reshape(base.shape)
-    return base + step
+    mean = weighted_sum(taus, [1.0 / k] * k, in_place=True)
+    step = mean.view(t.shape[0], -1).mul_(t).view(base.shape)
+    return torch.add(base, step, out=step)
 
 
 model_stock = register(

@@ -26,7 +26,7 @@ from pydantic import Field
 from supermerge.methods.primitives import (
     InterpolationParams,
     UnweightedModelParams,
-    slerp,
+    slerp_,
     task_vectors,
 )
 from supermerge.methods.registry import Method, TensorContext, register
@@ -47,10 +47,14 @@ def merge_nuslerp(
     models: list[UnweightedModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
-    """Return ``base + slerp(tau_1, tau_2, t)``. Cost: one dot and two norms per row."""
-    first, second = task_vectors(base, experts)
-    delta = slerp(first, second, params.t, params.epsilon, rows=params.row_wise)
-    return base + delta
+    """Return ``base + slerp(tau_1, tau_2, t)``.
+
+    Cost: one dot and two norms per row; in the first expert's buffer when ``ctx.scratch``,
+    else two new task vectors.
+    """
+    first, second = task_vectors(base, experts, in_place=ctx.scratch)
+    delta = slerp_(first, second, params.t, params.epsilon, rows=params.row_wise)
+    return torch.add(base, delta, out=delta)
 
 
 nuslerp = register(

@@ -65,6 +65,7 @@ from supermerge.methods.primitives import (
     TaskVectorParams,
     Weight,
     keep_count,
+    kthvalue,
     task_vectors,
     weighted_sum,
 )
@@ -99,33 +100,30 @@ class PcbModelParams(ModelParams):
     )
 
 
-def _clip_magnitudes(a: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Clamp the ``floor(fraction * d)`` smallest and largest entries of ``a`` inward."""
+def _clip_magnitudes_(a: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Clamp the ``floor(fraction * d)`` smallest and largest entries of ``a`` inward, in place."""
     d = a.numel()
     m = int(fraction * d)
     if m == 0:
         return a
-    low = torch.kthvalue(a, m + 1).values
-    high = torch.kthvalue(a, d - m).values
-    return a.clamp(low, high)
+    return a.clamp_(kthvalue(a, m + 1), kthvalue(a, d - m))
 
 
-def _minmax(v: torch.Tensor) -> torch.Tensor:
-    """Return ``(v - min) / (max - min)``; zeros when ``v`` is constant."""
+def _minmax_(v: torch.Tensor) -> torch.Tensor:
+    """Map ``v`` to ``(v - min) / (max - min)`` in place; zeros when ``v`` is constant."""
     low, high = v.min(), v.max()
     if high == low:
-        return torch.zeros_like(v)
-    return (v - low) / (high - low)
+        return v.zero_()
+    return v.sub_(low).div_(high - low)
 
 
-def _keep_weights(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Return the min-max weights of the scores above the k-th largest (see the module)."""
-    d = score.numel()
-    threshold = torch.kthvalue(score, d - k + 1).values
+def _keep_weights_(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Map the scores to the min-max weights of those above the k-th largest, in place."""
+    threshold = kthvalue(score, score.numel() - k + 1)
     top = score.max()
     if top == threshold:
-        return (score >= top).to(score.dtype)
-    return (score.clamp_min(threshold) - threshold) / (top - threshold)
+        return score.ge_(top)
+    return score.clamp_min_(threshold).sub_(threshold).div_(top - threshold)
 
 
 def merge_pcb(
@@ -135,25 +133,38 @@ def merge_pcb(
     models: list[PcbModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
-    """Return the PCB merge. Cost: K task vectors, 2 kthvalue calls per task, ~5 temporaries."""
+    """Return the PCB merge.
+
+    Cost: 3 k-th values per task; the sum, the denominator and two temporaries besides the
+    task vectors, which are the experts' buffers when ``ctx.scratch`` (else K new tensors).
+    """
     if base.numel() == 0:
         return base.clone()
-    taus = [tau.reshape(-1) for tau in task_vectors(base, experts)]
+    taus = [tau.view(-1) for tau in task_vectors(base, experts, in_place=ctx.scratch)]
     count, d = len(taus), taus[0].numel()
     k = max(1, keep_count(params.ratio, d))
     total = weighted_sum(taus, [1.0] * count)
-    numerator = torch.zeros_like(total)
-    denominator = torch.zeros_like(total)
+    numerator: torch.Tensor | None = None
+    denominator: torch.Tensor | None = None
     for tau, m in zip(taus, models, strict=True):
-        magnitude = _clip_magnitudes(tau.abs(), params.clip)
+        magnitude = _clip_magnitudes_(tau.abs(), params.clip)
+        inter = torch.mul(tau, total).tanh_()
+        clipped = tau.sign_().mul_(magnitude)  # t_i, in tau's buffer
         # exp(K (x^2 - 1)) = exp(K x^2) / e^K: the same weights g_i, never overflows
-        intra = torch.exp(count * (_minmax(magnitude).square() - 1))
-        score = intra * torch.tanh(tau * total)
-        weight = _keep_weights(score, k)
-        numerator.add_(weight * tau.sign() * magnitude, alpha=m.weight)
-        denominator.add_(weight)
-    merged = torch.where(denominator > 0, numerator / denominator.clamp_min(1e-12), 0.0)
-    return torch.add(base, merged.reshape(base.shape), alpha=params.scale)
+        score = _minmax_(magnitude).square_().sub_(1).mul_(count).exp_().mul_(inter)
+        del inter
+        weight = _keep_weights_(score, k)
+        term = clipped.mul_(weight)
+        if numerator is None or denominator is None:
+            numerator, denominator = term.mul_(m.weight), weight
+        else:
+            numerator.add_(term, alpha=m.weight)
+            denominator.add_(weight)
+    assert numerator is not None and denominator is not None  # at least one expert
+    dropped = denominator <= 0
+    merged = numerator.div_(denominator.clamp_min_(1e-12)).masked_fill_(dropped, 0.0)
+    merged = merged.view(base.shape)
+    return torch.add(base, merged, alpha=params.scale, out=merged)
 
 
 pcb = register(

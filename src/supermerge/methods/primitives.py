@@ -1,18 +1,27 @@
 """Building blocks shared by the data-free merge methods: tensor math and parameter types.
 
-Every function here is pure: it never changes an argument in place, reads no file and keeps
-no state (random ones take a ``torch.Generator``). Costs are for one tensor of ``n`` entries
-and ``K`` experts; "a temporary" is one extra tensor of ``n`` entries.
+Costs are for one tensor of ``n`` entries and ``K`` experts; "a temporary" is one extra
+float tensor of ``n`` entries (a boolean mask is a quarter of one). Nothing here reads a
+file or keeps state; random functions take a ``torch.Generator``.
+
+In place or not: a function whose name ends in ``_`` (torch's convention) overwrites the
+tensors its docstring names and returns its result in one of their buffers; those tensors
+must be contiguous. Every other function leaves its arguments as they were. A method owns
+its task vectors: :func:`task_vectors` computes them in the experts' own buffers when the
+engine lends them (``TensorContext.scratch``), else into new tensors, so a Python caller's
+tensors are never changed, and everything after that step works in place on them. A method
+that needs K task vectors at once therefore adds only O(1) temporaries to the K + 1 inputs.
 
 Tie rules (documented once, here):
 
-* :func:`magnitude_trim` keeps exactly ``round(density * n)`` entries (Python's ``round``,
+* :func:`magnitude_trim_` keeps exactly ``round(density * n)`` entries (Python's ``round``,
   halves to even). Entries tied with the k-th largest magnitude are kept lowest flat index
-  first (:func:`top_k_mask`), so the result does not depend on the device or the sort
-  algorithm. :func:`magnitude_band` (Breadcrumbs) and :func:`magprune` (DELLA, which ranks
-  with a stable sort) break magnitude ties the same way: the lower index ranks higher.
+  first (:func:`top_k`), so the result does not depend on the device or the selection
+  algorithm. :func:`magnitude_band_` (Breadcrumbs) and :func:`magprune_` (DELLA, which
+  ranks with a stable sort) break magnitude ties the same way: the lower index ranks higher.
+  Magnitudes are ranked by their bit patterns, so a NaN ranks above every number.
 * :class:`GlobalMagnitudeThreshold` (TIES ``trim_scope: model``) returns the exact k-th
-  largest magnitude of each model's whole task vector; :func:`threshold_trim` keeps every
+  largest magnitude of each model's whole task vector; :func:`threshold_trim_` keeps every
   entry at or above it, so entries tied with the threshold are all kept (more than k only
   when magnitudes tie exactly at the threshold; ties at zero change nothing).
 * :func:`elect_sign` returns 0 where the summed mass is exactly 0; no expert agrees with a
@@ -22,7 +31,8 @@ Tie rules (documented once, here):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Self
 
@@ -127,27 +137,272 @@ class MagPruneModelParams(ModelParams):
 # -- task vectors and sums ----------------------------------------------------------------
 
 
-def task_vectors(base: torch.Tensor, experts: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """Yield ``tau_i = expert_i - base`` lazily. Cost: one subtraction per item."""
+def task_vectors(
+    base: torch.Tensor, experts: Iterable[torch.Tensor], *, in_place: bool = False
+) -> Iterator[torch.Tensor]:
+    """Yield ``tau_i = expert_i - base`` lazily, each a tensor the caller may overwrite.
+
+    ``in_place=True`` (pass ``ctx.scratch``) computes each task vector in its expert's
+    buffer, overwriting the expert; otherwise each is a new tensor. Cost: one subtraction
+    per item, plus one new tensor when not in place.
+    """
     for expert in experts:
-        yield expert - base
+        yield expert.sub_(base) if in_place else torch.sub(expert, base)
 
 
-def weighted_sum(tensors: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+def writable(tensors: Iterable[torch.Tensor], scratch: bool) -> list[torch.Tensor]:
+    """Return ``tensors`` for a method to overwrite: themselves if ``scratch``, else copies.
+
+    For methods that work on the experts rather than on task vectors. Cost: nothing, or
+    one copy per tensor when not ``scratch``.
+    """
+    return list(tensors) if scratch else [t.clone() for t in tensors]
+
+
+def weighted_sum(
+    tensors: Iterable[torch.Tensor], weights: Sequence[float], *, in_place: bool = False
+) -> torch.Tensor:
     """Return ``sum_i w_i x_i``.
 
     ``tensors`` may be a generator: only one of them and the accumulator are alive at a
-    time. Cost: K multiply-adds, one new tensor. Raises ValueError on an empty input.
+    time. ``in_place=True`` accumulates in the first tensor's buffer (overwriting it);
+    otherwise the sum is one new tensor. Cost: K multiply-adds. Raises ValueError on an
+    empty input.
     """
     total: torch.Tensor | None = None
     for x, w in zip(tensors, weights, strict=True):
         if total is None:
-            total = x * w
+            total = x.mul_(w) if in_place else x * w
         else:
             total.add_(x, alpha=w)
     if total is None:
         raise ValueError("weighted_sum needs at least one tensor")
     return total
+
+
+BLOCK = 1 << 17
+"""Entries processed at a time by the blockwise functions: 512 KiB of float32, in cache."""
+
+
+def blocks(*tensors: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+    """Yield aligned flat slices of ``BLOCK`` entries of contiguous tensors of one shape.
+
+    The slices are views: writing to them writes to the tensors. For elementwise work done
+    in several steps, running every step on one block before the next keeps the block in
+    cache, so each tensor crosses the memory bus once instead of once per step.
+    """
+    flat = [t.view(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), BLOCK):
+        yield [f[start : start + BLOCK] for f in flat]
+
+
+# -- exact selection ----------------------------------------------------------------------
+#
+# Ranks, counts and k-th values are taken on integer keys: the bit pattern of a
+# non-negative float read as an integer of the same width grows with the value, so
+# ``|x|`` viewed as integers sorts like the magnitudes (and a NaN above every number). A
+# full ``torch.kthvalue`` costs some 15-40 ns an entry on a CPU; :func:`_narrow` instead
+# proposes a bracket from a small sample's quantiles, checks it with exact counts over every
+# entry and runs ``kthvalue`` only on the entries inside it (a few percent). A bracket that
+# misses falls back to the full ``kthvalue``, so the result is always exact. Keys are made a
+# block at a time (:func:`blocks`), for the whole tensor only when the bracket misses.
+
+Keys = Callable[[torch.Tensor], torch.Tensor]
+"""Maps a tensor to one integer per entry (flattened) in the order to rank them by."""
+
+_INTEGER_OF = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+_SAMPLED_FROM = 1 << 15  # below this many entries a plain kthvalue is cheaper than sampling
+_SAMPLE_SHIFT = 6  # sample n / 64 entries ...
+_SAMPLE_MAX = 1 << 14  # ... at most this many (fewer than torch's grain: one thread sorts them)
+_SAMPLE_SPREAD = 4.0  # bracket half-width, in standard deviations of the sample rank
+
+
+def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
+    """Return ``|x|`` flattened and viewed as integers: their order is the magnitudes' order.
+
+    Cost: one temporary of ``x``'s size.
+    """
+    return x.detach().abs().reshape(-1).view(_INTEGER_OF[x.dtype])
+
+
+def order_keys(x: torch.Tensor) -> torch.Tensor:
+    """Return one integer per entry of ``x`` (flattened) whose order is the values' order.
+
+    The bits of a negative float are flipped below the sign bit, so -0.0 sorts just below
+    0.0 and -NaN below every number. Cost: one temporary of ``x``'s size.
+    """
+    bits = x.detach().reshape(-1).view(_INTEGER_OF[x.dtype])
+    flip = bits >> (8 * bits.element_size() - 1)  # -1 for negative values, else 0
+    return flip.bitwise_and_(torch.iinfo(bits.dtype).max).bitwise_xor_(bits)
+
+
+def _sample_bracket(flat: torch.Tensor, rank: int, key: Keys) -> tuple[int, int]:
+    """Return keys ``(lo, hi)`` likely to enclose the ``rank``-th smallest key of ``flat``.
+
+    From the quantiles of a fixed pseudo-random sample of n / 64 entries (at most
+    ``_SAMPLE_MAX``), about ``_SAMPLE_SPREAD`` standard deviations of the sample rank either
+    side; the key type's limits where the bracket runs past the sample's ends.
+    """
+    n = flat.numel()
+    size = min(n >> _SAMPLE_SHIFT, _SAMPLE_MAX)
+    picks = torch.randint(n, (size,), generator=torch.Generator().manual_seed(0))
+    sample = key(flat[picks.to(flat.device)]).sort().values
+    q = (rank - 0.5) / n
+    spread = _SAMPLE_SPREAD * math.sqrt(size * q * (1 - q)) + 2
+    first, last = math.floor(q * size - spread), math.ceil(q * size + spread)
+    limits = torch.iinfo(sample.dtype)
+    lo = int(sample[first]) if first >= 0 else limits.min
+    hi = int(sample[last]) if last < size else limits.max
+    return lo, hi
+
+
+def _narrow(flat: torch.Tensor, rank: int, key: Keys) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Return ``(index, inside, below)`` around the ``rank``-th smallest (1-based) key.
+
+    ``flat`` is a contiguous 1-D tensor. ``index`` holds, in ascending order, the positions
+    of the entries whose keys lie in a range ``[lo, hi]`` that contains the ``rank``-th
+    smallest key and every key equal to it; ``inside`` their keys. Exactly ``below`` keys
+    are smaller than ``lo``; all the other keys outside the range are larger than ``hi``.
+    Cost for large tensors on a CPU: a key, two comparisons, a count and a nonzero per
+    block, and a kthvalue on the bracket's entries; otherwise (small tensors, other
+    devices, or a bracket that misses) the keys of the whole tensor, one full kthvalue, two
+    comparisons and a count.
+    """
+    n = flat.numel()
+    if n >= _SAMPLED_FROM and flat.device.type == "cpu":  # a GPU's kthvalue is fast enough
+        lo, hi = _sample_bracket(flat, rank, key)
+        above, start, positions, values = 0, 0, [], []
+        for (part,) in blocks(flat):
+            keys = key(part)
+            greater = keys > hi
+            above += int(torch.count_nonzero(greater))
+            index = (keys >= lo).logical_xor_(greater).nonzero().view(-1)
+            positions.append(index + start)
+            values.append(keys[index])
+            start += part.numel()
+        index = torch.cat(positions)
+        below = n - above - index.numel()
+        if below < rank <= n - above:  # the bracket holds the rank-th smallest key
+            return index, torch.cat(values), below
+    keys = key(flat)
+    value = torch.kthvalue(keys, rank).values
+    index = (keys == value).nonzero().view(-1)
+    below = int(torch.count_nonzero(keys < value))
+    return index, keys[index], below
+
+
+def kthvalue(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Return the ``k``-th smallest entry of ``x`` (1-based, over all entries) as a 0-d tensor.
+
+    Equal to ``torch.kthvalue(x.reshape(-1), k).values`` (up to the sign of a zero: -0.0
+    ranks below 0.0 here), several times faster on large tensors. Cost: :func:`_narrow`.
+    """
+    flat = x.detach().reshape(-1)
+    index, inside, below = _narrow(flat, k, order_keys)
+    return flat[index[torch.kthvalue(inside, k - below).indices]].clone()  # not a view
+
+
+def keep_where_(
+    x: torch.Tensor, keys: torch.Tensor, least: int, *, at_least: bool = True
+) -> torch.Tensor:
+    """Zero the entries of ``x`` whose key is below ``least`` (``at_least=False``: at least
+    ``least``), in place; returns ``x``.
+
+    ``keys`` holds one integer ``>= 0`` per entry (flat; overwritten). Integer arithmetic
+    instead of a boolean mask, which costs several times more on a CPU (``masked_fill_``):
+    ``least - 1 - key`` is negative exactly where ``key >= least`` and ``key - least``
+    exactly where ``key < least``; shifting the sign bit down gives all ones there and 0
+    elsewhere, and AND-ing an entry's bits with that keeps the entry or makes it +0.0.
+    Cost: three integer passes over ``keys``, one over ``x``.
+    """
+    if least <= 0:  # every key is at least least
+        return x if at_least else x.zero_()
+    if least > torch.iinfo(keys.dtype).max:  # every key is below least
+        return x.zero_() if at_least else x
+    kept = keys.neg_().add_(least - 1) if at_least else keys.sub_(least)
+    mask = kept.bitwise_right_shift_(8 * keys.element_size() - 1)
+    bits = x.view(-1).view(_INTEGER_OF[x.dtype])
+    bits.bitwise_and_(mask if mask.dtype == bits.dtype else mask.to(bits.dtype))
+    return x
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The ``k`` largest magnitudes of a tensor, as two rules on magnitude keys
+    (:func:`magnitude_keys`): up to flat position ``cut`` every entry with key ``>= floor``
+    is selected, after it every entry with key ``> floor``. Ties with the k-th largest
+    magnitude (key ``floor``) are thereby selected lowest position first."""
+
+    floor: int
+    cut: int
+
+    def _rules(self, flat: torch.Tensor) -> tuple[tuple[torch.Tensor, int], ...]:
+        """Return (entries, least key selected) up to the cut and after it."""
+        return (flat[: self.cut + 1], self.floor), (flat[self.cut + 1 :], self.floor + 1)
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the boolean mask of the selected entries of ``x`` (contiguous)."""
+        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        for (entries, least), (out, _) in zip(
+            self._rules(x.view(-1)), self._rules(keep.view(-1)), strict=True
+        ):
+            for part, part_out in blocks(entries, out):
+                torch.gt(magnitude_keys(part), least - 1, out=part_out)
+        return keep
+
+    def apply_(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero the entries of ``x`` outside the selection, in place; returns ``x``."""
+        return self._zero_(x, selected=False)
+
+    def remove_(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero the selected entries of ``x``, in place; returns ``x``."""
+        return self._zero_(x, selected=True)
+
+    def _zero_(self, x: torch.Tensor, *, selected: bool) -> torch.Tensor:
+        """Zero the selected entries of ``x``, or the others, by blocks."""
+        for entries, least in self._rules(x.view(-1)):
+            for (part,) in blocks(entries):
+                keep_where_(part, magnitude_keys(part), least, at_least=not selected)
+        return x
+
+
+def top_k(x: torch.Tensor, k: int, *, exact: bool = True) -> TopK:
+    """Return the selection of exactly the ``k`` largest ``|x|`` (``1 <= k``; ``k >= n``: all).
+
+    ``x`` is contiguous. Entries tied with the k-th largest magnitude are selected lowest
+    flat index first, so ``top_k(x, a)`` is contained in ``top_k(x, b)`` for ``a <= b``.
+    ``exact=False``: when the k-th largest magnitude is 0, select every non-zero entry
+    instead (the same entries once applied to ``x``, without locating the zeros). Cost:
+    :func:`_narrow` (linear time, no sort).
+    """
+    n = x.numel()
+    if k >= n:
+        return TopK(0, n - 1)
+    rank = n - k + 1  # the k-th largest is the rank-th smallest
+    index, inside, below = _narrow(x.detach().view(-1), rank, magnitude_keys)
+    threshold = int(torch.kthvalue(inside, rank - below).values)
+    if threshold == 0 and not exact:
+        return TopK(1, n - 1)
+    above = n - below - index.numel()
+    tied_kept = k - above - int(torch.count_nonzero(inside > threshold))  # at least 1
+    return TopK(threshold, int(index[inside == threshold][tied_kept - 1]))
+
+
+def top_k_mask(x: torch.Tensor, k: int, *, exact: bool = True) -> torch.Tensor:
+    """Return a boolean mask of ``x``'s shape selecting exactly its ``k`` largest ``|x|``.
+
+    ``k`` is clipped to ``[0, n]``; ties and ``exact`` as in :func:`top_k`. Cost:
+    :func:`top_k` and the mask.
+    """
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    x = x.contiguous()
+    return top_k(x, k, exact=exact).mask(x)
 
 
 # -- magnitude trimming -------------------------------------------------------------------
@@ -158,74 +413,55 @@ def keep_count(density: float, n: int) -> int:
     return min(n, max(0, round(density * n)))
 
 
-def top_k_mask(x: torch.Tensor, k: int, *, exact: bool = True) -> torch.Tensor:
-    """Return a boolean mask of ``x``'s shape selecting exactly its ``k`` largest ``|x|``.
+def magnitude_trim_(x: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the ``round(density * n)`` largest-magnitude entries of ``x``, in place.
 
-    Entries tied with the k-th largest magnitude are selected lowest flat index first, so
-    ``top_k_mask(x, a)`` is contained in ``top_k_mask(x, b)`` for ``a <= b``. ``k`` is
-    clipped to ``[0, n]``. ``exact=False``: when the k-th largest magnitude is 0, return
-    ``x != 0`` instead (the same entries once applied to ``x``, without indexing the
-    zeros: an all-zero task vector of a frozen layer costs no index pass). Cost: one
-    ``kthvalue`` (linear time, no sort) and a few boolean temporaries.
-    """
-    n = x.numel()
-    if k >= n:
-        return torch.ones_like(x, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    magnitude = x.reshape(-1).abs()
-    threshold = torch.kthvalue(magnitude, n - k + 1).values
-    if threshold == 0 and not exact:
-        return x != 0
-    keep = magnitude > threshold
-    tied = magnitude == threshold
-    missing = k - int(keep.sum())
-    if int(tied.sum()) > missing:
-        tied[tied.nonzero().squeeze(1)[missing:]] = False
-    return (keep | tied).reshape(x.shape)
-
-
-def magnitude_trim(x: torch.Tensor, density: float) -> torch.Tensor:
-    """Return ``x`` with all but its ``round(density * n)`` largest-magnitude entries zeroed.
-
-    Ties at the threshold are kept lowest flat index first (:func:`top_k_mask`). Returns
-    ``x`` itself when nothing is dropped. Cost: one ``kthvalue`` and a few temporaries.
+    Ties at the threshold are kept lowest flat index first (:func:`top_k`). Returns ``x``.
+    Cost: :func:`top_k` and one pass; nothing when nothing is dropped.
     """
     n = x.numel()
     k = keep_count(density, n)
     if k == n:
         return x
     if k == 0:
-        return torch.zeros_like(x)
-    return torch.where(top_k_mask(x, k, exact=False), x, 0.0)
+        return x.zero_()
+    return top_k(x, k, exact=False).apply_(x)
 
 
-def magnitude_band(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Return ``x`` with only a band of its magnitude ranking kept (Model Breadcrumbs).
+def magnitude_trim(x: torch.Tensor, density: float) -> torch.Tensor:
+    """Return a copy of ``x`` trimmed by :func:`magnitude_trim_`. Cost: one more copy."""
+    return magnitude_trim_(x.clone(memory_format=torch.contiguous_format), density)
+
+
+def magnitude_band_(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Keep only a band of ``x``'s magnitude ranking, in place (Model Breadcrumbs).
 
     Ranked by ``|x|`` from the largest (ties lowest flat index first), the first
-    ``top = round(gamma * n)`` entries (the outliers) are dropped, the next
-    ``k = round(density * n)`` kept and the rest (the small ones) dropped. When
+    ``top = round(gamma * n)`` entries (the outliers) are zeroed, the next
+    ``k = round(density * n)`` kept and the rest (the small ones) zeroed. When
     ``top + k > n`` the kept count wins: ``top`` shrinks to ``n - k``. ``gamma = 0`` is
-    :func:`magnitude_trim`. Cost: two ``kthvalue`` calls and a few boolean temporaries.
+    :func:`magnitude_trim_`. Returns ``x``. Cost: two :func:`top_k` and two passes.
     """
     n = x.numel()
     k = keep_count(density, n)
     top = min(keep_count(gamma, n), n - k)
-    if top == 0:
-        return magnitude_trim(x, density)
-    keep = top_k_mask(x, top + k, exact=False) & ~top_k_mask(x, top, exact=False)
-    return torch.where(keep, x, 0.0)
+    if top == 0 or k == 0:
+        return magnitude_trim_(x, density)
+    band = top_k(x, top + k, exact=False)  # ranked before x changes
+    top_k(x, top, exact=False).remove_(x)
+    return band.apply_(x)
 
 
-def threshold_trim(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Return ``x`` with the entries of magnitude below ``threshold`` zeroed (ties kept).
+def threshold_trim_(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Zero the entries of ``x`` of magnitude below ``threshold`` in place (ties kept).
 
-    Cost: one temporary; returns ``x`` itself when ``threshold`` is 0.
+    Returns ``x``. Cost: one pass, by blocks; nothing when ``threshold`` is 0.
     """
     if threshold == 0:
         return x
-    return torch.where(x.abs() >= threshold, x, 0.0)
+    for (part,) in blocks(x):
+        part.masked_fill_((part.abs() >= threshold).logical_not_(), 0.0)
+    return x
 
 
 @dataclass(frozen=True)
@@ -309,42 +545,62 @@ class GlobalMagnitudeThreshold:
 # -- sign election and disjoint mean ------------------------------------------------------
 
 
-def elect_sign(electors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Return ``sign(sum_i electors_i)`` (+1, -1, or 0 where the sum is exactly 0).
+def elect_sign(
+    electors: Iterable[torch.Tensor], weights: Sequence[float] | None = None
+) -> torch.Tensor:
+    """Return ``sign(sum_i w_i electors_i)`` (+1, -1, or 0 where the sum is exactly 0).
 
-    The sign with the larger summed mass wins, as in TIES. Cost: one new tensor.
+    The sign with the larger summed mass wins, as in TIES; ``weights`` default to 1.
+    Cost: one new tensor.
     """
-    return weighted_sum(electors, [1.0] * len(electors)).sign_()
+    electors = list(electors)
+    weights = [1.0] * len(electors) if weights is None else weights
+    return weighted_sum(electors, weights).sign_()
 
 
-def disjoint_mean(
+def disjoint_mean_(
     deltas: Sequence[torch.Tensor],
     weights: Sequence[float],
     sign: torch.Tensor,
     *,
-    electors: Sequence[torch.Tensor] | None = None,
+    elector_signs: Sequence[float] | None = None,
     normalize: bool = True,
 ) -> torch.Tensor:
-    """Return ``sum_{i in A} w_i delta_i / sum_{i in A} w_i``, ``A = {i: sign(e_i) = sign}``.
+    """Return ``sum_{i in A} w_i delta_i / sum_{i in A} w_i``, A: the agreeing experts.
 
-    ``A`` is taken per entry; ``electors`` default to ``deltas``. Where the agreeing weights
-    sum to exactly 0 (no expert agrees, or weights cancel) the sum is returned undivided.
-    ``normalize=False`` returns the disjoint weighted sum. Cost: K passes, two accumulators.
+    ``A = {i: sign(s_i delta_i) = sign}`` is taken per entry; ``s_i`` is
+    ``elector_signs[i]`` (1 by default; the sign of ``w_i`` when signs were elected on
+    ``w_i delta_i``, 0 for an expert that elects nothing). Where the agreeing weights sum
+    to exactly 0 (no expert agrees, or weights cancel) the sum is returned undivided; where
+    ``sign`` is 0 the result is 0. ``normalize=False`` returns the disjoint weighted sum.
+    Overwrites ``deltas``; the result is in ``deltas[0]``'s buffer. Cost: one accumulator
+    (none without ``normalize``) and about five float passes per expert, no boolean mask.
     """
-    electors = deltas if electors is None else electors
-    total = torch.zeros_like(sign)
-    mass = torch.zeros_like(sign)
-    for delta, elector, w in zip(deltas, electors, weights, strict=True):
-        agree = elector.sign() == sign
-        total.add_(torch.where(agree, delta, 0.0), alpha=w)
-        if normalize:
-            mass.add_(agree, alpha=w)
-    if not normalize:
+    signs = [1.0] * len(deltas) if elector_signs is None else elector_signs
+    mass = torch.zeros_like(sign) if normalize else None
+    total: torch.Tensor | None = None
+    for delta, w, s in zip(deltas, weights, signs, strict=True):
+        # sign(s delta) = sign  <=>  s delta sign > 0 wherever sign != 0, so the agreeing
+        # entries of s delta sign are its positive part: no comparison with a temporary.
+        # Where sign is 0 the agreeing deltas are 0 and the entry merges to 0 anyway.
+        agreeing = delta.mul_(sign)
+        if s != 1:
+            agreeing.mul_(s)
+        agreeing.clamp_min_(0.0)  # |delta| where it agrees, else 0
+        if mass is not None:  # sign() of the non-negative part: 1 where it agrees, else 0
+            mass.add_(agreeing.sign(), alpha=w)
+        # w delta = (w s) * agreeing * sign where it agrees: sign is applied once at the end
+        total = agreeing.mul_(w * s) if total is None else total.add_(agreeing, alpha=w * s)
+    assert total is not None  # the registry guarantees at least one expert
+    total.mul_(sign)
+    if mass is None:
         return total
-    return total.div_(torch.where(mass == 0, 1.0, mass))
+    # divide by 1 where mass is 0: adding 1 - |sign(mass)| changes nothing elsewhere (float
+    # arithmetic: a boolean mask and masked_fill_ cost several times more on a CPU)
+    return total.div_(mass.add_(1 - mass.sign().abs_()))
 
 
-def sign_consensus(
+def sign_consensus_(
     deltas: Sequence[torch.Tensor],
     weights: Sequence[float],
     *,
@@ -354,14 +610,17 @@ def sign_consensus(
     """Return the TIES merge of (already trimmed) task vectors: sign election + disjoint mean.
 
     ``sign_on_weighted`` elects, and tests agreement, on ``w_i * delta_i`` (mergekit);
-    otherwise on the unweighted deltas (the paper). Cost: one sum and K passes; K more
-    temporaries with ``sign_on_weighted``.
+    otherwise on the unweighted deltas (the paper). Overwrites ``deltas``; the result is in
+    ``deltas[0]``'s buffer. Every entry is independent, so the work runs ``BLOCK`` entries at
+    a time (:func:`blocks`): each delta is read from memory once and the sign, the
+    accumulator and the masks are temporaries of one block, in cache.
     """
-    electors = deltas
-    if sign_on_weighted:
-        electors = [d * w for d, w in zip(deltas, weights, strict=True)]
-    sign = elect_sign(electors)
-    return disjoint_mean(deltas, weights, sign, electors=electors, normalize=normalize)
+    electors = weights if sign_on_weighted else None
+    signs = [math.copysign(1.0, w) if w != 0 else 0.0 for w in weights] if electors else None
+    for parts in blocks(*deltas):
+        sign = elect_sign(parts, electors)
+        disjoint_mean_(parts, weights, sign, elector_signs=signs, normalize=normalize)
+    return deltas[0]
 
 
 # -- DARE ---------------------------------------------------------------------------------
@@ -380,37 +639,63 @@ def dare_generator(
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
-def dare(x: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """Return DARE(x): each entry kept with probability ``density``, kept ones divided by it.
+def _with_noise(
+    parts: Sequence[torch.Tensor], generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield each part with uniform [0, 1) draws of its shape, in order, from one buffer.
 
-    That is, drop probability ``p = 1 - density`` and rescale by exactly ``1 / (1 - p)``,
-    so the expectation equals ``x``. Returns ``x`` itself at density 1 and zeros at density
-    0 (drawing nothing). Cost: one float32 uniform draw of n entries, two temporaries.
+    The draws are those of one ``torch.rand`` over all the parts (the CPU generator fills
+    a tensor in order), in the default float dtype.
+    """
+    noise = torch.empty(max(p.numel() for p in parts), device=parts[0].device)
+    for part in parts:
+        yield part, noise[: part.numel()].view(part.shape).uniform_(generator=generator)
+
+
+def dare_(x: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Apply DARE to ``x`` in place: keep each entry with probability ``density``, rescaled.
+
+    That is, drop probability ``p = 1 - density`` and rescale kept entries by exactly
+    ``1 / (1 - p)``, so the expectation equals ``x``. Returns ``x``; density 1 changes and
+    draws nothing, density 0 zeros ``x`` (drawing nothing). Cost: one float uniform draw
+    per entry, made ``BLOCK`` entries at a time into one reused buffer.
     """
     if density >= 1:
         return x
     if density <= 0:
-        return torch.zeros_like(x)
-    keep = torch.rand(x.shape, generator=generator, device=x.device) < density
-    return torch.where(keep, x / density, 0.0)
+        return x.zero_()
+    parts = x.view(-1).split(BLOCK)
+    for part, draw in _with_noise(parts, generator):
+        # a draw in [0, 1) is kept when below the density (in the draws' dtype, as torch
+        # compares): for non-negative floats the bit patterns compare as the values do
+        threshold = int(draw.new_tensor(density).view(_INTEGER_OF[draw.dtype]))
+        keep_where_(part, draw.view(_INTEGER_OF[draw.dtype]), threshold, at_least=False)
+        part.div_(density)
+    return x
 
 
 def dare_task_vectors(
-    base: torch.Tensor, experts: Sequence[torch.Tensor], densities: Sequence[float], seed: int
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    densities: Sequence[float],
+    seed: int,
+    *,
+    in_place: bool = False,
 ) -> Iterator[torch.Tensor]:
-    """Yield ``dare(x_i - base, density_i)`` lazily, model i drawing from its own generator.
+    """Yield ``dare_(x_i - base, density_i)`` lazily, model i drawing from its own generator.
 
-    Cost per item: one subtraction and one :func:`dare`.
+    ``in_place`` as in :func:`task_vectors`. Cost per item: one subtraction and one
+    :func:`dare_`.
     """
-    taus = task_vectors(base, experts)
+    taus = task_vectors(base, experts, in_place=in_place)
     for i, (tau, density) in enumerate(zip(taus, densities, strict=True)):
-        yield dare(tau, density, dare_generator(seed, i, tau.device))
+        yield dare_(tau, density, dare_generator(seed, i, tau.device))
 
 
-def magprune(
+def magprune_(
     x: torch.Tensor, density: float, epsilon: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """Return DELLA's MagPrune(x): magnitude-ranked random drop, kept entries rescaled.
+    """Apply DELLA's MagPrune to ``x`` in place: magnitude-ranked random drop, rescaled.
 
     Each row (``x`` viewed as ``shape[0] x rest``; 0-d and 1-D tensors are one row) of
     ``m`` entries is ranked by ``|x|`` from the largest (rank 0; ties lowest index first).
@@ -420,26 +705,31 @@ def magprune(
     ``[p - epsilon/2, p + epsilon/2]``, ``p = 1 - density``, the largest magnitude least
     likely dropped; a kept entry is divided by ``q_r`` (``1 / (1 - p_r)``), so each entry's
     expectation is itself. Callers ensure ``epsilon / 2 <= min(density, 1 - density)``;
-    an entry with ``q_r = 0`` is always dropped. Returns ``x`` itself at density 1 with
-    epsilon 0 and zeros at density 0 (drawing nothing). Cost: one stable sort per row, one
-    float32 uniform draw of n entries, a few temporaries.
+    an entry with ``q_r = 0`` is always dropped. Returns ``x``; density 1 with epsilon 0
+    changes nothing and density 0 zeros ``x`` (both drawing nothing). Cost: one stable sort
+    per row; rows are processed about ``BLOCK`` entries at a time, so the sort's indices,
+    the probabilities and the draws take a few temporaries of that size, not of ``n``.
     """
     if x.numel() == 0 or (density >= 1 and epsilon == 0):
         return x
     if density <= 0:
-        return torch.zeros_like(x)
-    rows = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
+        return x.zero_()
+    rows = x.view(x.shape[0], -1) if x.dim() >= 2 else x.view(1, -1)
     m = rows.shape[1]
-    if m > 1:
-        order = torch.sort(rows.abs(), dim=1, descending=True, stable=True).indices
-        steps = torch.arange(m, device=x.device).expand_as(order)
-        rank = torch.empty_like(order).scatter_(1, order, steps).to(x.dtype)
-        keep_prob = (density + epsilon / 2) - rank * (epsilon / (m - 1))
-    else:
-        keep_prob = torch.full_like(rows, density)
-    keep = torch.rand(rows.shape, generator=generator, device=x.device) < keep_prob
-    scaled = rows / keep_prob.clamp_min(torch.finfo(x.dtype).tiny)
-    return torch.where(keep, scaled, 0.0).reshape(x.shape)
+    steps = torch.arange(m, device=x.device, dtype=x.dtype)
+    by_rank = (density + epsilon / 2) - steps * (epsilon / max(m - 1, 1))
+    tiny = torch.finfo(x.dtype).tiny
+    for part, draw in _with_noise(rows.split(max(1, BLOCK // m)), generator):
+        keep_prob = torch.empty_like(part)
+        if m > 1:
+            keys = magnitude_keys(part).view(part.shape)  # integers sort faster than floats
+            order = torch.sort(keys, dim=1, descending=True, stable=True).indices
+            keep_prob.scatter_(1, order, by_rank.expand_as(part))
+        else:
+            keep_prob.fill_(density)
+        drop = draw >= keep_prob
+        part.div_(keep_prob.clamp_min_(tiny)).masked_fill_(drop, 0.0)
+    return x
 
 
 def magprune_task_vectors(
@@ -448,84 +738,88 @@ def magprune_task_vectors(
     densities: Sequence[float],
     epsilons: Sequence[float],
     seed: int,
-) -> list[torch.Tensor]:
-    """Return ``magprune(x_i - base)`` per model, model i drawing from its own generator.
+    *,
+    in_place: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Yield ``magprune_(x_i - base)`` lazily, model i drawing from its own generator.
 
-    The generator is :func:`dare_generator` of (tensor seed, model index). Cost per model:
-    one subtraction and one :func:`magprune`.
+    The generator is :func:`dare_generator` of (tensor seed, model index); ``in_place`` as
+    in :func:`task_vectors`. Cost per model: one subtraction and one :func:`magprune_`.
     """
-    pairs = zip(task_vectors(base, experts), densities, epsilons, strict=True)
-    return [
-        magprune(tau, density, epsilon, dare_generator(seed, i, tau.device))
-        for i, (tau, density, epsilon) in enumerate(pairs)
-    ]
+    taus = task_vectors(base, experts, in_place=in_place)
+    for i, (tau, density, epsilon) in enumerate(zip(taus, densities, epsilons, strict=True)):
+        yield magprune_(tau, density, epsilon, dare_generator(seed, i, tau.device))
 
 
 # -- TALL masks and consensus -------------------------------------------------------------
 
 
 def tall_masks(
-    taus: Sequence[torch.Tensor], lambdas: Sequence[float], multi_task: torch.Tensor
-) -> list[torch.Tensor]:
-    """Return the TALL masks ``m_t = |tau_t| >= lambda_t * |multi_task - tau_t|`` (boolean).
+    taus: Iterable[torch.Tensor], lambdas: Sequence[float], multi_task: torch.Tensor
+) -> Iterator[torch.Tensor]:
+    """Yield the TALL masks ``m_t = |tau_t| >= lambda_t * |multi_task - tau_t|`` (boolean).
 
     ``multi_task`` is the merged task vector (``sum_t tau_t`` for task arithmetic): an entry
     belongs to task t when the fine-tuned model is at least ``lambda_t`` times closer to the
     merged model than to the base there. ``lambda_t = 0`` keeps every entry (``>=``, unlike
     the reference code's strict ``>``, which drops entries where both sides are 0). Paper:
-    Wang et al. 2024, arXiv 2405.07813, eq. for TALL masks. Cost: K boolean tensors (one
-    byte per entry each), two float temporaries at a time.
+    Wang et al. 2024, arXiv 2405.07813, eq. for TALL masks. Lazy: one mask at a time,
+    costing two temporaries while it is computed and one byte per entry.
     """
-    return [
-        tau.abs() >= lam * (multi_task - tau).abs()
-        for tau, lam in zip(taus, lambdas, strict=True)
-    ]
+    for tau, lam in zip(taus, lambdas, strict=True):
+        distance = torch.sub(multi_task, tau).abs_().mul_(lam)
+        yield tau.abs() >= distance
 
 
-def consensus_mask(masks: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+def consensus_mask(masks: Iterable[torch.Tensor], k: int) -> torch.Tensor:
     """Return where at least ``k`` of the boolean ``masks`` are set (all True when k <= 0).
 
+    ``masks`` may be a generator, consumed one at a time (only its first when k <= 0).
     Cost: one int16 counter (K < 32768) and a boolean result.
     """
-    if k <= 0:
-        return torch.ones_like(masks[0], dtype=torch.bool)
-    count = torch.zeros_like(masks[0], dtype=torch.int16)
+    count: torch.Tensor | None = None
     for mask in masks:
-        count.add_(mask)
+        if k <= 0:
+            return torch.ones_like(mask)
+        count = mask.to(torch.int16) if count is None else count.add_(mask)
+    if count is None:
+        raise ValueError("consensus_mask needs at least one mask")
     return count >= k
 
 
 # -- spherical interpolation --------------------------------------------------------------
 
 
-def slerp(
+def slerp_(
     a: torch.Tensor, b: torch.Tensor, t: float, epsilon: float, *, rows: bool = False
 ) -> torch.Tensor:
-    """Return the spherical interpolation from ``a`` (t=0) to ``b`` (t=1).
+    """Return the spherical interpolation from ``a`` (t=0) to ``b`` (t=1) in ``a``'s buffer.
 
     ``sin((1-t) theta)/sin(theta) * a + sin(t theta)/sin(theta) * b`` with ``theta`` the
     angle between the flattened tensors (mergekit's formula: norms are interpolated along
     with the direction). Falls back to ``torch.lerp`` when ``|cos theta| > 1 - epsilon``
     or either norm is 0. ``rows=True`` interpolates each row of a tensor of 2 or more
     dimensions (viewed as ``shape[0] x rest``) separately, each with its own fall-back.
-    Exact at t=0 and t=1. Cost: one dot product and two norms per row, two temporaries.
+    Exact at t=0 and t=1. Overwrites ``a`` and ``b``. Cost: one dot product and two norms
+    per row; a temporary only for the rows that fall back while others do not.
     """
     if a.numel() == 0:
-        return torch.lerp(a, b, t)
-    shape = a.shape
+        return a
     width = a[0].numel() if rows and a.dim() >= 2 else a.numel()
-    a2, b2 = a.reshape(-1, width), b.reshape(-1, width)
+    a2, b2 = a.view(-1, width), b.view(-1, width)
     dot = torch.linalg.vecdot(a2, b2, dim=1).double()
     norm_a = torch.linalg.vector_norm(a2, dim=1).double()
     norm_b = torch.linalg.vector_norm(b2, dim=1).double()
     cos = dot / (norm_a * norm_b)  # NaN where a norm is 0
     spherical = cos.abs() <= 1 - epsilon  # False for NaN
     if not bool(spherical.any()):
-        return torch.lerp(a, b, t)
+        return a.lerp_(b, t)
+    linear = ~spherical
+    fallback = torch.lerp(a2[linear], b2[linear], t) if bool(linear.any()) else None
     theta = torch.acos(cos.clamp(-1.0, 1.0))
     s0 = (torch.sin((1 - t) * theta) / torch.sin(theta)).to(a.dtype).unsqueeze(1)
     s1 = (torch.sin(t * theta) / torch.sin(theta)).to(a.dtype).unsqueeze(1)
-    result = s0 * a2 + s1 * b2
-    if not bool(spherical.all()):
-        result = torch.where(spherical.unsqueeze(1), result, torch.lerp(a2, b2, t))
-    return result.reshape(shape)
+    a2.mul_(s0).add_(b2.mul_(s1))
+    if fallback is not None:
+        a2[linear] = fallback
+    return a

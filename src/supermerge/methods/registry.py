@@ -11,6 +11,11 @@ least ``weight``), ``ctx`` the tensor's name, its seed and the result of the met
 whole-model statistic when it has one (TIES with ``trim_scope: model``). No I/O, no global
 state: random methods build their own ``torch.Generator`` from ``ctx.seed``.
 
+A method with ``per_task=True`` (TALL masks, EMR) returns a :class:`TaskSpecific` instead
+of a tensor: one shared tensor plus, per task, a boolean mask and a scale, from which
+task t's own tensor is rebuilt with the task id (:func:`task_tensor`). The engine writes
+the shared tensors as the model and the masks beside it (``supermerge.engine.task_state``).
+
 Adding a method is adding one module under ``supermerge.methods`` that calls
 :func:`register`.
 """
@@ -71,8 +76,43 @@ class ModelStatistic(Protocol):
     def result(self) -> Any: ...
 
 
+@dataclass(frozen=True)
+class TaskSpecific:
+    """What a ``per_task`` method returns for one tensor: a shared tensor and per-task state.
+
+    Task t's tensor is ``base + scales[t] * masks[t] * (shared - base)`` (:func:`task_tensor`);
+    ``shared`` alone is the model that serves every task. ``masks`` holds one boolean tensor
+    of ``shared``'s shape per expert, in the experts' order; ``scales`` one float per expert,
+    the same for every tensor of a model (a whole-model quantity such as EMR's rescalers).
+    """
+
+    shared: torch.Tensor
+    masks: list[torch.Tensor]
+    scales: tuple[float, ...]
+
+    def task(self, base: torch.Tensor, index: int) -> torch.Tensor:
+        """Return task ``index``'s tensor (see :func:`task_tensor`)."""
+        return task_tensor(base, self.shared, self.masks[index], self.scales[index])
+
+
+def task_tensor(
+    base: torch.Tensor, shared: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Return ``base + scale * mask * (shared - base)`` in ``shared``'s dtype.
+
+    With ``scale == 1`` this is exactly ``where(mask, shared, base)`` (no rounding); other
+    scales are applied in float32 (float64 for float64 tensors). Cost: two temporaries.
+    """
+    if scale == 1:
+        return torch.where(mask, shared, base.to(shared.dtype))
+    low = base.to(torch.promote_types(shared.dtype, torch.float32))
+    rebuilt = torch.add(low, shared.to(low.dtype) - low, alpha=scale)
+    return torch.where(mask, rebuilt, low).to(shared.dtype)
+
+
 MethodFn = Callable[
-    [torch.Tensor | None, list[torch.Tensor], Any, list[Any], TensorContext], torch.Tensor
+    [torch.Tensor | None, list[torch.Tensor], Any, list[Any], TensorContext],
+    torch.Tensor | TaskSpecific,
 ]
 StatisticFactory = Callable[[Any, list[Any]], ModelStatistic | None]
 
@@ -103,6 +143,7 @@ class Method:
     min_models: int = 1
     max_models: int | None = None
     statistic: StatisticFactory | None = None
+    per_task: bool = False  # fn returns a TaskSpecific (shared tensor + per-task masks/scales)
 
     # -- parameters -------------------------------------------------------------------
     def parameter_names(self) -> tuple[set[str], set[str]]:
@@ -185,8 +226,11 @@ class Method:
         name: str = "",
         position: float = 0.0,
         **params: Any,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | TaskSpecific:
         """Merge one tensor from Python; returns a float32 tensor of the base's shape.
+
+        A ``per_task`` method returns a :class:`TaskSpecific` (float32 shared tensor, one
+        mask and one scale per expert) instead.
 
         ``weights`` is a shortcut for ``per_model=[{"weight": w}, ...]``; ``params`` are the
         method's global parameters or defaults for per-model ones. A whole-model statistic,

@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import torch
 
-from supermerge.methods import primitives
-from supermerge.methods.primitives import InterpolationParams, UnweightedModelParams
+from supermerge.methods.primitives import (
+    InterpolationParams,
+    UnweightedModelParams,
+    slerp_,
+    writable,
+)
 from supermerge.methods.registry import Method, TensorContext, register
 
 
@@ -33,9 +37,13 @@ def merge_slerp(
     models: list[UnweightedModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
-    """Return the slerp from the first expert to the second. Cost: one dot, two norms."""
-    first, second = experts
-    return primitives.slerp(first, second, params.t, params.epsilon)
+    """Return the slerp from the first expert to the second.
+
+    Cost: one dot and two norms; in the first expert's buffer when ``ctx.scratch``, else
+    in copies of both.
+    """
+    first, second = writable(experts, ctx.scratch)
+    return slerp_(first, second, params.t, params.epsilon)
 
 
 slerp = register(

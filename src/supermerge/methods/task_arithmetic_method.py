@@ -36,9 +36,14 @@ def merge_task_arithmetic(
     models: list[TaskArithmeticModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
-    """Return ``base + lambda * sum_i w_i (x_i - base)``. Cost: K subtractions, 2 temporaries."""
-    total = weighted_sum(task_vectors(base, experts), [m.weight for m in models])
-    return torch.add(base, total, alpha=params.scale)
+    """Return ``base + lambda * sum_i w_i (x_i - base)``.
+
+    Cost: 2K + 1 passes; in the first expert's buffer when ``ctx.scratch``, else one new
+    tensor at a time besides the sum.
+    """
+    taus = task_vectors(base, experts, in_place=ctx.scratch)
+    total = weighted_sum(taus, [m.weight for m in models], in_place=True)
+    return torch.add(base, total, alpha=params.scale, out=total)
 
 
 task_arithmetic = register(

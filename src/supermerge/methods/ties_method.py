@@ -44,10 +44,10 @@ from supermerge.methods.primitives import (
     MagnitudeThresholds,
     SignConsensusParams,
     Weight,
-    magnitude_trim,
-    sign_consensus,
+    magnitude_trim_,
+    sign_consensus_,
     task_vectors,
-    threshold_trim,
+    threshold_trim_,
 )
 from supermerge.methods.registry import Method, ModelParams, TensorContext, register
 
@@ -78,20 +78,25 @@ def merge_ties(
     models: list[TiesModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
-    """Return the TIES merge. Cost: K trims (one kthvalue each) and 2K + 3 temporaries."""
+    """Return the TIES merge.
+
+    Cost: K trims (a top-k selection each, or a threshold), then the sign and one
+    accumulator; in place in the experts' buffers when ``ctx.scratch``, else K new task
+    vectors.
+    """
+    taus = task_vectors(base, experts, in_place=ctx.scratch)
     if params.trim_scope == "model":
-        pairs = zip(task_vectors(base, experts), _thresholds(ctx, len(experts)), strict=True)
-        trimmed = [threshold_trim(tau, t) for tau, t in pairs]
+        pairs = zip(taus, _thresholds(ctx, len(experts)), strict=True)
+        trimmed = [threshold_trim_(tau, t) for tau, t in pairs]
     else:
-        pairs = zip(task_vectors(base, experts), models, strict=True)
-        trimmed = [magnitude_trim(tau, m.density) for tau, m in pairs]
-    merged = sign_consensus(
+        trimmed = [magnitude_trim_(tau, m.density) for tau, m in zip(taus, models, strict=True)]
+    merged = sign_consensus_(
         trimmed,
         [m.weight for m in models],
         normalize=params.normalize,
         sign_on_weighted=params.sign_on_weighted,
     )
-    return torch.add(base, merged, alpha=params.scale)
+    return torch.add(base, merged, alpha=params.scale, out=merged)
 
 
 def _thresholds(ctx: TensorContext, count: int) -> tuple[float, ...]:

@@ -79,14 +79,12 @@ def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     return p[:, keep] @ qh[keep, :]
 
 
-def tsv_matrix(deltas: list[torch.Tensor]) -> torch.Tensor | None:
-    """Return the TSV-M merge of 2-D task matrices, or None when ``min(m, n) < K``.
+def tsv_matrix(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """Return the TSV-M merge of 2-D task matrices with ``min(m, n) >= K``.
 
     Cost: K + 2 thin SVDs.
     """
     k = min(deltas[0].shape) // len(deltas)
-    if k == 0:
-        return None
     us, ss, vhs = [], [], []
     for delta in deltas:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
@@ -109,15 +107,19 @@ def merge_tsv(
     models: list[TsvModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
-    """Return the TSV-M merge (2-D) or the weighted mean of task vectors (other tensors)."""
+    """Return the TSV-M merge (2-D) or the weighted mean of task vectors (other tensors).
+
+    Cost: the SVDs of :func:`tsv_matrix`, or the mean in the first expert's buffer when
+    ``ctx.scratch`` (else K new task vectors).
+    """
     weights = [m.weight for m in models]
-    merged = None
-    if base.dim() == 2 and base.numel() > 0:
-        deltas = [tau * w for tau, w in zip(task_vectors(base, experts), weights, strict=True)]
+    taus = task_vectors(base, experts, in_place=ctx.scratch)
+    if base.dim() == 2 and min(base.shape) >= len(experts):
+        deltas = [tau.mul_(w) for tau, w in zip(taus, weights, strict=True)]
         merged = tsv_matrix(deltas)
-    if merged is None:
-        merged = weighted_sum(task_vectors(base, experts), [w / len(experts) for w in weights])
-    return torch.add(base, merged, alpha=params.scale)
+    else:
+        merged = weighted_sum(taus, [w / len(experts) for w in weights], in_place=True)
+    return torch.add(base, merged, alpha=params.scale, out=merged)
 
 
 tsv = register(
