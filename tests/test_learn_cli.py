@@ -107,3 +107,18 @@ def test_learn_refuses_bad_input_before_training(learn_setup, tmp_path):
     result = runner.invoke(cli, ["learn", write(root, bad_param), "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and "stepz" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_failed_export_leaves_no_model_without_its_heads(learn_setup, tmp_path, monkeypatch):
+    import supermerge.learn.export as export
+
+    root, recipe = learn_setup
+
+    def broken(fits):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "plot_coefficients", broken)
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(cli, ["learn", write(root, recipe), "-o", str(out)])
+    assert result.exit_code != 0
+    assert not out.exists() and not list(tmp_path.glob(".merged*"))

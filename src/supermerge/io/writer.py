@@ -13,10 +13,11 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -71,6 +72,14 @@ class CheckpointWriter:
 
     Shards are filled in the order tensors are laid out (or added): a new shard starts when
     the next tensor would exceed ``shard_size``; a larger tensor fills a shard alone.
+
+    ``side_files`` maps file names (``*.safetensors``, not the weights' own names) to
+    layouts: each is one more safetensors file of the output, never sharded and not in the
+    index, whose tensors :meth:`add_side` streams to their places the same way (the
+    per-task masks of TALL masks and EMR). They are written into the temporary directory
+    and published with the model, atomically; :meth:`commit` refuses if one of their
+    tensors is missing.
+
     Use it as a context manager; leaving the block without :meth:`commit` aborts.
     """
 
@@ -81,6 +90,7 @@ class CheckpointWriter:
         overwrite: bool = False,
         shard_size: int = 5 * 2**30,
         layout: Layout | None = None,
+        side_files: Mapping[str, Layout] | None = None,
     ) -> None:
         self.out = Path(os.path.abspath(out))
         self.overwrite = overwrite
@@ -91,15 +101,21 @@ class CheckpointWriter:
         self._shards: list[_Shard] = []  # written (or, with a layout, planned) shards
         self._layout: dict[str, tuple[_Spec, _Shard]] | None = None
         self._names: set[str] = set()  # tensors added
+        self._side: dict[str, dict[str, tuple[_Spec, _Shard]]] = {}  # file -> its placements
+        self._side_names: dict[str, set[str]] = {}  # file -> tensors added to it
         self._state = "open"
         if shard_size <= 0:
             raise OutputError(f"shard_size must be positive, got {shard_size}",
                               file=self.out, fix="pass a shard size in bytes, e.g. 5 * 2**30")
         specs = None if layout is None else self._check_layout(layout)
+        side_specs = {self._check_side_name(f): self._check_layout(lay)
+                      for f, lay in (side_files or {}).items()}
         self._check_target()
         self._tmp = self._make_temp_dir()
         if specs is not None:
             self._start_shards(specs)
+        for file, file_specs in side_specs.items():
+            self._start_side_file(file, file_specs)
 
     # --- public ---------------------------------------------------------------------
 
@@ -111,19 +127,29 @@ class CheckpointWriter:
         Cost with a layout: one positional write of the tensor's bytes (plus a contiguous
         CPU copy if the tensor is not one already); nothing is kept.
         """
-        self._require_open()
-        if not isinstance(tensor, torch.Tensor):
-            raise OutputError(f"expected a torch.Tensor, got {type(tensor).__name__}",
-                              file=self.out, tensor=name, fix="pass tensors only")
-        if name in self._names:
-            raise OutputError("tensor added twice", file=self.out, tensor=name,
-                              fix="each tensor name may be written once")
-        spec = _Spec(name, tuple(tensor.shape), tensor.dtype)
+        spec = self._check_new(name, tensor, self._names)
         if self._layout is None:
             self._buffer_tensor(spec, tensor)
         else:
-            self._write_tensor(spec, tensor)
+            self._write_tensor(spec, tensor, self._layout)
         self._names.add(name)
+
+    def add_side(self, file: str, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor of the side file ``file`` at its place in that file.
+
+        Raises OutputError for a file that is not one of ``side_files``, a repeated name, a
+        tensor its layout does not list or describes otherwise, or when the file cannot be
+        written (then the writer is aborted). Cost: one positional write of the tensor's
+        bytes (plus a contiguous CPU copy if needed); nothing is kept.
+        """
+        placements = self._side.get(file)
+        if placements is None:
+            self._require_open()
+            raise OutputError(f"{file!r} is not a side file of this writer", file=self.out,
+                              tensor=name, fix="list it in side_files when creating the writer")
+        spec = self._check_new(name, tensor, self._side_names[file])
+        self._write_tensor(spec, tensor, placements)
+        self._side_names[file].add(name)
 
     def copy_model_files(self, model_dir: Path | None) -> None:
         """Copy config, generation config, tokenizer/processor files and remote-code ``*.py``
@@ -145,18 +171,25 @@ class CheckpointWriter:
 
     def write_text(self, relative_name: str, text: str) -> None:
         """Write a UTF-8 text file into the output (replacing one copied earlier)."""
+        self.write_bytes(relative_name, text.encode("utf-8"))
+
+    def write_bytes(self, relative_name: str, data: bytes) -> None:
+        """Write a file into the output (e.g. a PNG or a head's safetensors), published with
+        the model. Names of the model's own weights (``model*.safetensors``, the index) are
+        refused, and so are the side files'."""
         self._require_open()
         rel = Path(relative_name)
         if rel.is_absolute() or ".." in rel.parts or not rel.parts:
             raise OutputError(f"{relative_name!r} is not a path inside the output",
                               file=self.out, fix="pass a relative file name such as recipe.yaml")
-        if rel.name == SAFE_INDEX or rel.suffix == ".safetensors":
+        if rel.name == SAFE_INDEX or rel.as_posix() in self._side or (
+                rel.suffix == ".safetensors" and rel.name.startswith(("model", "shard-"))):
             raise OutputError(f"{relative_name!r} would clash with the weights the writer owns",
                               file=self.out, fix="choose another file name")
         with self._writing(relative_name):
             target = self._tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text, encoding="utf-8")
+            target.write_bytes(data)
 
     def write_model_card(
         self, *, base_models: list[str], method: str, recipe_yaml: str, extra_markdown: str = ""
@@ -197,7 +230,9 @@ class CheckpointWriter:
             self.abort()
             raise OutputError("no tensor was added: refusing to write an empty model",
                               file=self.out, fix="add tensors before commit()")
-        missing = [name for name in self._layout or () if name not in self._names]
+        missing = [name for name in self._layout or () if name not in self._names] + [
+            name for file, placed in self._side.items()
+            for name in placed if name not in self._side_names[file]]
         if missing:
             self.abort()
             raise OutputError(f"{len(missing)} tensor(s) of the layout were never added",
@@ -268,6 +303,18 @@ class CheckpointWriter:
                 raise OutputError(f"cannot create a directory beside the output: {exc.strerror}",
                                   file=tmp, fix=_fix_for(exc, self.out)) from exc
 
+    def _check_new(self, name: str, tensor: torch.Tensor, added: set[str]) -> _Spec:
+        """The spec of a tensor about to be added; OutputError if it is no tensor or its name
+        is already in ``added``."""
+        self._require_open()
+        if not isinstance(tensor, torch.Tensor):
+            raise OutputError(f"expected a torch.Tensor, got {type(tensor).__name__}",
+                              file=self.out, tensor=name, fix="pass tensors only")
+        if name in added:
+            raise OutputError("tensor added twice", file=self.out, tensor=name,
+                              fix="each tensor name may be written once")
+        return _Spec(name, tuple(tensor.shape), tensor.dtype)
+
     def _require_open(self) -> None:
         if self._state != "open":
             raise OutputError(f"the writer is already {self._state}", file=self.out,
@@ -296,6 +343,24 @@ class CheckpointWriter:
             raise OutputError(f"{_METADATA} is reserved by safetensors", file=self.out,
                               tensor=spec.name, fix="rename the tensor")
 
+    def _check_side_name(self, file: str) -> str:
+        """Return a side file's name; OutputError unless it is a plain ``*.safetensors`` name
+        that none of the weight files (final or temporary) can take."""
+        weights_name = _WEIGHT_FILE.match(file) is not None
+        if Path(file).name != file or not file.endswith(".safetensors") or weights_name:
+            raise OutputError(f"{file!r} cannot be a side file", file=self.out,
+                              fix="use a plain file name ending in .safetensors that does not "
+                                  "start with 'model' or 'shard-', e.g. task_state.safetensors")
+        return file
+
+    def _start_side_file(self, file: str, specs: list[_Spec]) -> None:
+        """Create one side file with its header; its tensors are written by add_side."""
+        shard = _Shard(self._tmp / file, specs)
+        with self._writing(file):
+            shard.create()
+        self._side[file] = {spec.name: (spec, shard) for spec in specs}
+        self._side_names[file] = set()
+
     def _start_shards(self, specs: list[_Spec]) -> None:
         """Plan the shards of the layout and write their headers (final names; a few KiB)."""
         groups = _pack(specs, self.shard_size)
@@ -307,12 +372,13 @@ class CheckpointWriter:
             self._shards.append(shard)
             self._layout.update({spec.name: (spec, shard) for spec in group})
 
-    def _write_tensor(self, spec: _Spec, tensor: torch.Tensor) -> None:
-        """Write a tensor of the layout to its shard; keeps no reference to it."""
-        if spec.name not in self._layout:
+    def _write_tensor(self, spec: _Spec, tensor: torch.Tensor,
+                      placements: Mapping[str, tuple[_Spec, _Shard]]) -> None:
+        """Write a tensor of a layout to its file at its offset; keeps no reference to it."""
+        if spec.name not in placements:
             raise OutputError("the tensor is not in the writer's layout", file=self.out,
                               tensor=spec.name, fix="add only the tensors the layout lists")
-        expected, shard = self._layout[spec.name]
+        expected, shard = placements[spec.name]
         if spec != expected:
             raise OutputError(
                 f"the tensor is {_describe(spec)} but the layout says {_describe(expected)}",
@@ -424,6 +490,7 @@ class _Spec(NamedTuple):
 
 
 _METADATA = "__metadata__"
+_WEIGHT_FILE = re.compile(r"(model|shard-)")  # names the weight files (final, temporary) take
 _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 _DTYPE_RANK = {dtype: rank for rank, dtype in enumerate(SAFETENSORS_DTYPES.values())}
 

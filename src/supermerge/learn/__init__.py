@@ -12,9 +12,9 @@ from supermerge.learn.export import (
     coefficients_csv,
     coefficients_json,
     export_learned,
+    coefficient_tensors,
+    head_files,
     plot_coefficients,
-    save_coefficient_tensors,
-    save_heads,
 )
 from supermerge.learn.groups import assign_groups, block_of
 from supermerge.learn.hierarchical import (
@@ -63,9 +63,9 @@ __all__ = [
     "learn_coefficients",
     "load_task_data",
     "merge_tree",
+    "coefficient_tensors",
+    "head_files",
     "plot_coefficients",
-    "save_coefficient_tensors",
-    "save_heads",
     "supermerge",
     "supervised_loss",
     "ties_prepare",

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from supermerge.io import CheckpointWriter
 from supermerge.learn.errors import LearnError
@@ -61,8 +61,8 @@ def coefficients_csv(fits: Fits) -> str:
     return out.getvalue()
 
 
-def save_coefficient_tensors(path: str | Path, fits: Fits) -> Path:
-    """Write ``coefficients.safetensors`` (raw and mapped W per node); returns its path."""
+def coefficient_tensors(fits: Fits) -> bytes:
+    """Return ``coefficients.safetensors`` (raw and mapped W per node) as bytes."""
     tensors, metadata = {}, {}
     for node, fit in fits.items():
         tensors[f"{node}.raw"] = fit.raw.detach().float().contiguous()
@@ -70,12 +70,11 @@ def save_coefficient_tensors(path: str | Path, fits: Fits) -> Path:
         metadata[node] = json.dumps(
             {"map": fit.coefficient_map, "experts": fit.expert_names, "groups": fit.group_names}
         )
-    save_file(tensors, path, metadata=metadata)
-    return Path(path)
+    return save(tensors, metadata=metadata)
 
 
-def plot_coefficients(path: str | Path, fits: Fits, max_labels: int = 60) -> Path:
-    """Draw map(W) of every node as a heatmap (experts x groups) into a PNG; returns its path.
+def plot_coefficients(fits: Fits, max_labels: int = 60) -> bytes:
+    """Draw map(W) of every node as a heatmap (experts x groups); returns the PNG's bytes.
 
     Needs matplotlib. Groups beyond ``max_labels`` get every n-th label only.
     """
@@ -105,23 +104,16 @@ def plot_coefficients(path: str | Path, fits: Fits, max_labels: int = 60) -> Pat
         ax.set_yticks(range(len(fit.expert_names)), fit.expert_names, fontsize=8)
         ax.set_title(f"{node}: {fit.coefficient_map}(W)", fontsize=9)
         figure.colorbar(image, ax=ax)
-    figure.savefig(path, dpi=100, bbox_inches="tight")  # room for the long tensor names
-    return Path(path)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100, bbox_inches="tight")  # room for long names
+    return png.getvalue()
 
 
-def save_heads(
-    directory: str | Path, heads: Mapping[str, Mapping[str, torch.Tensor]]
-) -> list[Path]:
-    """Write each task's head to ``<directory>/heads/<task>.safetensors``; returns the paths."""
-    folder = Path(directory) / "heads"
-    if heads:
-        folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for task, head in heads.items():
-        path = folder / f"{task}.safetensors"
-        save_file({k: v.detach().contiguous() for k, v in head.items()}, path)
-        paths.append(path)
-    return paths
+def head_files(heads: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, bytes]:
+    """Return ``{"heads/<task>.safetensors": bytes}``: each task's own head."""
+    return {f"heads/{task}.safetensors": save({k: v.detach().contiguous()
+                                                for k, v in head.items()})
+            for task, head in heads.items()}
 
 
 def export_learned(
@@ -137,10 +129,10 @@ def export_learned(
 ) -> Path:
     """Write the merged model (a Hugging Face directory) with its coefficients; returns ``out``.
 
-    The weights, config/tokenizer files from ``model_dir``, the model card, the recipe and
-    the JSON/CSV coefficients are published atomically by the checkpoint writer; the
-    binary extras (coefficient tensors, heatmap, heads) are added right after. Costs one
-    merged copy of the weights in memory plus the writer's shard buffer.
+    The weights, config/tokenizer files from ``model_dir``, the model card, the recipe, the
+    coefficients (JSON, CSV, safetensors, heatmap) and the heads are published atomically
+    by the checkpoint writer. Costs one merged copy of the weights in memory plus the
+    writer's shard buffer.
     """
     fits = merge.fits
     with CheckpointWriter(out, overwrite=overwrite, shard_size=shard_size) as writer:
@@ -152,11 +144,11 @@ def export_learned(
         writer.write_text("supermerge_recipe.yaml", recipe_yaml)
         writer.write_text("coefficients.json", coefficients_json(fits))
         writer.write_text("coefficients.csv", coefficients_csv(fits))
-        path = writer.commit()
-    save_coefficient_tensors(path / "coefficients.safetensors", fits)
-    plot_coefficients(path / "coefficients.png", fits)
-    save_heads(path, merge.model.head_state_dicts())
-    return path
+        writer.write_bytes("coefficients.safetensors", coefficient_tensors(fits))
+        writer.write_bytes("coefficients.png", plot_coefficients(fits))
+        for name, data in head_files(merge.model.head_state_dicts()).items():
+            writer.write_bytes(name, data)
+        return writer.commit()
 
 
 def _card_notes(merge: LearnedMerge) -> str:
