@@ -9,10 +9,10 @@ Layers inside the package: ``groups`` (merge groups) -> ``model`` (:class:`Merge
 from supermerge.learn.data import Task, TaskData, load_task_data
 from supermerge.learn.errors import LearnError
 from supermerge.learn.export import (
+    coefficient_tensors,
     coefficients_csv,
     coefficients_json,
     export_learned,
-    coefficient_tensors,
     head_files,
     plot_coefficients,
 )

@@ -7,6 +7,11 @@ of each task's examples (default 25 %) is scored every ``eval_every`` steps and 
 the lowest held-out loss is kept: about 2,000 coefficients learned from about 350 examples
 overfit otherwise. Randomness (split, batches) comes from one seeded ``torch.Generator``.
 The module runs in eval mode (no dropout) while W is learned.
+
+Data parallelism (``parallel``, see :mod:`supermerge.learn.distributed`): every process
+draws the same split and batches, runs only its shard of each batch, weights that shard's
+loss by its share of the batch and sums the gradients of W (and the losses) over the
+processes, so that all processes take the same steps as one process would.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -26,6 +32,18 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, float], None]
 """Called after every step with (step, total steps, the step's training loss)."""
+
+
+class DataParallel(Protocol):
+    """How a learned merge is spread over processes (``learn_coefficients(parallel=...)``)."""
+
+    def shard(self, batch: TaskData) -> tuple[TaskData, float]:
+        """Return this process's part of ``batch`` and its share (part size / batch size)."""
+        ...
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` over all processes, in place (every process calls it alike)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -68,12 +86,15 @@ def learn_coefficients(
     eval_every: int = 10,
     seed: int = 0,
     progress: Progress | None = None,
+    parallel: DataParallel | None = None,
 ) -> LearnResult:
     """Learn ``model``'s W on ``tasks``; returns the result and loads the best W into the model.
 
     Each step costs one merge (a read of all task vectors), one forward and backward pass per
     task on ``batch_size`` examples, and a backward through the merge (a second read). Each
-    evaluation adds forward passes over all examples. Raises LearnError before training if
+    evaluation adds forward passes over all examples. With ``parallel`` each process runs
+    its shard of every batch and W's gradient and the losses are summed over the processes
+    (two all-reduces per step, two per evaluation). Raises LearnError before training if
     a task has no head, no examples, or labels its head cannot produce.
     """
     objective_fn = OBJECTIVES[objective] if isinstance(objective, str) else objective
@@ -84,17 +105,17 @@ def learn_coefficients(
     optimizer = torch.optim.Adam([model.weight], lr=lr)
     was_training = model.training
     model.eval()
-    history = [_evaluate(model, tasks, splits, objective_fn, 0)]
+    history = [_evaluate(model, tasks, splits, objective_fn, 0, parallel)]
     best, best_raw = history[0], model.weight.detach().clone()
     for step in range(1, steps + 1):
         optimizer.zero_grad(set_to_none=True)
         chosen = [train.select(next(b)) for (train, _), b in zip(splits, batches, strict=True)]
-        loss = _backward(model, tasks, chosen, objective_fn)
+        loss = _backward(model, tasks, chosen, objective_fn, parallel)
         optimizer.step()
         if progress is not None:
             progress(step, steps, loss)
         if step % eval_every == 0 or step == steps:
-            history.append(_evaluate(model, tasks, splits, objective_fn, step))
+            history.append(_evaluate(model, tasks, splits, objective_fn, step, parallel))
             if _score(history[-1]) < _score(best):
                 best, best_raw = history[-1], model.weight.detach().clone()
     model.set_weight(best_raw)
@@ -179,52 +200,74 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[to
             yield order[start:start + batch_size]
 
 
+def _part(batch: TaskData, parallel: DataParallel | None) -> tuple[TaskData, float]:
+    """This process's part of ``batch`` and its share of it (all of it without ``parallel``)."""
+    return (batch, 1.0) if parallel is None else parallel.shard(batch)
+
+
 def _backward(model: MergedModel, tasks: Sequence[Task], batches: Sequence[TaskData],
-              objective: Objective) -> float:
+              objective: Objective, parallel: DataParallel | None = None) -> float:
     """Put d(sum of the tasks' losses)/dW into ``model.weight.grad``; returns the sum.
 
     Two stages: each task's loss is back-propagated to the merged tensors alone (its
     activations are freed before the next task runs), then the summed gradient goes
-    through the merge once. Peak: one task's activations plus one gradient set.
+    through the merge once. Peak: one task's activations plus one gradient set. With
+    ``parallel`` the gradient and the sum are those of all processes together.
     """
     merged = model.merged_parameters()
     leaves = {name: t.detach().requires_grad_() for name, t in merged.items()}
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64)
     for task, batch in zip(tasks, batches, strict=True):
-        args, kwargs = batch.call_args()
-        loss = objective(model(*args, task=task.name, weights=leaves, **kwargs), batch.labels,
-                         task.kind)
+        part, share = _part(batch, parallel)
+        if len(part) == 0:
+            continue
+        args, kwargs = part.call_args()
+        loss = share * objective(model(*args, task=task.name, weights=leaves, **kwargs),
+                                 part.labels, task.kind)
         loss.backward()
         total += loss.item()
     used = [(merged[n], leaf.grad) for n, leaf in leaves.items() if leaf.grad is not None]
-    torch.autograd.backward([m for m, _ in used], [g for _, g in used])
-    return total
+    if used:
+        torch.autograd.backward([m for m, _ in used], [g for _, g in used])
+    if parallel is not None:
+        if model.weight.grad is None:  # an empty shard: contribute zeros to the sum
+            model.weight.grad = torch.zeros_like(model.weight)
+        parallel.all_reduce(model.weight.grad)
+        parallel.all_reduce(total)
+    return total.item()
 
 
 def _loss(model: MergedModel, tasks: Sequence[Task], data: Sequence[TaskData | None],
-          objective: Objective, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+          objective: Objective, weights: dict[str, torch.Tensor],
+          parallel: DataParallel | None = None) -> float:
     """Sum of the tasks' losses under merged ``weights`` (tasks without data are skipped).
 
-    For evaluation: with gradients it would keep every task's activations at once.
+    For evaluation: with gradients it would keep every task's activations at once. With
+    ``parallel``, each process scores its shard and the sum is over all processes.
     """
-    losses = []
+    total = torch.zeros((), dtype=torch.float64)
     for task, batch in zip(tasks, data, strict=True):
-        if batch is not None:
-            args, kwargs = batch.call_args()
+        if batch is None:
+            continue
+        part, share = _part(batch, parallel)
+        if len(part) > 0:
+            args, kwargs = part.call_args()
             output = model(*args, task=task.name, weights=weights, **kwargs)
-            losses.append(objective(output, batch.labels, task.kind))
-    return torch.stack(losses).sum()
+            total += share * objective(output, part.labels, task.kind).item()
+    if parallel is not None:
+        parallel.all_reduce(total)
+    return total.item()
 
 
 @torch.no_grad()
 def _evaluate(model: MergedModel, tasks: Sequence[Task],
               splits: Sequence[tuple[TaskData, TaskData | None]], objective: Objective,
-              step: int) -> Evaluation:
+              step: int, parallel: DataParallel | None = None) -> Evaluation:
     weights = model.merged_parameters()
-    train = _loss(model, tasks, [t for t, _ in splits], objective, weights).item()
+    train = _loss(model, tasks, [t for t, _ in splits], objective, weights, parallel)
     heldout = None
     if any(h is not None for _, h in splits):
-        heldout = _loss(model, tasks, [h for _, h in splits], objective, weights).item()
+        heldout = _loss(model, tasks, [h for _, h in splits], objective, weights, parallel)
     return Evaluation(step, train, heldout)
 
 
