@@ -11,6 +11,8 @@ its task vectors: :func:`task_vectors` computes them in the experts' own buffers
 engine lends them (``TensorContext.scratch``), else into new tensors, so a Python caller's
 tensors are never changed, and everything after that step works in place on them. A method
 that needs K task vectors at once therefore adds only O(1) temporaries to the K + 1 inputs.
+Elementwise work in several steps runs a block at a time (:func:`blocks`): its temporaries
+are of one block, in cache, and each tensor crosses the memory bus once.
 
 Tie rules (documented once, here):
 
@@ -612,8 +614,8 @@ def sign_consensus_(
     ``sign_on_weighted`` elects, and tests agreement, on ``w_i * delta_i`` (mergekit);
     otherwise on the unweighted deltas (the paper). Overwrites ``deltas``; the result is in
     ``deltas[0]``'s buffer. Every entry is independent, so the work runs ``BLOCK`` entries at
-    a time (:func:`blocks`): each delta is read from memory once and the sign, the
-    accumulator and the masks are temporaries of one block, in cache.
+    a time (:func:`blocks`): each delta is read from memory once, and the sign and the
+    accumulator are temporaries of one block, in cache.
     """
     electors = weights if sign_on_weighted else None
     signs = [math.copysign(1.0, w) if w != 0 else 0.0 for w in weights] if electors else None
