@@ -36,15 +36,15 @@ import torch
 from pydantic import Field
 
 from supermerge.methods.primitives import (
+    TallModelParams,
     TaskVectorParams,
-    Weight,
     blocks,
     consensus_mask,
     tall_masks,
     task_vectors,
     weighted_sum,
 )
-from supermerge.methods.registry import Method, ModelParams, TensorContext, register
+from supermerge.methods.registry import Method, TensorContext, register
 
 
 class ConsensusParams(TaskVectorParams):
@@ -58,24 +58,11 @@ class ConsensusParams(TaskVectorParams):
     )
 
 
-class ConsensusModelParams(ModelParams):
-    """Per-model parameters of ``consensus``."""
-
-    weight: Weight = Field(1.0, description="coefficient of this model's task vector in tau_MTL")
-    tall_lambda: float = Field(
-        0.4,
-        ge=0.0,
-        allow_inf_nan=False,
-        description="TALL mask threshold lambda_t: the task uses a weight where |tau_t| >= "
-        "lambda_t * |tau_MTL - tau_t| (0: every weight)",
-    )
-
-
 def merge_consensus(
     base: torch.Tensor,
     experts: list[torch.Tensor],
     params: ConsensusParams,
-    models: list[ConsensusModelParams],
+    models: list[TallModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
     """Return ``base + lambda * consensus_mask * tau_MTL``.
@@ -98,7 +85,7 @@ consensus = register(
         name="consensus",
         fn=merge_consensus,
         params=ConsensusParams,
-        model_params=ConsensusModelParams,
+        model_params=TallModelParams,
         summary="task arithmetic restricted to the weights that at least k tasks' TALL "
         "masks select",
         paper="Wang et al. 2024, Localizing Task Information for Improved Model Merging "

@@ -136,6 +136,19 @@ class MagPruneModelParams(ModelParams):
         return self
 
 
+class TallModelParams(ModelParams):
+    """Per-model parameters of the TALL-mask methods (consensus, tall_masks)."""
+
+    weight: Weight = Field(1.0, description="coefficient of this model's task vector in tau_MTL")
+    tall_lambda: float = Field(
+        0.4,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="TALL mask threshold lambda_t: task t uses a weight where |tau_t| >= "
+        "lambda_t * |tau_MTL - tau_t| (0: every weight)",
+    )
+
+
 # -- task vectors and sums ----------------------------------------------------------------
 
 

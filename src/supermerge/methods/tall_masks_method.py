@@ -39,14 +39,13 @@ from pydantic import Field
 
 from supermerge.methods import primitives
 from supermerge.methods.primitives import (
+    TallModelParams,
     TaskVectorParams,
-    Weight,
     task_vectors,
     weighted_sum,
 )
 from supermerge.methods.registry import (
     Method,
-    ModelParams,
     TaskSpecific,
     TensorContext,
     register,
@@ -65,24 +64,11 @@ class TallMasksParams(TaskVectorParams):
     )
 
 
-class TallMasksModelParams(ModelParams):
-    """Per-model parameters of ``tall_masks``."""
-
-    weight: Weight = Field(1.0, description="coefficient of this model's task vector in tau_MTL")
-    tall_lambda: float = Field(
-        0.4,
-        ge=0.0,
-        allow_inf_nan=False,
-        description="TALL mask threshold lambda_t: task t keeps a weight where |tau_t| >= "
-        "lambda_t * |tau_MTL - tau_t| (0: every weight)",
-    )
-
-
 def merge_tall_masks(
     base: torch.Tensor,
     experts: list[torch.Tensor],
     params: TallMasksParams,
-    models: list[TallMasksModelParams],
+    models: list[TallModelParams],
     ctx: TensorContext,
 ) -> TaskSpecific:
     """Return ``base + tau_MTL`` with each task's TALL mask and scale 1.
@@ -101,7 +87,7 @@ tall_masks = register(
         name="tall_masks",
         fn=merge_tall_masks,
         params=TallMasksParams,
-        model_params=TallMasksModelParams,
+        model_params=TallModelParams,
         summary="task arithmetic plus one TALL bit mask per task; evaluated with the task id, "
         "each task retrieves its masked part of the multi-task vector",
         paper="Wang et al. 2024, Localizing Task Information for Improved Model Merging "
