@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -43,10 +42,9 @@ from torch import nn
 
 from supermerge.learn.data import Task, TaskData
 from supermerge.learn.errors import LearnError
-from supermerge.learn.hierarchical import LearnedMerge, State, merge_tree
-from supermerge.learn.merge import ties_prepare
+from supermerge.learn.hierarchical import LearnedMerge, State
+from supermerge.learn.merge import adamerging, supermerge
 from supermerge.learn.model import Head
-from supermerge.learn.params import ADAMERGING, SUPERMERGE
 from supermerge.learn.train import Progress
 
 
@@ -123,19 +121,8 @@ def learn_data_parallel(
     single-process run's steps, each divided among the ranks, plus two all-reduces of
     K x J numbers and two of a scalar per step.
     """
-    if method == "supermerge":
-        p = SUPERMERGE.validate(params)
-        model_options = {"coefficient_map": "tanh", **p.model_options()}
-        objective, fan_in = "supervised", p.fan_in if p.hierarchical else None
-    elif method == "adamerging":
-        p = ADAMERGING.validate(params)
-        prepare = partial(ties_prepare, density=p.density) if p.ties else None
-        model_options = {"coefficient_map": "clamp", "prepare": prepare, **p.model_options()}
-        objective, fan_in = "entropy", None
-    else:
+    runners = {"supermerge": supermerge, "adamerging": adamerging}
+    if method not in runners:
         raise LearnError(f"unknown learned method {method!r}", fix="use supermerge or adamerging")
-    return merge_tree(
-        module, base_state, experts, tasks, fan_in=fan_in, head_prefix=head_prefix,
-        heads=heads, model_options=model_options, progress=progress,
-        fit_options={"objective": objective, **p.fit_options(), "parallel": parallel},
-    )
+    return runners[method](module, base_state, experts, tasks, head_prefix=head_prefix,
+                           heads=heads, progress=progress, parallel=parallel, **params)

@@ -21,7 +21,7 @@ from supermerge.learn.data import Task
 from supermerge.learn.hierarchical import LearnedMerge, State, merge_tree
 from supermerge.learn.model import Head
 from supermerge.learn.params import ADAMERGING, SUPERMERGE
-from supermerge.learn.train import Progress
+from supermerge.learn.train import DataParallel, Progress
 from supermerge.methods.primitives import elect_sign, magnitude_trim
 
 
@@ -35,13 +35,15 @@ def supermerge(
     heads: Mapping[str, Head] | None = None,
     progress: Progress | None = None,
     workdir: str | Path | None = None,
+    parallel: DataParallel | None = None,
     **params: Any,
 ) -> LearnedMerge:
     """SuperMerge: W mapped by tanh, learned with the tasks' supervised losses.
 
     ``params`` are :class:`~supermerge.learn.params.SuperMergeParams` (``hierarchical``,
-    ``fan_in``, ``steps``, ...). Costs ``steps`` training steps over K task vectors (flat),
-    or per tree node over its ``fan_in`` children (hierarchical).
+    ``fan_in``, ``steps``, ...); ``parallel`` shares each batch among torch.distributed
+    ranks (see :mod:`supermerge.learn.distributed`). Costs ``steps`` training steps over K
+    task vectors (flat), or per tree node over its ``fan_in`` children (hierarchical).
     """
     p = SUPERMERGE.validate(params)
     return merge_tree(
@@ -49,7 +51,7 @@ def supermerge(
         fan_in=p.fan_in if p.hierarchical else None,
         head_prefix=head_prefix, heads=heads,
         model_options={"coefficient_map": "tanh", **p.model_options()},
-        fit_options={"objective": "supervised", **p.fit_options()},
+        fit_options={"objective": "supervised", **p.fit_options(), "parallel": parallel},
         progress=progress, workdir=workdir,
     )
 
@@ -63,6 +65,7 @@ def adamerging(
     head_prefix: str | None = None,
     heads: Mapping[str, Head] | None = None,
     progress: Progress | None = None,
+    parallel: DataParallel | None = None,
     **params: Any,
 ) -> LearnedMerge:
     """AdaMerging (AdaMerging++ with ``ties=True``): W clamped to [0, 1], entropy loss.
@@ -77,7 +80,7 @@ def adamerging(
         module, base_state, experts, tasks,
         head_prefix=head_prefix, heads=heads,
         model_options={"coefficient_map": "clamp", "prepare": prepare, **p.model_options()},
-        fit_options={"objective": "entropy", **p.fit_options()},
+        fit_options={"objective": "entropy", **p.fit_options(), "parallel": parallel},
         progress=progress,
     )
 
