@@ -252,3 +252,14 @@ def test_cli_demo_and_evaluate(built, tiny_base, tmp_path):
     result = runner.invoke(group, ["evaluate", str(expert_dir), "--tasks",
                                    str(tmp_path / "missing.jsonl"), "--base", str(tiny_base)])
     assert result.exit_code == 1 and "not found" in result.output
+
+
+def test_methods_the_library_lacks_are_listed_as_not_run(monkeypatch):
+    from supermerge.eval import bench
+
+    monkeypatch.setattr(bench, "_learn_missing", lambda: "not in the library yet")
+    plan = bench._plan(4, BenchmarkConfig(hierarchical=True))
+    assert plan["supermerge"] == plan["supermerge_hierarchical"] == "not in the library yet"
+    assert plan["slerp"] == "merges exactly 2 model(s), the benchmark has 4"
+    assert plan["task_arithmetic"] is None
+    assert "supermerge_hierarchical" not in bench._plan(4, BenchmarkConfig())

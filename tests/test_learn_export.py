@@ -79,8 +79,9 @@ def test_checkpoints_serve_as_lazy_experts(tmp_path: Path) -> None:
 
 def test_learned_methods_are_listed_with_parameters_and_data_needs() -> None:
     methods = {m.name: m for m in LEARNED_METHODS}
-    assert {n: m.needs for n, m in methods.items()} == {"adamerging": "unlabelled",
-                                                         "supermerge": "labelled"}
+    assert {n: m.needs for n, m in methods.items()} == {
+        "adamerging": "unlabelled", "fisher": "unlabelled", "regmean": "unlabelled",
+        "supermerge": "labelled"}
     rows = {p.name: p for p in methods["supermerge"].describe()}
     assert rows["fan_in"].default == 2 and rows["hierarchical"].default is False
     assert rows["steps"].default == 200 and rows["lr"].default == 1e-2

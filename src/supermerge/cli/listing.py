@@ -17,8 +17,9 @@ def describe_methods(name: str | None = None) -> str:
     for method in [*available_methods(), *LEARNED_METHODS]:
         lines.append(f"{method.name:<18} {method.needs:<10} "
                      f"{'yes' if method.needs_base else 'no':<5} {method.summary}")
-    lines.append("\n`supermerge methods NAME` shows a method's parameters and paper. Methods "
-                 "that need data run with `supermerge learn`.")
+    lines.append("\n`supermerge methods NAME` shows a method's parameters and paper. "
+                 "supermerge and adamerging run with `supermerge learn`; fisher and regmean "
+                 "from Python (supermerge.learn.fisher_merge, regmean_merge).")
     return "\n".join(lines)
 
 

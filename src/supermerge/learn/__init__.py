@@ -2,7 +2,9 @@
 
 Layers inside the package: ``groups`` (merge groups) -> ``model`` (:class:`MergedModel`) ->
 ``data`` / ``objectives`` -> ``train`` (:func:`learn_coefficients`) -> ``hierarchical``
-(the merge tree) -> ``merge`` (:func:`supermerge`, :func:`adamerging`) -> ``export``.
+(the merge tree) -> ``merge`` (:func:`supermerge`, :func:`adamerging`) -> ``export``;
+``statistics`` holds the closed-form data-informed merges (:func:`fisher_merge`,
+:func:`regmean_merge`).
 :data:`LEARNED_METHODS` lists the methods for `supermerge methods`.
 """
 
@@ -31,15 +33,19 @@ from supermerge.learn.objectives import entropy_loss, supervised_loss
 from supermerge.learn.params import (
     LEARNED_METHODS,
     AdaMergingParams,
+    FisherParams,
     LearnedMethod,
+    RegMeanParams,
     SuperMergeParams,
 )
+from supermerge.learn.statistics import fisher_merge, regmean_merge
 from supermerge.learn.train import LearnResult, learn_coefficients
 
 __all__ = [
     "LEARNED_METHODS",
     "AdaMergingParams",
     "CheckpointState",
+    "FisherParams",
     "LearnError",
     "LearnResult",
     "LearnedMerge",
@@ -47,6 +53,7 @@ __all__ = [
     "MergeNode",
     "MergedModel",
     "PeakRSS",
+    "RegMeanParams",
     "SuperMergeParams",
     "Task",
     "TaskData",
@@ -60,12 +67,14 @@ __all__ = [
     "cosine_similarities",
     "entropy_loss",
     "export_learned",
+    "fisher_merge",
     "learn_coefficients",
     "load_task_data",
     "merge_tree",
     "coefficient_tensors",
     "head_files",
     "plot_coefficients",
+    "regmean_merge",
     "supermerge",
     "supervised_loss",
     "ties_prepare",

@@ -99,7 +99,7 @@ class LearnedMethod:
     summary: str
     paper: str
     needs: DataNeed
-    params: type[LearnParams]
+    params: type[Params]
     model_params: type[Params] = _NoModelParams
     needs_base: bool = True
     min_models: int = 1
@@ -137,4 +137,43 @@ ADAMERGING = LearnedMethod(
     needs="unlabelled",
     params=AdaMergingParams,
 )
-LEARNED_METHODS: list[LearnedMethod] = [ADAMERGING, SUPERMERGE]
+
+
+class FisherParams(Params):
+    """Parameters of ``fisher`` (Fisher-weighted averaging, no training)."""
+
+    examples: int = Field(256, ge=1, description="unlabelled inputs per expert for its Fisher")
+    fisher_floor: float = Field(
+        1e-6, ge=0, description="added to every Fisher entry (all-zero Fishers: plain average)"
+    )
+    seed: int = Field(0, description="seed of the labels sampled from each expert")
+
+
+class RegMeanParams(Params):
+    """Parameters of ``regmean`` (closed form per linear layer, no training)."""
+
+    alpha: float = Field(
+        0.9, ge=0, le=1, description="scale of the Gram matrices' off-diagonal (1: exact)"
+    )
+    examples: int = Field(256, ge=1, description="unlabelled inputs per expert for its Grams")
+
+
+FISHER = LearnedMethod(
+    name="fisher",
+    summary="average weighted element-wise by each expert's diagonal Fisher on unlabelled data",
+    paper="Matena, Raffel 2022, Merging Models with Fisher-Weighted Averaging "
+    "(arXiv 2111.09832)",
+    needs="unlabelled",
+    params=FisherParams,
+    needs_base=False,
+)
+REGMEAN = LearnedMethod(
+    name="regmean",
+    summary="per linear layer, closed-form merge from each expert's input Gram matrix",
+    paper="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language "
+    "Models (arXiv 2212.09849)",
+    needs="unlabelled",
+    params=RegMeanParams,
+    needs_base=False,
+)
+LEARNED_METHODS: list[LearnedMethod] = [ADAMERGING, FISHER, REGMEAN, SUPERMERGE]
