@@ -28,8 +28,8 @@ from supermerge.methods.primitives import (
     Density,
     SignConsensusParams,
     Weight,
+    add_sign_consensus_,
     dare_task_vectors,
-    sign_consensus_,
 )
 from supermerge.methods.registry import Method, ModelParams, TensorContext, register
 
@@ -57,13 +57,7 @@ def merge_dare_ties(
     """
     densities = [m.density for m in models]
     sparse = list(dare_task_vectors(base, experts, densities, ctx.seed, in_place=ctx.scratch))
-    merged = sign_consensus_(
-        sparse,
-        [m.weight for m in models],
-        normalize=params.normalize,
-        sign_on_weighted=params.sign_on_weighted,
-    )
-    return torch.add(base, merged, alpha=params.scale, out=merged)
+    return add_sign_consensus_(base, sparse, models, params)
 
 
 dare_ties = register(

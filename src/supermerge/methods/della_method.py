@@ -50,8 +50,8 @@ import torch
 from supermerge.methods.primitives import (
     MagPruneModelParams,
     SignConsensusParams,
+    add_sign_consensus_,
     magprune_task_vectors,
-    sign_consensus_,
 )
 from supermerge.methods.registry import Method, TensorContext, register
 
@@ -72,13 +72,7 @@ def merge_della(
     pruned = list(
         magprune_task_vectors(base, experts, densities, epsilons, ctx.seed, in_place=ctx.scratch)
     )
-    merged = sign_consensus_(
-        pruned,
-        [m.weight for m in models],
-        normalize=params.normalize,
-        sign_on_weighted=params.sign_on_weighted,
-    )
-    return torch.add(base, merged, alpha=params.scale, out=merged)
+    return add_sign_consensus_(base, pruned, models, params)
 
 
 della = register(

@@ -638,6 +638,23 @@ def sign_consensus_(
     return deltas[0]
 
 
+def add_sign_consensus_(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    models: Sequence[ModelParams],
+    params: SignConsensusParams,
+) -> torch.Tensor:
+    """Return ``base + lambda * sign_consensus_(deltas)``: the TIES ending shared by ties,
+    dare_ties and della. Overwrites ``deltas``; the result is in ``deltas[0]``'s buffer."""
+    merged = sign_consensus_(
+        deltas,
+        [m.weight for m in models],
+        normalize=params.normalize,
+        sign_on_weighted=params.sign_on_weighted,
+    )
+    return torch.add(base, merged, alpha=params.scale, out=merged)
+
+
 # -- DARE ---------------------------------------------------------------------------------
 
 

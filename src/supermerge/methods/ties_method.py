@@ -44,8 +44,8 @@ from supermerge.methods.primitives import (
     MagnitudeThresholds,
     SignConsensusParams,
     Weight,
+    add_sign_consensus_,
     magnitude_trim_,
-    sign_consensus_,
     task_vectors,
     threshold_trim_,
 )
@@ -90,13 +90,7 @@ def merge_ties(
         trimmed = [threshold_trim_(tau, t) for tau, t in pairs]
     else:
         trimmed = [magnitude_trim_(tau, m.density) for tau, m in zip(taus, models, strict=True)]
-    merged = sign_consensus_(
-        trimmed,
-        [m.weight for m in models],
-        normalize=params.normalize,
-        sign_on_weighted=params.sign_on_weighted,
-    )
-    return torch.add(base, merged, alpha=params.scale, out=merged)
+    return add_sign_consensus_(base, trimmed, models, params)
 
 
 def _thresholds(ctx: TensorContext, count: int) -> tuple[float, ...]:
