@@ -202,7 +202,7 @@ def test_benchmark_smoke(built, tiny_base, tasks, tmp_path):
     assert on_disk["experts"] == {n: e.score for n, e in experts.items()}
     run, not_run = runnable(2)
     assert {"linear", "task_arithmetic", "ties", "dare_ties", "slerp"} <= run
-    assert set(on_disk["methods"]) == run | {"adamerging", "supermerge",
+    assert set(on_disk["methods"]) == run | {"adamerging", "fisher", "regmean", "supermerge",
                                              "supermerge_hierarchical"}
     assert set(on_disk["not_run"]) == not_run and "passthrough" in not_run
     for name, row in on_disk["methods"].items():
@@ -212,6 +212,8 @@ def test_benchmark_smoke(built, tiny_base, tasks, tmp_path):
     assert on_disk["methods"]["task_arithmetic"]["params"]["lambda"] in (0.5, 1.0)
     assert on_disk["methods"]["supermerge"]["needs"] == "labelled"
     assert on_disk["methods"]["adamerging"]["needs"] == "unlabelled"
+    assert on_disk["methods"]["fisher"]["needs"] == on_disk["methods"]["regmean"]["needs"]
+    assert on_disk["methods"]["regmean"]["peak_rss_mib"] >= 0
     markdown = (tmp_path / "demo" / "results.md").read_text()
     assert "| ties (lambda " in markdown and "Not run: passthrough" in markdown
     assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 1000
@@ -263,3 +265,24 @@ def test_methods_the_library_lacks_are_listed_as_not_run(monkeypatch):
     assert plan["slerp"] == "merges exactly 2 model(s), the benchmark has 4"
     assert plan["task_arithmetic"] is None
     assert "supermerge_hierarchical" not in bench._plan(4, BenchmarkConfig())
+
+
+def test_benchmark_runs_only_the_methods_named_and_keeps_their_models(built, tiny_base, tasks,
+                                                                      tmp_path):
+    from supermerge.errors import InputValueError
+
+    cache, _ = built
+    config = BenchmarkConfig(expert=CONFIG, lambdas=(1.0,), workers=1, keep_models=True,
+                             methods=("regmean", "fisher", "linear"))
+    results = run_benchmark(tasks, tmp_path / "demo", base=tiny_base, cache=cache,
+                            config=config)
+    assert set(results["methods"]) == {"linear", "fisher", "regmean"} and not results["not_run"]
+    models = tmp_path / "demo" / "models"
+    for name in ("fisher", "regmean"):
+        assert (models / name / "heads" / "colour.safetensors").exists()
+        kept = evaluate(models / name, tasks, experts=built[1])  # heads from the experts
+        assert kept.average == pytest.approx(results["methods"][name]["average"])
+    with pytest.raises(InputValueError, match="(?s)'fisherr'.*choose among.*regmean"):
+        run_benchmark(tasks, tmp_path / "x", base=tiny_base, cache=cache,
+                      config=BenchmarkConfig(expert=CONFIG, methods=("fisherr",)))
+    assert not (tmp_path / "x").exists()  # refused before any work

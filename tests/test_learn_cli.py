@@ -122,3 +122,74 @@ def test_a_failed_export_leaves_no_model_without_its_heads(learn_setup, tmp_path
     result = CliRunner().invoke(cli, ["learn", write(root, recipe), "-o", str(out)])
     assert result.exit_code != 0
     assert not out.exists() and not list(tmp_path.glob(".merged*"))
+
+
+def _expert_states(root):
+    from supermerge.io import open_checkpoint
+    from supermerge.learn import CheckpointState
+
+    return {k: CheckpointState(open_checkpoint(root / k)) for k in ("apple", "red")}
+
+
+def test_learn_regmean_exports_the_python_merge_with_each_experts_head(learn_setup, tmp_path):
+    from safetensors.torch import load_file
+
+    from supermerge.learn import Task, load_task_data, regmean_merge
+
+    root, recipe = learn_setup
+    regmean = {**recipe, "merge_method": "regmean", "parameters": {"alpha": 0.5},
+               "examples": 16}
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(cli, ["learn", write(root, regmean), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "regmean merge ->" in result.output
+    assert (out / "heads/apple.safetensors").exists() and not (out / "coefficients.json").exists()
+    # the same merge from Python, on the same 16 examples per task
+    tokenizer = transformers.AutoTokenizer.from_pretrained(root / "base")
+    tasks = [Task(k, load_task_data(root / f"{k}.jsonl", tokenizer=tokenizer, max_length=8,
+                                    label_names=["no", "yes"], limit=16))
+             for k in ("apple", "red")]
+    module = transformers.BertForSequenceClassification.from_pretrained(root / "base")
+    expected = regmean_merge(module, _expert_states(root), tasks, head_prefix="classifier.",
+                             alpha=0.5)
+    model = transformers.BertForSequenceClassification.from_pretrained(out)
+    state = model.state_dict()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor)
+    head = load_file(out / "heads/red.safetensors")
+    red = transformers.BertForSequenceClassification.from_pretrained(root / "red")
+    torch.testing.assert_close(head["classifier.weight"], red.classifier.weight.detach())
+
+
+def test_learn_fisher_follows_expert_weights_and_reports_progress(learn_setup, tmp_path):
+    from supermerge.recipes.learn import run_learn_recipe
+
+    root, recipe = learn_setup
+    experts = [{**recipe["experts"][0], "weight": 1e9}, recipe["experts"][1]]
+    fisher = {**recipe, "merge_method": "fisher", "experts": experts, "examples": 8,
+              "parameters": {"seed": 1}}
+    seen = []
+    outcome = run_learn_recipe(write(root, fisher), tmp_path / "merged",
+                               progress=lambda *step: seen.append(step))
+    assert outcome.merge is None and outcome.method == "fisher"
+    assert seen[-1] == (16, 16, None)  # 8 examples for each of the two experts
+    merged = transformers.BertForSequenceClassification.from_pretrained(outcome.out)
+    apple = transformers.BertForSequenceClassification.from_pretrained(root / "apple")
+    for name, tensor in apple.bert.state_dict().items():  # weight 1e9: apple's tensors
+        torch.testing.assert_close(merged.bert.state_dict()[name], tensor, rtol=1e-4,
+                                   atol=1e-5)
+
+
+def test_learn_refuses_weights_outside_fisher_and_merge_refuses_data_methods(learn_setup,
+                                                                             tmp_path):
+    root, recipe = learn_setup
+    weighted = {**recipe, "experts": [{**recipe["experts"][0], "weight": 2.0},
+                                      recipe["experts"][1]]}
+    result = CliRunner().invoke(cli, ["learn", write(root, weighted), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "only fisher" in result.output
+    merge_recipe = root / "merge.yaml"
+    merge_recipe.write_text(yaml.safe_dump({"merge_method": "regmean", "base_model": "base",
+                                            "models": [{"model": "apple"}, {"model": "red"}]}))
+    result = CliRunner().invoke(cli, ["merge", str(merge_recipe), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "supermerge learn" in result.output
+    assert not (tmp_path / "o").exists()

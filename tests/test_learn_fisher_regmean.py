@@ -210,7 +210,69 @@ def test_causal_lm_fisher_scores_token_positions() -> None:
 def test_fisher_and_regmean_are_listed_with_parameters() -> None:
     methods = {m.name: m for m in LEARNED_METHODS}
     assert methods["fisher"].needs == methods["regmean"].needs == "unlabelled"
-    assert {p.name for p in methods["fisher"].describe()} >= {"examples", "fisher_floor", "seed"}
+    assert {p.name for p in methods["fisher"].describe()} >= {"examples", "floor", "seed"}
     assert methods["regmean"].validate({"alpha": 0.5}).alpha == 0.5
     with pytest.raises(MethodError, match="alpha"):
         methods["regmean"].validate({"alpha": 2})
+
+
+class Body(nn.Module):
+    """MLP without its classifier: the module when heads are separate modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(3, 4)
+        self.act = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x))
+
+
+def test_module_heads_give_the_same_merge_as_head_tensors() -> None:
+    """Each task's head as an nn.Module on the body's output is the same model as the
+    expert's own classifier tensors: both merges must agree."""
+    a, b = _expert(0), _expert(1)
+    heads = {}
+    for name, expert in (("a", a), ("b", b)):
+        heads[name] = nn.Linear(4, 2)
+        heads[name].load_state_dict({"weight": expert["classifier.weight"],
+                                     "bias": expert["classifier.bias"]})
+    bodies = {n: {k: v for k, v in e.items() if k.startswith("body.")}
+              for n, e in (("a", a), ("b", b))}
+    tasks = _tasks(["a", "b"])
+    for merge in (fisher_merge, regmean_merge):
+        with_tensors = merge(MLP(), {"a": a, "b": b}, tasks, head_prefix="classifier.")
+        with_modules = merge(Body(), bodies, tasks, heads=heads)
+        assert with_modules.keys() == with_tensors.keys()
+        for name, tensor in with_tensors.items():
+            torch.testing.assert_close(with_modules[name], tensor)
+    with pytest.raises(LearnError, match="no head for task.*'b'"):
+        fisher_merge(Body(), bodies, tasks, heads={"a": heads["a"]})
+
+
+class Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 3)
+        self.body = nn.Linear(3, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.body(self.embed(input_ids)).mean(1)
+
+
+def test_regmean_leaves_padding_out_of_the_grams() -> None:
+    """The same examples padded with a loud pad token give the same merge as unpadded."""
+    torch.manual_seed(0)
+    a, b = dict(Tokens().state_dict()), dict(Tokens().state_dict())
+    a["embed.weight"][0] = b["embed.weight"][0] = 50.0  # the pad token's embedding
+    ids = torch.tensor([[1, 2, 3], [4, 5, 1]])
+    plain = TaskData({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    padded_ids = torch.cat([ids, torch.zeros(2, 2, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones_like(ids), torch.zeros(2, 2, dtype=torch.long)], dim=1)
+    padded = TaskData({"input_ids": padded_ids, "attention_mask": mask})
+    progress: list[tuple[int, int]] = []
+    expected = regmean_merge(Tokens(), {"a": a, "b": b}, [Task("a", plain), Task("b", plain)])
+    merged = regmean_merge(Tokens(), {"a": a, "b": b}, [Task("a", padded), Task("b", padded)],
+                           progress=lambda done, total: progress.append((done, total)))
+    torch.testing.assert_close(merged["body.weight"], expected["body.weight"])
+    assert progress[-1] == (4, 4)

@@ -125,7 +125,7 @@ def _prepare(tasks: tuple[str, ...], base: Path | None,
 
 def _run_demo(tasks: tuple[str, ...], out: Path, base: Path | None, cache: Path | None,
               workers: int, threads: int, steps: int, keep_models: bool,
-              hierarchical: bool | None, default: str) -> None:
+              hierarchical: bool | None, methods: str, default: str) -> None:
     from supermerge.eval import (
         BenchmarkConfig,
         ExpertCache,
@@ -139,7 +139,8 @@ def _run_demo(tasks: tuple[str, ...], out: Path, base: Path | None, cache: Path 
     if hierarchical is None:
         hierarchical = "all" in _task_specs(tasks) or default == "all"
     config = BenchmarkConfig(hierarchical=hierarchical, workers=workers,
-                             keep_models=keep_models)
+                             keep_models=keep_models,
+                             methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
     if steps is not None:
         config = replace(config, learned_steps=steps)
     command = shlex.join(["supermerge", *sys.argv[1:]])
@@ -166,10 +167,14 @@ def _demo_command(name: str, default_tasks: str, default_out: str,
     @click.option("--hierarchical/--flat-only", default=None,
                   help="Also run hierarchical SuperMerge [default: with --tasks all].")
     @click.option("--keep-models", is_flag=True, help="Keep every merged model under OUT/models.")
+    @click.option("--methods", default="", metavar="NAMES",
+                  help="Run only these methods, comma-separated, named as in results.json "
+                  "(e.g. fisher,regmean,supermerge) [default: all].")
     @friendly
-    def command(tasks, base, cache, workers, threads, out, steps, hierarchical, keep_models):
+    def command(tasks, base, cache, workers, threads, out, steps, hierarchical, keep_models,
+                methods):
         _run_demo(tasks, out, base, cache, workers, threads, steps, keep_models, hierarchical,
-                  default_tasks)
+                  methods, default_tasks)
 
     return command
 

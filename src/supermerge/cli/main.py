@@ -101,14 +101,16 @@ def merge(recipe: Path, out: Path, overwrite: bool, threads: int, shard_size: in
               help="Largest safetensors shard, in bytes.")
 @friendly
 def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int) -> None:
-    """Learn merge coefficients (SuperMerge, AdaMerging) on validation data, export to OUT."""
+    """Merge with data: learn coefficients (SuperMerge, AdaMerging) or merge from data
+    statistics (Fisher, RegMean) as a learn recipe says; export to OUT."""
     from supermerge.recipes.learn import run_learn_recipe
 
-    bar = tqdm(desc="learning", unit="step", file=sys.stderr, leave=False)
+    bar = tqdm(desc="learning", file=sys.stderr, leave=False)
 
-    def progress(done: int, planned: int, loss: float) -> None:
+    def progress(done: int, planned: int, loss: float | None) -> None:
         bar.total = planned
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if loss is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         bar.update(done - bar.n)
 
     try:
@@ -116,12 +118,13 @@ def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int) -> None:
                                    progress=progress)
     finally:
         bar.close()
-    click.echo(outcome.merge.tree.render())
-    for node, fit in outcome.merge.fits.items():
-        heldout = "-" if fit.heldout_loss is None else f"{fit.heldout_loss:.4f}"
-        click.echo(f"{node}: kept step {fit.best_step}, train loss {fit.train_loss:.4f}, "
-                   f"held-out loss {heldout}")
-    click.echo(f"learned merge -> {outcome.out}")
+    if outcome.merge is not None:
+        click.echo(outcome.merge.tree.render())
+        for node, fit in outcome.merge.fits.items():
+            heldout = "-" if fit.heldout_loss is None else f"{fit.heldout_loss:.4f}"
+            click.echo(f"{node}: kept step {fit.best_step}, train loss {fit.train_loss:.4f}, "
+                       f"held-out loss {heldout}")
+    click.echo(f"{outcome.method} merge -> {outcome.out}")
 
 
 @cli.command()

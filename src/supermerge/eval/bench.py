@@ -2,11 +2,11 @@
 
 :func:`run_benchmark` builds (or reuses) one expert per task, merges them with every
 data-free method in the registry that can merge K models (those with a ``lambda`` get it
-chosen on the validation split), with the learned methods of :mod:`supermerge.learn`
-(AdaMerging on unlabelled validation inputs, SuperMerge on the labelled validation split,
-and hierarchical SuperMerge on request), scores every merge on the test splits with each
-task's own head, and writes ``results.json``, ``results.md`` and ``accuracy.png``.
-Every method is one job; jobs run in ``workers`` processes (see
+chosen on the validation split), with the data-driven methods of :mod:`supermerge.learn`
+(AdaMerging, Fisher and RegMean on the unlabelled validation inputs, SuperMerge on the
+labelled validation split, and hierarchical SuperMerge on request), scores every merge
+on the test splits with each task's own head, and writes ``results.json``, ``results.md``
+and ``accuracy.png``. Every method is one job; jobs run in ``workers`` processes (see
 :mod:`supermerge.eval.parallel`).
 
 ``results.json`` keeps a stable shape: ``tasks``, ``experts`` {task: score}, ``methods``
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from supermerge.api import merge
-from supermerge.errors import SupermergeError
+from supermerge.errors import InputValueError, SupermergeError
 from supermerge.eval.evaluate import EvalReport, evaluate
 from supermerge.eval.experts import Expert, ExpertCache, ExpertConfig, get_experts
 from supermerge.eval.model import collate, load_encoder, load_tokenizer, tokenize
@@ -43,7 +43,8 @@ from supermerge.methods import Method, available_methods, get_method
 
 log = logging.getLogger(__name__)
 
-LEARNED_RUNS = ("adamerging", "supermerge", "supermerge_hierarchical")
+LEARNED_RUNS = ("adamerging", "fisher", "regmean", "supermerge", "supermerge_hierarchical")
+CLOSED_FORM = ("fisher", "regmean")
 Row = dict[str, Any]
 
 
@@ -56,9 +57,11 @@ class BenchmarkConfig:
     rates: optimisation of the learned methods, sized for minutes on two CPU cores (their
     other parameters keep the library's defaults). AdaMerging's rate keeps lr x steps
     near the paper's 1e-3 x 500: faster, its entropy objective collapses tasks onto one
-    class. ``hierarchical``: also run hierarchical
-    SuperMerge (``fan_in`` experts per node). ``workers``: processes for the experts and
-    the merges. ``keep_models``: keep every merged model under ``out/models``.
+    class. Fisher and RegMean keep their defaults and read every validation input.
+    ``methods``: run only these (names as in results.json; empty: all).
+    ``hierarchical``: also run hierarchical SuperMerge (``fan_in`` experts per node).
+    ``workers``: processes for the experts and the merges. ``keep_models``: keep every
+    merged model under ``out/models``.
     """
 
     expert: ExpertConfig = field(default_factory=ExpertConfig)
@@ -71,9 +74,12 @@ class BenchmarkConfig:
     fan_in: int = 2
     workers: int = 2
     keep_models: bool = False
+    methods: tuple[str, ...] = ()
 
     def learned_params(self, name: str) -> dict[str, Any]:
-        """The parameters the benchmark gives a learned run."""
+        """The parameters the benchmark gives a data-driven run (none for closed forms)."""
+        if name in CLOSED_FORM:
+            return {}
         lr = self.adamerging_lr if name == "adamerging" else self.supermerge_lr
         params = {"steps": self.learned_steps, "lr": lr, "batch_size": self.learned_batch_size}
         if name == "supermerge_hierarchical":
@@ -102,6 +108,7 @@ def run_benchmark(
     one test pass per method, spread over ``workers`` processes.
     """
     config = config or BenchmarkConfig()
+    plan = _plan(len(tasks), config)
     out = Path(out)
     work = out / ".work"
     shutil.rmtree(work, ignore_errors=True)
@@ -109,7 +116,6 @@ def run_benchmark(
     experts = get_experts(base, tasks, config=config.expert, cache=cache,
                           workers=config.workers, progress=progress)
     bench = _Bench(Path(base), tuple(tasks), dict(experts), config, out, work)
-    plan = _plan(len(tasks), config)
     learned = [n for n in LEARNED_RUNS if n in plan and plan[n] is None]
     jobs = [*learned, "base", *(n for n, why in plan.items() if why is None and n not in learned)]
     outcomes = {name: (row, error) for name, row, error in run_jobs(
@@ -150,21 +156,30 @@ def run_benchmark(
 
 
 def _plan(k: int, config: BenchmarkConfig) -> dict[str, str | None]:
-    """Every method in display order -> None if the benchmark runs it, else why not."""
+    """Every method in display order -> None if the benchmark runs it, else why not.
+
+    With ``config.methods`` only those are planned; an unknown name is an InputValueError.
+    """
     plan = {method.name: _cannot_run(method, k) for method in available_methods()}
     missing = _learn_missing()
-    plan |= {name: missing for name in LEARNED_RUNS[:3 if config.hierarchical else 2]}
-    return plan
+    plan |= {name: missing for name in LEARNED_RUNS if config.hierarchical
+             or name != "supermerge_hierarchical" or name in config.methods}
+    if not config.methods:
+        return plan
+    unknown = [name for name in config.methods if name not in plan]
+    if unknown:
+        raise InputValueError(f"unknown benchmark method(s) {', '.join(map(repr, unknown))}",
+                              fix=f"choose among: {', '.join([*plan, LEARNED_RUNS[-1]])}")
+    return {name: why for name, why in plan.items() if name in config.methods}
 
 
 def _learn_missing() -> str | None:
-    """Why the learned methods cannot run here (None: they can)."""
+    """Why the data-driven methods cannot run here (None: they can)."""
     try:
-        import supermerge.learn as learn
+        import supermerge.learn  # noqa: F401 - imported to learn whether it can be
     except ImportError as err:
         return f"supermerge.learn cannot be imported ({err})"
-    absent = [f for f in ("adamerging", "supermerge") if not hasattr(learn, f)]
-    return f"not in the library yet (no supermerge.learn.{absent[0]})" if absent else None
+    return None
 
 
 def _cannot_run(method: Method, k: int) -> str | None:
@@ -297,21 +312,26 @@ class _Bench:
         return self.entry(report, needs=method.needs, seconds=seconds, **extra)
 
     def learned(self, name: str, progress: Progress) -> Row:
-        """Learn a merge on the validation split (with labels only if the method needs
-        them) and score it; returns its row, with the measured peak memory."""
+        """Merge with a data-driven method on the validation split (with labels only if the
+        method needs them) and score it; returns its row, with the measured peak memory."""
         from supermerge.io import open_checkpoint
         from supermerge.learn import (
             LEARNED_METHODS,
             CheckpointState,
+            PeakRSS,
             TaskData,
             adamerging,
             export_learned,
+            export_model,
+            fisher_merge,
+            regmean_merge,
             supermerge,
         )
         from supermerge.learn import Task as LearnTask
 
-        method = "adamerging" if name == "adamerging" else "supermerge"
-        run: Callable[..., Any] = {"adamerging": adamerging, "supermerge": supermerge}[method]
+        method = "supermerge" if name.startswith("supermerge") else name
+        run: Callable[..., Any] = {"adamerging": adamerging, "supermerge": supermerge,
+                                   "fisher": fisher_merge, "regmean": regmean_merge}[method]
         needs = {m.name: m.needs for m in LEARNED_METHODS}[method]
         params = self.config.learned_params(name)
         data = []
@@ -326,16 +346,28 @@ class _Bench:
             experts = {n: CheckpointState(stack.enter_context(open_checkpoint(e.path)))
                        for n, e in self.experts.items()}
             started = time.perf_counter()
-            result = run(module, module.state_dict(), experts, data, heads=self.heads,
-                         progress=lambda s, t, _loss: progress(f"learn {name}", s, t),
-                         **params)
+            if method in CLOSED_FORM:
+                with PeakRSS() as memory:
+                    state = run(module, experts, data, heads=self.heads, **params,
+                                progress=lambda d, t: progress(f"{name} statistics", d, t))
+                peak = memory.peak
+            else:
+                result = run(module, module.state_dict(), experts, data, heads=self.heads,
+                             progress=lambda s, t, _loss: progress(f"learn {name}", s, t),
+                             **params)
+                state, peak = result.model.merged_state_dict(), result.peak_rss
             seconds = time.perf_counter() - started
         if self.config.keep_models:
-            export_learned(self.target(name), result, method=method, overwrite=True,
-                           base_models=[str(e.path) for e in self.experts.values()],
-                           model_dir=self.base)
+            written = {"method": method, "overwrite": True, "model_dir": self.base,
+                       "base_models": [str(e.path) for e in self.experts.values()]}
+            if method in CLOSED_FORM:
+                heads = {task: dict(head.state_dict()) for task, head in self.heads.items()}
+                export_model(self.target(name), {**module.state_dict(), **state}, heads,
+                             **written)
+            else:
+                export_learned(self.target(name), result, **written)
         merged = load_encoder(self.base)
-        merged.load_weights(result.model.merged_state_dict())
+        merged.load_weights(state)
         report = self.score(merged, name, progress)
         return self.entry(report, needs=needs, seconds=seconds, params=params,
-                          peak_rss_mib=result.peak_rss / 2**20)
+                          peak_rss_mib=peak / 2**20)

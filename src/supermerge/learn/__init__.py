@@ -1,4 +1,5 @@
-"""Data-driven merging: coefficients learned on validation data (SuperMerge, AdaMerging).
+"""Data-driven merging: coefficients learned on validation data (SuperMerge, AdaMerging)
+and closed-form merges from data statistics (Fisher, RegMean).
 
 Layers inside the package: ``groups`` (merge groups) -> ``model`` (:class:`MergedModel`) ->
 ``data`` / ``objectives`` -> ``train`` (:func:`learn_coefficients`) -> ``hierarchical``
@@ -15,6 +16,7 @@ from supermerge.learn.export import (
     coefficients_csv,
     coefficients_json,
     export_learned,
+    export_model,
     head_files,
     plot_coefficients,
 )
@@ -28,7 +30,7 @@ from supermerge.learn.hierarchical import (
 )
 from supermerge.learn.memory import PeakRSS
 from supermerge.learn.merge import adamerging, supermerge, ties_prepare
-from supermerge.learn.model import CheckpointState, MergedModel, TaskVectors
+from supermerge.learn.model import CheckpointState, MergedModel, TaskVectors, expert_heads
 from supermerge.learn.objectives import entropy_loss, supervised_loss
 from supermerge.learn.params import (
     LEARNED_METHODS,
@@ -66,7 +68,9 @@ __all__ = [
     "coefficients_json",
     "cosine_similarities",
     "entropy_loss",
+    "expert_heads",
     "export_learned",
+    "export_model",
     "fisher_merge",
     "learn_coefficients",
     "load_task_data",

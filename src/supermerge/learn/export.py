@@ -1,14 +1,15 @@
-"""Export of a learned merge: the model through the checkpoint writer, the coefficients beside.
+"""Export of a data-driven merge: the model through the checkpoint writer, heads beside.
 
-Files, per learned node (``root`` alone for a flat merge):
+:func:`export_model` writes any merged state dict with ``heads/<task>.safetensors``, each
+task's own head (load it over the model to answer that task; the model's own head
+tensors are the base's); Fisher and RegMean merges use it alone. :func:`export_learned`
+adds the learned coefficients, per learned node (``root`` alone for a flat merge):
 
 - ``coefficients.safetensors``: ``<node>.raw`` (W) and ``<node>.coefficients`` (map(W)),
   K experts x J groups, with the expert and group names in the metadata;
 - ``coefficients.json``: per node the map, expert names, group names, map(W) and the
   losses at the kept step; ``coefficients.csv``: one row per (node, expert, group);
-- ``coefficients.png``: a heatmap of map(W) (experts x groups), one panel per node;
-- ``heads/<task>.safetensors``: each task's own head (load it over the model to answer
-  that task; the model's own head tensors are the base's).
+- ``coefficients.png``: a heatmap of map(W) (experts x groups), one panel per node.
 """
 
 from __future__ import annotations
@@ -116,6 +117,43 @@ def head_files(heads: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, byt
             for task, head in heads.items()}
 
 
+def export_model(
+    out: str | Path,
+    state: Mapping[str, torch.Tensor],
+    heads: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    method: str,
+    base_models: Sequence[str],
+    recipe_yaml: str = "",
+    model_dir: str | Path | None = None,
+    notes: str = "",
+    files: Mapping[str, str | bytes] | None = None,
+    overwrite: bool = False,
+    shard_size: int = 5 * 2**30,
+) -> Path:
+    """Write a data-driven merge (a Hugging Face directory); returns ``out``.
+
+    ``state`` is the whole merged state dict; each task's head goes to
+    ``heads/<task>.safetensors``. The config/tokenizer files of ``model_dir``, the model
+    card (with ``notes``), the recipe and ``files`` (name -> text or bytes) are published
+    with the weights atomically by the checkpoint writer: a failure leaves no output.
+    Costs the writer's shard buffer beyond ``state``.
+    """
+    with CheckpointWriter(out, overwrite=overwrite, shard_size=shard_size) as writer:
+        for name, tensor in state.items():
+            writer.add(name, tensor)
+        writer.copy_model_files(Path(model_dir) if model_dir is not None else None)
+        writer.write_model_card(base_models=list(base_models), method=method,
+                                recipe_yaml=recipe_yaml, extra_markdown=notes)
+        writer.write_text("supermerge_recipe.yaml", recipe_yaml)
+        for name, data in {**(files or {}), **head_files(heads)}.items():
+            if isinstance(data, str):
+                writer.write_text(name, data)
+            else:
+                writer.write_bytes(name, data)
+        return writer.commit()
+
+
 def export_learned(
     out: str | Path,
     merge: LearnedMerge,
@@ -129,26 +167,20 @@ def export_learned(
 ) -> Path:
     """Write the merged model (a Hugging Face directory) with its coefficients; returns ``out``.
 
-    The weights, config/tokenizer files from ``model_dir``, the model card, the recipe, the
-    coefficients (JSON, CSV, safetensors, heatmap) and the heads are published atomically
-    by the checkpoint writer. Costs one merged copy of the weights in memory plus the
-    writer's shard buffer.
+    As :func:`export_model`, plus the coefficients (JSON, CSV, safetensors, heatmap).
+    Costs one merged copy of the weights in memory plus the writer's shard buffer.
     """
     fits = merge.fits
-    with CheckpointWriter(out, overwrite=overwrite, shard_size=shard_size) as writer:
-        for name, tensor in merge.model.merged_state_dict().items():
-            writer.add(name, tensor)
-        writer.copy_model_files(Path(model_dir) if model_dir is not None else None)
-        writer.write_model_card(base_models=list(base_models), method=method,
-                                recipe_yaml=recipe_yaml, extra_markdown=_card_notes(merge))
-        writer.write_text("supermerge_recipe.yaml", recipe_yaml)
-        writer.write_text("coefficients.json", coefficients_json(fits))
-        writer.write_text("coefficients.csv", coefficients_csv(fits))
-        writer.write_bytes("coefficients.safetensors", coefficient_tensors(fits))
-        writer.write_bytes("coefficients.png", plot_coefficients(fits))
-        for name, data in head_files(merge.model.head_state_dicts()).items():
-            writer.write_bytes(name, data)
-        return writer.commit()
+    files: dict[str, str | bytes] = {
+        "coefficients.json": coefficients_json(fits),
+        "coefficients.csv": coefficients_csv(fits),
+        "coefficients.safetensors": coefficient_tensors(fits),
+        "coefficients.png": plot_coefficients(fits),
+    }
+    return export_model(out, merge.model.merged_state_dict(), merge.model.head_state_dicts(),
+                        method=method, base_models=base_models, recipe_yaml=recipe_yaml,
+                        model_dir=model_dir, notes=_card_notes(merge), files=files,
+                        overwrite=overwrite, shard_size=shard_size)
 
 
 def _card_notes(merge: LearnedMerge) -> str:

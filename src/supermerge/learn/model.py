@@ -182,12 +182,36 @@ def prepare_experts(
             if _shape(expert, name) != tuple(tensor.shape):
                 raise _shape_error(expert_name, name, _shape(expert, name), tensor.shape)
     if head_prefix:
-        heads = {}
-        for name, expert in experts.items():
-            head = {k: expert[k] for k in expert if k.startswith(head_prefix)}
-            if head:
-                heads[name] = head
+        heads = expert_heads(experts, head_prefix)
     return list(reference), dict(heads or {})
+
+
+def expert_heads(
+    experts: Mapping[str, Mapping[str, torch.Tensor]], head_prefix: str,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Return each expert's tensors under ``head_prefix`` (experts without any are left
+    out), keyed by expert name. Reads only those tensors."""
+    heads = {}
+    for name, expert in experts.items():
+        head = {k: expert[k] for k in expert if k.startswith(head_prefix)}
+        if head:
+            heads[name] = head
+    return heads
+
+
+def run_with_head(
+    module: nn.Module, weights: Mapping[str, torch.Tensor], head: Head | None,
+    args: Sequence[Any], kwargs: Mapping[str, Any],
+) -> Any:
+    """Run ``module`` on ``weights`` with a task's head; returns the output.
+
+    A tensor head overrides its tensors in ``weights``; a module head is applied to the
+    module's output; ``None`` runs the module as it is.
+    """
+    if isinstance(head, nn.Module):
+        return head(functional_call(module, dict(weights), tuple(args), dict(kwargs)))
+    params = {**weights, **head} if head else dict(weights)
+    return functional_call(module, params, tuple(args), dict(kwargs))
 
 
 def _shape_error(expert: str, tensor: str, shape: Sequence[int], base: Sequence[int]) -> LearnError:
@@ -404,11 +428,9 @@ class MergedModel(nn.Module):
             raise LearnError(
                 f"no head for task {task!r}", fix=f"tasks with a head: {', '.join(self.tasks)}"
             )
-        if task in self.head_modules:
-            output = functional_call(self.module, dict(weights), args, kwargs)
-            return self.head_modules[task](output)
-        params = {**weights, **self._tensor_heads.get(task, {})}
-        return functional_call(self.module, params, args, kwargs)
+        head = self.head_modules[task] if task in self.head_modules else \
+            self._tensor_heads.get(task)
+        return run_with_head(self.module, weights, head, args, kwargs)
 
     # -- results ------------------------------------------------------------------------
     @torch.no_grad()

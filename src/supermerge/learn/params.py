@@ -140,17 +140,19 @@ ADAMERGING = LearnedMethod(
 
 
 class FisherParams(Params):
-    """Parameters of ``fisher`` (Fisher-weighted averaging, no training)."""
+    """Parameters of ``fisher`` (Fisher-weighted averaging, no training); named like
+    :func:`~supermerge.learn.statistics.fisher_merge`'s keywords."""
 
     examples: int = Field(256, ge=1, description="unlabelled inputs per expert for its Fisher")
-    fisher_floor: float = Field(
+    floor: float = Field(
         1e-6, ge=0, description="added to every Fisher entry (all-zero Fishers: plain average)"
     )
     seed: int = Field(0, description="seed of the labels sampled from each expert")
 
 
 class RegMeanParams(Params):
-    """Parameters of ``regmean`` (closed form per linear layer, no training)."""
+    """Parameters of ``regmean`` (closed form per linear layer, no training); named like
+    :func:`~supermerge.learn.statistics.regmean_merge`'s keywords."""
 
     alpha: float = Field(
         0.9, ge=0, le=1, description="scale of the Gram matrices' off-diagonal (1: exact)"

@@ -15,28 +15,37 @@ Experts are matched to tasks by name (a task named like an expert uses that expe
 data); when the names do not match, by position. Both functions take the module (its
 architecture; its own tensors fill in whatever an expert lacks, e.g. integer buffers),
 the experts as state dicts (or lazy mappings such as ``CheckpointState``) and return the
-merged state dict. With ``head_prefix`` the tensors under it are each task's head: each
-expert runs with its own head, and heads are left out of the result (every task keeps its
-expert's head, as in :func:`~supermerge.learn.model.prepare_experts`).
+merged state dict. Heads are never merged and are left out of the result (every task
+keeps its expert's head, as in :func:`~supermerge.learn.model.prepare_experts`): with
+``head_prefix`` the tensors under it are each expert's head and each expert runs with its
+own; or ``heads`` gives each task's head (tensor overrides or a module applied to the
+module's output). ``progress(done, total)`` is called after every batch, counting
+examples over all experts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from supermerge.learn.data import IGNORE_INDEX, Task, TaskData
 from supermerge.learn.errors import LearnError
-from supermerge.learn.model import module_tensors, prepare_experts, wide_float
+from supermerge.learn.model import (
+    Head,
+    module_tensors,
+    prepare_experts,
+    run_with_head,
+    wide_float,
+)
 from supermerge.learn.objectives import logits_of
 
 State = Mapping[str, torch.Tensor]
 Weights = Mapping[str, float] | Sequence[float]
+Progress = Callable[[int, int], None]
 
 DEFAULT_EXAMPLES = 256
 BATCH = 32
@@ -48,10 +57,12 @@ def fisher_merge(
     tasks: Sequence[Task],
     *,
     head_prefix: str | None = None,
+    heads: Mapping[str, Head] | None = None,
     weights: Weights | None = None,
     examples: int = DEFAULT_EXAMPLES,
     floor: float = 1e-6,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fisher merging: the element-wise Fisher-weighted average of the experts.
 
@@ -60,7 +71,8 @@ def fisher_merge(
     with ``y ~ p(. | x; theta_i)`` sampled from the expert itself (a seeded generator:
     ``seed``), so no labels are needed. For language models (``kind="causal_lm"``) ``y`` is
     one sampled token per scored position (positions whose label is not -100 when labels are
-    given, all otherwise) and ``log p`` their sum. The merge, per entry::
+    given, else those the attention mask marks real, else all) and ``log p`` their sum.
+    The merge, per entry::
 
         merged = sum_i w_i (F_i + floor) theta_i / sum_i w_i (F_i + floor)
 
@@ -80,17 +92,18 @@ def fisher_merge(
         raise LearnError("examples must be at least 1", fix="use examples >= 1")
     if floor < 0:
         raise LearnError("floor must not be negative", fix="use floor >= 0 (default 1e-6)")
-    names, pairs, aliases = _prepare(module, experts, tasks, head_prefix)
+    names, pairs, aliases = _prepare(module, experts, tasks, head_prefix, heads)
     w = _weights(weights, list(experts))
     generator = torch.Generator().manual_seed(seed)
+    counter = _Counter(pairs, examples, 1, progress)
     numerator: dict[str, torch.Tensor] = {}
     denominator: dict[str, torch.Tensor] = {}
     plain: dict[str, torch.Tensor] = {}  # sum_i w_i theta_i, kept only when floor == 0
-    total = sum(w[name] for name, _task in pairs)
+    total = sum(w[name] for name, _task, _head in pairs)
     with _eval_mode(module):
-        for expert_name, task in pairs:
+        for expert_name, task, head in pairs:
             state = dict(experts[expert_name])
-            fisher = _diagonal_fisher(module, state, names, task, examples, generator)
+            fisher = _diagonal_fisher(module, state, head, names, task, counter, generator)
             for name in names:
                 weighted = w[expert_name] * (fisher[name] + floor)
                 term = weighted * wide_float(state[name]).to(weighted.device)
@@ -119,15 +132,17 @@ def regmean_merge(
     tasks: Sequence[Task],
     *,
     head_prefix: str | None = None,
+    heads: Mapping[str, Head] | None = None,
     alpha: float = 0.9,
     examples: int = DEFAULT_EXAMPLES,
+    progress: Progress | None = None,
 ) -> dict[str, torch.Tensor]:
     """RegMean: per linear layer, the weight closest to every expert on its own inputs.
 
     For every ``nn.Linear`` of the module (outside ``head_prefix``), forward hooks collect
     each expert's input Gram matrix ``G_i = X_i^T X_i`` over the first ``examples`` inputs
-    of its task (``X_i``: the layer's inputs, all positions flattened; padding positions of
-    tokenised text are included). Off-diagonals are shrunk,
+    of its task (``X_i``: the layer's inputs, all positions flattened; positions the
+    ``attention_mask`` input marks as padding are left out). Off-diagonals are shrunk,
     ``G~_i = alpha G_i + (1 - alpha) diag(G_i)``, and the merged weight is::
 
         W^T = (sum_i G~_i)^{-1} sum_i G~_i W_i^T        (torch.linalg.solve, float64)
@@ -148,15 +163,16 @@ def regmean_merge(
         raise LearnError(f"alpha must lie in [0, 1], got {alpha}", fix="use 0 <= alpha <= 1")
     if examples < 1:
         raise LearnError("examples must be at least 1", fix="use examples >= 1")
-    names, pairs, aliases = _prepare(module, experts, tasks, head_prefix)
+    names, pairs, aliases = _prepare(module, experts, tasks, head_prefix, heads)
     linears = _linear_weights(module, names, aliases)
+    counter = _Counter(pairs, examples, BATCH, progress)
     gram_sum: dict[str, torch.Tensor] = {}
     rhs_sum: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}
     with _eval_mode(module):
-        for expert_name, task in pairs:
+        for expert_name, task, head in pairs:
             state = dict(experts[expert_name])
-            grams = _input_grams(module, state, linears, task, examples)
+            grams = _input_grams(module, state, head, linears, task, counter)
             for weight_name, gram in grams.items():
                 shrunk = alpha * gram + (1 - alpha) * torch.diag(torch.diagonal(gram))
                 weight_t = state[weight_name].to(torch.float64).T.to(shrunk.device)
@@ -182,15 +198,30 @@ def regmean_merge(
 
 
 # -- shared ------------------------------------------------------------------------------
+Pairing = tuple[str, Task, Head | None]
+
+
 def _prepare(
     module: nn.Module, experts: Mapping[str, State], tasks: Sequence[Task],
-    head_prefix: str | None,
-) -> tuple[list[str], list[tuple[str, Task]], dict[str, str]]:
-    """Check the experts; returns (merged names, (expert, task) pairs, tied aliases)."""
+    head_prefix: str | None, heads: Mapping[str, Head] | None,
+) -> tuple[list[str], list[Pairing], dict[str, str]]:
+    """Check the experts; returns (merged names, (expert, task, head) triples, tied aliases).
+
+    With ``head_prefix`` the head is None (the expert's own tensors hold it); with
+    ``heads`` every task must have one.
+    """
     if not experts:
         raise LearnError("no experts to merge", fix="give at least one expert")
-    names, _heads = prepare_experts(module, module.state_dict(), experts, head_prefix)
-    return names, _pair(experts, tasks), module_tensors(module)[1]
+    names, heads = prepare_experts(module, module.state_dict(), experts, head_prefix, heads)
+    pairs = _pair(experts, tasks)
+    aliases = module_tensors(module)[1]
+    if head_prefix or not heads:
+        return names, [(e, t, None) for e, t in pairs], aliases
+    headless = [task.name for _e, task in pairs if task.name not in heads]
+    if headless:
+        raise LearnError(f"no head for task(s) {', '.join(map(repr, headless))}",
+                         fix=f"give every task a head; heads given: {', '.join(heads)}")
+    return names, [(e, t, heads[t.name]) for e, t in pairs], aliases
 
 
 def _pair(experts: Mapping[str, State], tasks: Sequence[Task]) -> list[tuple[str, Task]]:
@@ -238,15 +269,36 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(training)
 
 
-def _batches(data: TaskData, examples: int, size: int) -> Iterator[TaskData]:
-    count = min(examples, len(data))
-    for start in range(0, count, size):
-        yield data.select(torch.arange(start, min(start + size, count)))
+class _Counter:
+    """Batches of each task's first ``examples`` inputs; reports examples done overall."""
+
+    def __init__(self, pairs: Sequence[Pairing], examples: int, size: int,
+                 progress: Progress | None) -> None:
+        self.examples, self.size, self.progress = examples, size, progress
+        self.total = sum(min(examples, len(task.data)) for _e, task, _h in pairs)
+        self.done = 0
+
+    def batches(self, data: TaskData) -> Iterator[TaskData]:
+        """Yield the batches of ``data``; counts each once it has been processed."""
+        count = min(self.examples, len(data))
+        for start in range(0, count, self.size):
+            batch = data.select(torch.arange(start, min(start + self.size, count)))
+            yield batch
+            self.done += len(batch)
+            if self.progress is not None:
+                self.progress(self.done, self.total)
 
 
-def _run(module: nn.Module, state: dict[str, torch.Tensor], batch: TaskData) -> torch.Tensor:
+def _run(module: nn.Module, state: dict[str, torch.Tensor], head: Head | None,
+         batch: TaskData) -> torch.Tensor:
     args, kwargs = batch.call_args()
-    return logits_of(functional_call(module, state, args, kwargs))
+    return logits_of(run_with_head(module, state, head, args, kwargs))
+
+
+def _attention_mask(batch: TaskData) -> torch.Tensor | None:
+    """The batch's ``attention_mask`` input as booleans (None without one)."""
+    mask = batch.inputs.get("attention_mask") if isinstance(batch.inputs, dict) else None
+    return None if mask is None else mask.bool()
 
 
 def _finish(
@@ -272,8 +324,8 @@ def _finish(
 
 # -- Fisher ------------------------------------------------------------------------------
 def _diagonal_fisher(
-    module: nn.Module, state: dict[str, torch.Tensor], names: list[str], task: Task,
-    examples: int, generator: torch.Generator,
+    module: nn.Module, state: dict[str, torch.Tensor], head: Head | None, names: list[str],
+    task: Task, counter: _Counter, generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
     """Mean squared per-example gradient of the sampled log-likelihood, per tensor."""
     learnable = {n for n, _p in module.named_parameters()}
@@ -283,8 +335,9 @@ def _diagonal_fisher(
     call = {**state, **params}
     fisher = {n: torch.zeros_like(wide_float(state[n])) for n in names}
     count = 0
-    for example in _batches(task.data, examples, 1):
-        log_p = _sampled_log_likelihood(_run(module, call, example), example, task, generator)
+    for example in counter.batches(task.data):
+        logits = _run(module, call, head, example)
+        log_p = _sampled_log_likelihood(logits, example, task, generator)
         if not log_p.requires_grad:
             count += 1
             continue
@@ -306,8 +359,11 @@ def _sampled_log_likelihood(
     logits = wide_float(logits)
     if task.kind == "causal_lm":
         logits = logits[:, :-1]
+        mask = _attention_mask(example)
         if example.labels is not None:
             logits = logits[example.labels[:, 1:] != IGNORE_INDEX]
+        elif mask is not None:
+            logits = logits[mask[:, 1:]]
         logits = logits.reshape(-1, logits.shape[-1])
     log_p = F.log_softmax(logits, dim=-1)
     if log_p.numel() == 0:
@@ -334,15 +390,23 @@ def _linear_weights(
 
 
 def _input_grams(
-    module: nn.Module, state: dict[str, torch.Tensor], linears: dict[str, nn.Linear],
-    task: Task, examples: int,
+    module: nn.Module, state: dict[str, torch.Tensor], head: Head | None,
+    linears: dict[str, nn.Linear], task: Task, counter: _Counter,
 ) -> dict[str, torch.Tensor]:
-    """X^T X (float64) of every linear's inputs over the task's first ``examples``."""
+    """X^T X (float64) of every linear's inputs over the task's first examples.
+
+    Inputs laid out like the batch's attention mask (``[batch, positions, features]``)
+    keep only the real positions.
+    """
     grams: dict[str, torch.Tensor] = {}
+    mask: torch.Tensor | None = None
 
     def hook_for(name: str):  # noqa: ANN202 - a forward pre-hook
         def hook(_layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+            x = inputs[0].detach()
+            if mask is not None and x.shape[:-1] == mask.shape:
+                x = x[mask]
+            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
             gram = x.T @ x
             grams[name] = grams[name] + gram if name in grams else gram
         return hook
@@ -351,8 +415,9 @@ def _input_grams(
     seen = 0
     try:
         with torch.no_grad():
-            for batch in _batches(task.data, examples, BATCH):
-                _run(module, state, batch)
+            for batch in counter.batches(task.data):
+                mask = _attention_mask(batch)
+                _run(module, state, head, batch)
                 seen += len(batch)
     finally:
         for handle in handles:

@@ -1,12 +1,12 @@
-"""Recipes for learned merges (`supermerge learn`): base, experts, and each task's data.
+"""Recipes for data-driven merges (`supermerge learn`): base, experts, each task's data.
 
 ::
 
-    merge_method: supermerge            # or adamerging
+    merge_method: supermerge            # adamerging, fisher or regmean
     base_model: ./base
     head_prefix: classifier.            # each expert's own head, never merged
     architecture: sequence_classification   # or causal_lm
-    examples: 32                        # validation examples read per task
+    examples: 32                        # examples read per task (see below)
     max_length: 64
     experts:
       - model: ./expert-spam
@@ -21,6 +21,11 @@
 
 The module is the experts' architecture (transformers' Auto class for ``architecture``)
 loaded with the base model's weights; each task's head comes from its own expert.
+``supermerge`` needs labelled examples; ``adamerging``, ``fisher`` and ``regmean`` read
+only the inputs. ``examples`` defaults to 32 for the trained methods (supermerge,
+adamerging) and to the ``examples`` parameter (256) for fisher and regmean, which learn
+nothing: they merge in closed form from statistics of the data. An expert's ``weight``
+(fisher only) scales its share of the Fisher-weighted average.
 """
 
 from __future__ import annotations
@@ -42,15 +47,25 @@ from supermerge.learn import (
     LearnedMerge,
     Task,
     adamerging,
+    expert_heads,
     export_learned,
+    export_model,
+    fisher_merge,
     load_task_data,
+    regmean_merge,
     supermerge,
 )
 
 log = logging.getLogger(__name__)
 
-_RUNNERS: dict[str, Callable[..., LearnedMerge]] = {"supermerge": supermerge,
+_TRAINED: dict[str, Callable[..., LearnedMerge]] = {"supermerge": supermerge,
                                                      "adamerging": adamerging}
+_CLOSED_FORM: dict[str, Callable[..., dict[str, Any]]] = {"fisher": fisher_merge,
+                                                          "regmean": regmean_merge}
+TRAINED_EXAMPLES = 32
+Progress = Callable[[int, int, float | None], None]
+"""(done, total, loss): steps of a trained method with its loss, or examples of a closed-form
+one with None."""
 _AUTO_CLASSES = {"sequence_classification": "AutoModelForSequenceClassification",
                  "causal_lm": "AutoModelForCausalLM"}
 
@@ -66,6 +81,8 @@ class LearnExpert(BaseModel):
     input_key: str = "input"
     label_key: str = "label"
     labels: list[str] | None = Field(None, description="class names, if labels are names")
+    weight: float | None = Field(
+        None, gt=0, description="fisher only: the expert's weight in the average (default 1)")
 
     @property
     def task_name(self) -> str:
@@ -77,12 +94,14 @@ class LearnRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    merge_method: Literal["supermerge", "adamerging"]
+    merge_method: Literal["supermerge", "adamerging", "fisher", "regmean"]
     base_model: str
     experts: list[LearnExpert] = Field(min_length=1)
     head_prefix: str | None = None
     architecture: Literal["sequence_classification", "causal_lm"] = "sequence_classification"
-    examples: int = Field(32, ge=2, description="validation examples read per task")
+    examples: int | None = Field(
+        None, ge=2, description="examples read per task (default: 32 for supermerge and "
+        "adamerging, the `examples` parameter for fisher and regmean)")
     max_length: int = Field(128, ge=4)
     parameters: dict[str, Any] = Field(default_factory=dict)
 
@@ -90,10 +109,15 @@ class LearnRecipe(BaseModel):
         """The recipe as YAML (saved beside the merged model)."""
         return yaml.safe_dump(self.model_dump(exclude_defaults=True), sort_keys=False)
 
+    @property
+    def closed_form(self) -> bool:
+        """Whether the method merges from data statistics (fisher, regmean), learning nothing."""
+        return self.merge_method in _CLOSED_FORM
+
 
 def load_learn_recipe(source: str | Path | dict[str, Any]) -> tuple[LearnRecipe, Path | None]:
     """Validate a learn recipe (a YAML path or a mapping); returns it and its folder."""
-    root = None
+    root = path = None
     if not isinstance(source, dict):
         path = Path(source)
         if not path.is_file():
@@ -114,15 +138,34 @@ def load_learn_recipe(source: str | Path | dict[str, Any]) -> tuple[LearnRecipe,
                           ) from None
     method = next(m for m in LEARNED_METHODS if m.name == recipe.merge_method)
     method.validate(recipe.parameters)
+    weighted = [e.task_name for e in recipe.experts if e.weight is not None]
+    if weighted and recipe.merge_method != "fisher":
+        raise RecipeError(f"experts {weighted} have a `weight`, which only fisher uses",
+                          file=path, fix="remove the experts' `weight`")
     return recipe, root
+
+
+def _method_params(recipe: LearnRecipe) -> dict[str, Any]:
+    """The method's parameters, validated, with its defaults filled in."""
+    method = next(m for m in LEARNED_METHODS if m.name == recipe.merge_method)
+    return method.validate(recipe.parameters).model_dump()
+
+
+def _examples(recipe: LearnRecipe) -> int:
+    """Examples read per task: the recipe's, else the method's default."""
+    if recipe.examples is not None:
+        return recipe.examples
+    return _method_params(recipe)["examples"] if recipe.closed_form else TRAINED_EXAMPLES
 
 
 @dataclass
 class LearnOutcome:
-    """What `supermerge learn` did."""
+    """What `supermerge learn` did: the output, and for trained methods the learned merge
+    (None for fisher and regmean)."""
 
     out: Path
-    merge: LearnedMerge
+    method: str
+    merge: LearnedMerge | None
 
 
 def run_learn_recipe(
@@ -131,14 +174,15 @@ def run_learn_recipe(
     *,
     overwrite: bool = False,
     shard_size: int = 5 * 2**30,
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Progress | None = None,
 ) -> LearnOutcome:
-    """Learn the merge a recipe describes and export it to ``out``; returns a LearnOutcome.
+    """Run the data-driven merge a recipe describes, export it to ``out``; returns a
+    LearnOutcome.
 
     Everything that can be checked before training is: the recipe, every path, every data
     file (read and validated against its head) and the experts' tensor names. Costs the
-    method's training steps on the tasks' validation examples; the experts are read
-    lazily, one tensor at a time.
+    method's training steps on the tasks' examples (fisher: a forward and backward pass
+    per example and expert; regmean: a forward pass); the experts are read lazily.
     """
     recipe, root = load_learn_recipe(source)
     if Path(out).exists() and not overwrite:
@@ -158,21 +202,31 @@ def run_learn_recipe(
             locate(e.data), kind="causal_lm" if recipe.architecture == "causal_lm"
             else "classification", tokenizer=tokenizer, input_key=e.input_key,
             label_key=e.label_key, label_names=e.labels, max_length=recipe.max_length,
-            limit=recipe.examples),
+            limit=_examples(recipe)),
              "causal_lm" if recipe.architecture == "causal_lm" else "classification")
         for e in recipe.experts]
     auto = getattr(transformers, _AUTO_CLASSES[recipe.architecture])
     config = transformers.AutoConfig.from_pretrained(first_dir)
     module = auto.from_pretrained(base_dir, config=config).eval()
-    merge = _RUNNERS[recipe.merge_method](
-        module, module.state_dict(),
-        {name: CheckpointState(ckpt) for name, ckpt in checkpoints.items()}, tasks,
-        head_prefix=recipe.head_prefix, progress=progress, **recipe.parameters)
-    path = export_learned(out, merge, method=recipe.merge_method,
-                          base_models=[str(base_dir), *map(str, expert_dirs.values())],
-                          recipe_yaml=recipe.to_yaml(), model_dir=first_dir,
-                          overwrite=overwrite, shard_size=shard_size)
-    return LearnOutcome(path, merge)
+    experts = {name: CheckpointState(ckpt) for name, ckpt in checkpoints.items()}
+    written = {"method": recipe.merge_method, "recipe_yaml": recipe.to_yaml(),
+               "base_models": [str(base_dir), *map(str, expert_dirs.values())],
+               "model_dir": first_dir, "overwrite": overwrite, "shard_size": shard_size}
+    if not recipe.closed_form:
+        merge = _TRAINED[recipe.merge_method](
+            module, module.state_dict(), experts, tasks, head_prefix=recipe.head_prefix,
+            progress=progress, **recipe.parameters)
+        return LearnOutcome(export_learned(out, merge, **written), recipe.merge_method, merge)
+    options = _method_params(recipe)
+    if recipe.merge_method == "fisher":
+        options["weights"] = {e.task_name: e.weight or 1.0 for e in recipe.experts}
+    merged = _CLOSED_FORM[recipe.merge_method](
+        module, experts, tasks, head_prefix=recipe.head_prefix,
+        progress=None if progress is None else lambda done, total: progress(done, total, None),
+        **options)
+    state = {**module.state_dict(), **merged}  # heads in the weights stay the base's
+    heads = expert_heads(experts, recipe.head_prefix) if recipe.head_prefix else {}
+    return LearnOutcome(export_model(out, state, heads, **written), recipe.merge_method, None)
 
 
 def _transformers():

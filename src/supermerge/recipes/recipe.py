@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from supermerge.engine import MergeSpec, ModelSpec
 from supermerge.errors import RecipeError
+from supermerge.learn.params import LEARNED_METHODS
 from supermerge.methods import get_method
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,13 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     for key, why in _UNSUPPORTED.items():
         if key in data:
             raise RecipeError(f"mergekit key `{key}` is not supported", file=source, fix=why)
+    data_driven = {m.name: m for m in LEARNED_METHODS}.get(data.get("merge_method"))
+    if data_driven is not None:
+        raise RecipeError(
+            f"`{data_driven.name}` needs {data_driven.needs} data for each expert, which a "
+            "merge recipe has no place for", file=source,
+            fix="write a learn recipe (each expert with its `data:` file) and run "
+            "`supermerge learn RECIPE -o OUT`; see the README's learned merges")
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
