@@ -11,6 +11,7 @@ from supermerge.learn import (
     adamerging,
     entropy_loss,
     learn_coefficients,
+    model_thresholds,
     supermerge,
     supervised_loss,
     ties_prepare,
@@ -117,6 +118,33 @@ def test_adamerging_plus_plus_learns_on_trimmed_sign_consistent_vectors() -> Non
     result = adamerging(toy.module, toy.base_state, toy.experts, unlabelled, head_prefix="head.",
                         ties=True, density=0.5, steps=5)
     assert result.fits["root"].coefficient_map == "clamp"
+
+
+def test_adamerging_plus_plus_trims_the_whole_model_like_the_paper() -> None:
+    """tau = (a: [4, 3], b: [1, 2]) at density 0.5: the whole model keeps its top 2 (both in
+    a, threshold 3), where a per-tensor trim keeps the top 1 of each tensor."""
+    vectors = [{"a": torch.tensor([4.0, 3.0]), "b": torch.tensor([1.0, 2.0])},
+               {"a": torch.tensor([-1.0, 0.5]), "b": torch.tensor([0.0, -8.0])}]
+    thresholds = model_thresholds(vectors, density=0.5)
+    assert thresholds == (3.0, 1.0)
+    stacked_b = torch.stack([v["b"] for v in vectors])
+    torch.testing.assert_close(ties_prepare(stacked_b, thresholds=thresholds),
+                               torch.tensor([[0.0, 0.0], [0.0, -8.0]]))
+    # per tensor: (0, 2) and (0, -8) kept; the elected sign of entry 1 is -: 2 is dropped
+    torch.testing.assert_close(ties_prepare(stacked_b, density=0.5),
+                               torch.tensor([[0.0, 0.0], [0.0, -8.0]]))
+    stacked_a = torch.stack([v["a"] for v in vectors])
+    # whole model: (4, 3) and (-1, 0) kept; signs (+, +): -1 disagrees
+    torch.testing.assert_close(ties_prepare(stacked_a, thresholds=thresholds),
+                               torch.tensor([[4.0, 3.0], [0.0, 0.0]]))
+    # per tensor: (4, 0) and (-1, 0) kept; signs (+, 0)
+    torch.testing.assert_close(ties_prepare(stacked_a, density=0.5),
+                               torch.tensor([[4.0, 0.0], [0.0, 0.0]]))
+    toy = two_task_toy()
+    unlabelled = [Task(t.name, TaskData(t.data.inputs)) for t in toy.tasks()]
+    result = adamerging(toy.module, toy.base_state, toy.experts, unlabelled, head_prefix="head.",
+                        ties=True, density=0.5, trim_scope="model", steps=3)
+    assert torch.isfinite(result.fits["root"].coefficients).all()
 
 
 def test_objectives_on_hand_computed_values() -> None:

@@ -55,12 +55,15 @@ def merge_learned(
     *,
     overwrite: bool = False,
     shard_size: int = 5 * 2**30,
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Callable[[int, int, float | None], None] | None = None,
 ):
-    """Learn a merge (SuperMerge, AdaMerging) from a learn recipe and export it to ``out``.
+    """Merge with data as a learn recipe says (SuperMerge, AdaMerging, Fisher, RegMean) and
+    export it to ``out``.
 
-    Returns a LearnOutcome (the output path and the LearnedMerge with its coefficients, tree
-    and losses). See :mod:`supermerge.recipes.learn` for the recipe format and the costs.
+    Returns a LearnOutcome: the output path, the method and, for the trained methods, the
+    LearnedMerge with its coefficients, tree and losses (None for fisher and regmean).
+    ``progress(done, total, loss)`` counts steps (loss None: examples, for fisher and
+    regmean). See :mod:`supermerge.recipes.learn` for the recipe format and the costs.
     """
     from supermerge.recipes.learn import run_learn_recipe
 

@@ -18,8 +18,8 @@ def describe_methods(name: str | None = None) -> str:
         lines.append(f"{method.name:<18} {method.needs:<10} "
                      f"{'yes' if method.needs_base else 'no':<5} {method.summary}")
     lines.append("\n`supermerge methods NAME` shows a method's parameters and paper. "
-                 "supermerge and adamerging run with `supermerge learn`; fisher and regmean "
-                 "from Python (supermerge.learn.fisher_merge, regmean_merge).")
+                 "supermerge, adamerging, fisher and regmean run with `supermerge learn` "
+                 "(a learn recipe gives each expert its data).")
     return "\n".join(lines)
 
 

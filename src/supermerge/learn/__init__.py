@@ -29,7 +29,7 @@ from supermerge.learn.hierarchical import (
     merge_tree,
 )
 from supermerge.learn.memory import PeakRSS
-from supermerge.learn.merge import adamerging, supermerge, ties_prepare
+from supermerge.learn.merge import adamerging, model_thresholds, supermerge, ties_prepare
 from supermerge.learn.model import CheckpointState, MergedModel, TaskVectors, expert_heads
 from supermerge.learn.objectives import entropy_loss, supervised_loss
 from supermerge.learn.params import (
@@ -75,6 +75,7 @@ __all__ = [
     "learn_coefficients",
     "load_task_data",
     "merge_tree",
+    "model_thresholds",
     "coefficient_tensors",
     "head_files",
     "plot_coefficients",

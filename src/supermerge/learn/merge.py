@@ -19,10 +19,15 @@ from torch import nn
 
 from supermerge.learn.data import Task
 from supermerge.learn.hierarchical import LearnedMerge, State, merge_tree
-from supermerge.learn.model import Head
+from supermerge.learn.model import Head, TaskVectors, prepare_experts
 from supermerge.learn.params import ADAMERGING, SUPERMERGE
 from supermerge.learn.train import DataParallel, Progress
-from supermerge.methods.primitives import elect_sign, magnitude_trim
+from supermerge.methods.primitives import (
+    GlobalMagnitudeThreshold,
+    elect_sign,
+    magnitude_trim,
+    threshold_trim_,
+)
 
 
 def supermerge(
@@ -72,10 +77,17 @@ def adamerging(
 
     Task-wise with ``granularity="task"``, layer-wise with ``"tensor"`` (default). The
     tasks' data needs no labels. ``params`` are
-    :class:`~supermerge.learn.params.AdaMergingParams`. Costs ``steps`` training steps.
+    :class:`~supermerge.learn.params.AdaMergingParams`. Costs ``steps`` training steps,
+    plus two reads of every expert for AdaMerging++ with ``trim_scope="model"``.
     """
     p = ADAMERGING.validate(params)
-    prepare = partial(ties_prepare, density=p.density) if p.ties else None
+    prepare = None
+    if p.ties and p.trim_scope == "model":
+        names, _ = prepare_experts(module, base_state, experts, head_prefix, heads)
+        vectors = [TaskVectors(base_state, expert, names) for expert in experts.values()]
+        prepare = partial(ties_prepare, thresholds=model_thresholds(vectors, p.density))
+    elif p.ties:
+        prepare = partial(ties_prepare, density=p.density)
     return merge_tree(
         module, base_state, experts, tasks,
         head_prefix=head_prefix, heads=heads,
@@ -85,13 +97,37 @@ def adamerging(
     )
 
 
-def ties_prepare(stacked: torch.Tensor, density: float) -> torch.Tensor:
+def ties_prepare(
+    stacked: torch.Tensor, density: float = 0.2, thresholds: Sequence[float] | None = None,
+) -> torch.Tensor:
     """Return TIES-processed task vectors ``[K, *shape]`` of one tensor, for AdaMerging++.
 
-    Each expert's vector keeps its ``round(density * n)`` largest magnitudes; entries whose
-    sign disagrees with the elected sign are zeroed. The trim is per tensor (mergekit's
-    scope), not over the whole model. Costs K trims and K + 1 temporaries.
+    With ``density`` each expert's vector keeps its ``round(density * n)`` largest
+    magnitudes (per tensor, mergekit's scope); with ``thresholds`` (one per expert, from
+    :func:`model_thresholds`) the magnitudes at least its threshold instead (the paper's
+    whole-model trim). Entries whose sign disagrees with the elected sign are then zeroed. Costs K
+    trims and K + 1 temporaries.
     """
-    trimmed = [magnitude_trim(vector, density) for vector in stacked]
+    if thresholds is None:
+        trimmed = [magnitude_trim(vector, density) for vector in stacked]
+    else:
+        trimmed = [threshold_trim_(vector.clone(), threshold)
+                   for vector, threshold in zip(stacked, thresholds, strict=True)]
     sign = elect_sign(trimmed)
     return torch.stack([torch.where(t.sign() == sign, t, 0.0) for t in trimmed])
+
+
+def model_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], density: float
+                     ) -> tuple[float, ...]:
+    """Return, per expert, the magnitude of the ``round(density * n)``-th largest entry of
+    its whole task vector (``n``: its entries over every tensor): the whole-model TIES trim
+    keeps ``|tau| >= threshold``. Costs two reads of every task vector (exact, streaming:
+    :class:`~supermerge.methods.primitives.GlobalMagnitudeThreshold`).
+    """
+    statistic = GlobalMagnitudeThreshold([density] * len(vectors))
+    for pass_index in range(statistic.passes):
+        for index, vector in enumerate(vectors):
+            for name in vector:
+                statistic.observe(pass_index, index, vector[name])
+        statistic.finish_pass(pass_index)
+    return statistic.result().thresholds

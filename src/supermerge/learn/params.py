@@ -83,7 +83,11 @@ class AdaMergingParams(LearnParams):
         False, description="AdaMerging++: learn on TIES-trimmed, sign-elected task vectors"
     )
     density: Density = Field(
-        0.2, description="with ties: fraction of each tensor's task vector entries kept"
+        0.2, description="with ties: fraction of each task vector's entries kept"
+    )
+    trim_scope: Literal["tensor", "model"] = Field(
+        "tensor", description="with ties: keep the top entries of each tensor, or of each "
+        "expert's whole task vector (the paper's; costs two extra reads of the experts)",
     )
 
 
@@ -160,6 +164,12 @@ class RegMeanParams(Params):
     examples: int = Field(256, ge=1, description="unlabelled inputs per expert for its Grams")
 
 
+class FisherModelParams(Params):
+    """Per-expert parameter of ``fisher`` (an expert's ``weight`` in a learn recipe)."""
+
+    weight: float = Field(1.0, gt=0, description="the expert's weight in the average")
+
+
 FISHER = LearnedMethod(
     name="fisher",
     summary="average weighted element-wise by each expert's diagonal Fisher on unlabelled data",
@@ -167,6 +177,7 @@ FISHER = LearnedMethod(
     "(arXiv 2111.09832)",
     needs="unlabelled",
     params=FisherParams,
+    model_params=FisherModelParams,
     needs_base=False,
 )
 REGMEAN = LearnedMethod(

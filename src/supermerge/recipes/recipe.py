@@ -128,7 +128,7 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
             f"`{data_driven.name}` needs {data_driven.needs} data for each expert, which a "
             "merge recipe has no place for", file=source,
             fix="write a learn recipe (each expert with its `data:` file) and run "
-            "`supermerge learn RECIPE -o OUT`; see the README's learned merges")
+            "`supermerge learn RECIPE -o OUT`; see the README, 'Merges from data'")
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
