@@ -193,3 +193,44 @@ def test_learn_refuses_weights_outside_fisher_and_merge_refuses_data_methods(lea
     result = CliRunner().invoke(cli, ["merge", str(merge_recipe), "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and "supermerge learn" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def _parallel_learn_worker(rank: int, world: int, port: int, recipe: str, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = CliRunner().invoke(cli, ["learn", recipe, "-o", out, "--data-parallel"])
+    with open(f"{out}.rank{rank}.json", "w") as f:
+        json.dump({"exit_code": result.exit_code, "output": result.output}, f)
+
+
+def test_learn_data_parallel_over_two_processes_matches_one(learn_setup, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    root, recipe = learn_setup
+    path = write(root, recipe)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "parallel"
+    mp.spawn(_parallel_learn_worker, args=(2, port, path, str(out)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"parallel.rank{r}.json").read_text()) for r in range(2)]
+    assert [r["exit_code"] for r in ranks] == [0, 0], ranks
+    assert "supermerge merge ->" in ranks[0]["output"]
+    assert "merge ->" not in ranks[1]["output"] and "Loading" not in ranks[1]["output"]
+    single = tmp_path / "single"
+    assert CliRunner().invoke(cli, ["learn", path, "-o", str(single)]).exit_code == 0
+    learned = [json.loads((d / "coefficients.json").read_text())["nodes"]["root"]
+               for d in (out, single)]
+    torch.testing.assert_close(torch.tensor(learned[0]["coefficients"]),
+                               torch.tensor(learned[1]["coefficients"]), rtol=1e-4, atol=1e-5)
+    fisher = {**recipe, "merge_method": "fisher", "parameters": {}}
+    from supermerge.errors import RecipeError
+    from supermerge.recipes.learn import run_learn_recipe
+
+    with pytest.raises(RecipeError, match="no data-parallel mode"):
+        run_learn_recipe(write(root, fisher), tmp_path / "f", parallel=object())

@@ -92,6 +92,15 @@ def merge(recipe: Path, out: Path, overwrite: bool, threads: int, shard_size: in
                f"{result.seconds:.1f} s -> {result.out}")
 
 
+def _quiet_transformers() -> None:
+    """Hide transformers' own loading bars (the command shows its progress)."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    transformers_logging.disable_progress_bar()
+
+
 @cli.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
@@ -99,13 +108,25 @@ def merge(recipe: Path, out: Path, overwrite: bool, threads: int, shard_size: in
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--shard-size", default=5 * 2**30, show_default=True, type=int,
               help="Largest safetensors shard, in bytes.")
+@click.option("--data-parallel", is_flag=True,
+              help="Share every batch among the processes torchrun started (supermerge, "
+              "adamerging): torchrun --nproc-per-node N --no-python supermerge learn ... "
+              "--data-parallel. Rank 0 writes OUT.")
 @friendly
-def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int) -> None:
+def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int,
+          data_parallel: bool) -> None:
     """Merge with data: learn coefficients (SuperMerge, AdaMerging) or merge from data
     statistics (Fisher, RegMean) as a learn recipe says; export to OUT."""
     from supermerge.recipes.learn import run_learn_recipe
 
-    bar = tqdm(desc="learning", file=sys.stderr, leave=False)
+    parallel = None
+    if data_parallel:
+        from supermerge.learn.distributed import init_from_env
+
+        parallel = init_from_env()
+    lead = parallel is None or parallel.rank == 0
+    _quiet_transformers()
+    bar = tqdm(desc="learning", file=sys.stderr, leave=False, disable=not lead)
 
     def progress(done: int, planned: int, loss: float | None) -> None:
         bar.total = planned
@@ -115,9 +136,15 @@ def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int) -> None:
 
     try:
         outcome = run_learn_recipe(recipe, out, overwrite=overwrite, shard_size=shard_size,
-                                   progress=progress)
+                                   progress=progress, parallel=parallel)
     finally:
         bar.close()
+        if parallel is not None:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+    if not lead:
+        return
     if outcome.merge is not None:
         click.echo(outcome.merge.tree.render())
         for node, fit in outcome.merge.fits.items():

@@ -7,7 +7,8 @@ Start one process per device with ``torchrun`` (gloo on CPU, nccl on GPU)::
              --rdzv-backend c10d --rdzv-endpoint head:29500 my_merge.py   # each node
 
 where ``my_merge.py`` calls :func:`init_from_env` and then :func:`learn_data_parallel`
-(or ``learn_coefficients(..., parallel=...)`` on a :class:`MergedModel` it built).
+(or ``learn_coefficients(..., parallel=...)`` on a :class:`MergedModel` it built); or, for
+a learn recipe, ``torchrun ... --no-python supermerge learn RECIPE -o OUT --data-parallel``.
 
 What is sharded: the *work on the validation batches*. Every process holds the whole
 merge (the module, the base, the K task vectors, W) and all of the small validation set;

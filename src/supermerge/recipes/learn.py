@@ -55,6 +55,7 @@ from supermerge.learn import (
     regmean_merge,
     supermerge,
 )
+from supermerge.learn.distributed import TorchDataParallel
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ def run_learn_recipe(
     overwrite: bool = False,
     shard_size: int = 5 * 2**30,
     progress: Progress | None = None,
+    parallel: TorchDataParallel | None = None,
 ) -> LearnOutcome:
     """Run the data-driven merge a recipe describes, export it to ``out``; returns a
     LearnOutcome.
@@ -183,8 +185,16 @@ def run_learn_recipe(
     file (read and validated against its head) and the experts' tensor names. Costs the
     method's training steps on the tasks' examples (fisher: a forward and backward pass
     per example and expert; regmean: a forward pass); the experts are read lazily.
+
+    ``parallel`` (supermerge and adamerging; see :mod:`supermerge.learn.distributed`):
+    every rank of the process group runs this with the same arguments, each its share of
+    every batch; rank 0 alone writes ``out``, and every rank returns the same merge.
     """
     recipe, root = load_learn_recipe(source)
+    if parallel is not None and recipe.closed_form:
+        raise RecipeError(f"{recipe.merge_method} has no data-parallel mode",
+                          fix="run it in one process; data parallelism is for supermerge and "
+                          "adamerging")
     if Path(out).exists() and not overwrite:
         raise RecipeError("the output already exists", file=out,
                           fix="pass --overwrite or choose another output path")
@@ -215,7 +225,9 @@ def run_learn_recipe(
     if not recipe.closed_form:
         merge = _TRAINED[recipe.merge_method](
             module, module.state_dict(), experts, tasks, head_prefix=recipe.head_prefix,
-            progress=progress, **recipe.parameters)
+            progress=progress, parallel=parallel, **recipe.parameters)
+        if parallel is not None and parallel.rank != 0:
+            return LearnOutcome(Path(out), recipe.merge_method, merge)
         return LearnOutcome(export_learned(out, merge, **written), recipe.merge_method, merge)
     options = _method_params(recipe)
     if recipe.merge_method == "fisher":
