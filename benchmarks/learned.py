@@ -6,11 +6,13 @@ measures:
 
 - the time of one SuperMerge step (K tasks, ``--per-task`` examples each) against one
   plain fine-tuning step (Adam on all weights) of the same model on the same examples,
-  each the fastest of ``--steps`` (robust to other load on shared machines);
+  each the fastest of ``--steps`` (robust to other load on shared machines), with the
+  default gradient reduction and with ``stream_gradients``;
 - the peak RSS rise of a flat SuperMerge against a hierarchical one (fan-in g), each in a
   fresh process with the experts read lazily from safetensors files, against the ideal
-  ratio (g + 1) / (K + 1). The processes run with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed
-  at 128 KiB so that freed tensors leave the RSS (by default glibc keeps many for reuse).
+  ratio (g + 1) / (K + 1); also the hierarchical one with ``stream_gradients``. The
+  processes run with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB so that freed
+  tensors leave the RSS (by default glibc keeps many for reuse).
 
 Prints a markdown table. Run: ``python benchmarks/learned.py`` (about a minute on 2 cores).
 """
@@ -89,7 +91,8 @@ def lazy_experts(paths: dict[str, Path]) -> dict[str, CheckpointState]:
     return {name: CheckpointState(open_checkpoint(path)) for name, path in paths.items()}
 
 
-def supermerge_step(k: int, paths: dict[str, Path], args: argparse.Namespace) -> float:
+def supermerge_step(k: int, paths: dict[str, Path], args: argparse.Namespace,
+                    stream: bool) -> float:
     """Seconds of the fastest of ``--steps`` SuperMerge steps (timed between progress calls)."""
     base = build_model(args)
     model = MergedModel.from_experts(base, base.state_dict(), lazy_experts(paths),
@@ -97,6 +100,7 @@ def supermerge_step(k: int, paths: dict[str, Path], args: argparse.Namespace) ->
     stamps: list[float] = []
     learn_coefficients(model, make_tasks(k, args), steps=args.steps + 1,
                        batch_size=args.per_task, holdout=0.0, eval_every=10**9,
+                       stream_gradients=stream,
                        progress=lambda *_: stamps.append(time.perf_counter()))
     return min(b - a for a, b in itertools.pairwise(stamps))
 
@@ -119,14 +123,15 @@ def finetune_step(k: int, args: argparse.Namespace) -> float:
     return min(times[1:])
 
 
-def peak_rss(k: int, hierarchical: bool, paths: dict[str, Path],
+def peak_rss(k: int, hierarchical: bool, stream: bool, paths: dict[str, Path],
              args: argparse.Namespace) -> int:
     """Peak RSS rise (bytes) of one merge, measured by the library; run in a fresh process."""
     torch.set_num_threads(args.threads)
     base = build_model(args)
     result = supermerge(base, base.state_dict(), lazy_experts(paths), make_tasks(k, args),
                         head_prefix=HEAD, hierarchical=hierarchical, fan_in=args.fan_in,
-                        steps=args.memory_steps, batch_size=args.per_task, holdout=0.0)
+                        steps=args.memory_steps, batch_size=args.per_task, holdout=0.0,
+                        stream_gradients=stream)
     return result.peak_rss
 
 
@@ -160,21 +165,22 @@ def main() -> None:
     print(f"BERT {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: one weight "
           f"set {weights / 2**20:.1f} MiB; batch {args.per_task} x {args.seq} tokens per "
           f"task; {args.threads} thread(s); fan-in g = {args.fan_in}\n")
-    print("| K | SuperMerge step | fine-tune step | ratio | flat peak | hierarchical peak "
-          "| ratio | (g+1)/(K+1) |")
+    print("| K | fine-tune step | SuperMerge step (ratio) | streamed step (ratio) | flat peak "
+          "| hierarchical peak (ratio) | streamed hierarchical (ratio) | (g+1)/(K+1) |")
     print("|---|---|---|---|---|---|---|---|")
     for k in args.experts:
         with tempfile.TemporaryDirectory() as folder:
             paths = write_experts(base, k, Path(folder))
-            merge_s = supermerge_step(k, paths, args)
             tune_s = finetune_step(k, args)
+            steps = [supermerge_step(k, paths, args, stream) for stream in (False, True)]
             peaks = []
-            for hierarchical in (False, True):
+            for hierarchical, stream in ((False, False), (True, False), (True, True)):
                 with exact_rss(), spawn.Pool(1) as pool:
-                    peaks.append(pool.apply(peak_rss, (k, hierarchical, paths, args)))
-        print(f"| {k} | {merge_s * 1e3:.0f} ms | {tune_s * 1e3:.0f} ms | "
-              f"{merge_s / tune_s:.2f} | {peaks[0] / 2**20:.0f} MiB | {peaks[1] / 2**20:.0f} MiB "
-              f"| {peaks[1] / peaks[0]:.2f} | {(args.fan_in + 1) / (k + 1):.2f} |", flush=True)
+                    peaks.append(pool.apply(peak_rss, (k, hierarchical, stream, paths, args)))
+        step_cells = " | ".join(f"{s * 1e3:.0f} ms ({s / tune_s:.2f})" for s in steps)
+        peak_cells = " | ".join(f"{p / 2**20:.0f} MiB ({p / peaks[0]:.2f})" for p in peaks[1:])
+        print(f"| {k} | {tune_s * 1e3:.0f} ms | {step_cells} | {peaks[0] / 2**20:.0f} MiB | "
+              f"{peak_cells} | {(args.fan_in + 1) / (k + 1):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

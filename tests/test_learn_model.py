@@ -205,3 +205,50 @@ def test_tied_weights_merge_once_and_both_names_get_the_merge() -> None:
     assert merged["out.weight"] is merged["embed.weight"]
     model(torch.tensor([[1, 2]])).sum().backward()
     assert model.weight.grad is not None
+
+
+@pytest.mark.parametrize(("granularity", "coefficient_map", "vector_dtype", "streamed"), [
+    ("tensor", "tanh", torch.float32, False), ("tensor", "tanh", torch.float32, True),
+    ("task", "clamp", torch.float32, True), ("block", "tanh", torch.bfloat16, True)])
+def test_reduced_leaf_gradients_equal_autograd_through_the_merge(
+        granularity, coefficient_map, vector_dtype, streamed) -> None:
+    """The training step's gradient (merged leaves reduced after all tasks, or streamed as
+    each is computed) is the gradient autograd gives through merged_parameters()."""
+    from supermerge.learn import Task
+    from supermerge.learn.objectives import supervised_loss as objective
+    from supermerge.learn.train import _backward
+
+    toy = two_task_toy()
+    model = MergedModel.from_experts(toy.module, toy.base_state, toy.experts,
+                                     head_prefix="head.", granularity=granularity,
+                                     coefficient_map=coefficient_map, init=0.4,
+                                     vector_dtype=vector_dtype)
+    with torch.no_grad():
+        model.weight.add_(torch.linspace(-0.3, 0.3, model.weight.numel()).view_as(model.weight))
+    _loss(model, toy.val).backward()
+    expected = model.weight.grad.clone()
+    model.weight.grad = None
+    tasks = [Task(name, data) for name, data in toy.val.items()]
+    total = _backward(model, tasks, [t.data for t in tasks], objective, streamed=streamed)
+    # bfloat16 vectors: both reduce in bfloat16 (8-bit mantissa), rounding differently
+    rtol = 1e-4 if vector_dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(model.weight.grad, expected, rtol=rtol,
+                               atol=rtol * float(expected.abs().max()))
+    assert total == pytest.approx(_loss(model, toy.val).item(), rel=1e-5)
+    assert all(p.grad is None for p in toy.module.parameters())
+
+
+def test_streamed_leaves_hold_no_gradient_after_a_backward_pass() -> None:
+    toy = two_task_toy()
+    model = MergedModel.from_experts(toy.module, toy.base_state, toy.experts,
+                                     head_prefix="head.")
+    for streamed in (False, True):
+        leaves = model.merged_leaves(streamed=streamed)
+        task, data = next(iter(toy.val.items()))
+        supervised_loss(model(data.inputs, task=task, weights=leaves.weights), data.labels,
+                        "classification").backward()
+        held = [n for n, leaf in leaves.weights.items() if leaf.grad is not None]
+        assert held == ([] if streamed else model.names)
+        leaves.backward()
+        assert model.weight.grad is not None and bool(model.weight.grad.abs().sum() > 0)
+        model.weight.grad = None

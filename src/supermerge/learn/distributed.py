@@ -25,7 +25,8 @@ Memory per process, in bytes, for P merged parameters in the module, K experts, 
 vectors held in ``vector_dtype`` (4 bytes for float32, 2 for bfloat16)::
 
     P x 4 (base)  +  K x P x vector_bytes (task vectors)  +  P x 4 (one merged copy)
-      +  P x 4 (gradient of the merged copy while training)  +  activations of one shard
+      +  P x 4 (gradient of the merged copy, none with stream_gradients)
+      +  activations of one shard
 
 so data parallelism divides the time per step, not the weights' memory; the hierarchical
 merge (``hierarchical: true``, ``fan_in`` g) bounds K to g per node.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from itertools import chain
 from typing import Any, Literal
 
@@ -212,6 +213,41 @@ def run_with_head(
         return head(functional_call(module, dict(weights), tuple(args), dict(kwargs)))
     params = {**weights, **head} if head else dict(weights)
     return functional_call(module, params, tuple(args), dict(kwargs))
+
+
+class MergedLeaves:
+    """Merged tensors as autograd leaves and the gradient of map(W) gathered from them
+    (see :meth:`MergedModel.merged_leaves`)."""
+
+    def __init__(self, model: MergedModel, weights: dict[str, torch.Tensor]) -> None:
+        self.model, self.weights = model, weights
+        self.hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._index = {name: i for i, name in enumerate(model.names)}
+        self._gradient = torch.zeros_like(model.weight, requires_grad=False)
+
+    def reduce(self, name: str, leaf: torch.Tensor) -> None:
+        """Add ``tau @ leaf.grad`` (one value per expert) to the gradient of map(W) at the
+        leaf's group, and free the leaf's gradient: the chain rule of
+        ``base + sum_i c_i tau_i`` for ``c``, in the task vectors' dtype as the merge uses."""
+        index = self._index[name]
+        vectors = self.model._vectors[index]
+        flat = vectors.reshape(len(vectors), -1)
+        product = torch.mv(flat, leaf.grad.reshape(-1).to(flat.dtype))
+        self._gradient[:, self.model._group_of[index]] += product.to(self._gradient.dtype)
+        leaf.grad = None
+
+    def backward(self) -> None:
+        """Reduce the gradients the leaves still hold, then add ``d loss / d W`` to the
+        model's ``weight.grad`` (through the coefficient map). Releases the leaves: the
+        hooks referring back to this object are removed, so the weight set is freed as soon
+        as the caller drops it, not at the next garbage collection."""
+        for name, leaf in self.weights.items():
+            if leaf.grad is not None:
+                self.reduce(name, leaf)
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks, self.weights = [], {}
+        self.model.coefficients().backward(self._gradient)
 
 
 def _shape_error(expert: str, tensor: str, shape: Sequence[int], base: Sequence[int]) -> LearnError:
@@ -411,6 +447,28 @@ class MergedModel(nn.Module):
             else:
                 merged[name] = base + (c @ flat).reshape(base.shape).to(base.dtype)
         return merged
+
+    def merged_leaves(self, *, streamed: bool = False) -> MergedLeaves:
+        """Return the merged tensors as leaves that require grad, for a backward pass.
+
+        Run the module on ``leaves.weights`` and back-propagate any number of losses, then
+        call :meth:`MergedLeaves.backward` to add ``d loss / d W`` to ``weight.grad``.
+        Each leaf's gradient is reduced to K numbers (one product with its K task vectors);
+        ``streamed=False`` reduces once, after the last loss, so the leaves' gradients are
+        held meanwhile (one weight set); ``streamed=True`` reduces each leaf's gradient as
+        soon as a backward pass computes it and frees it, holding none, at the cost of one
+        read of the task vectors per backward pass instead of one in all. Costs one merged
+        weight set.
+        """
+        with torch.no_grad():
+            merged = self.merged_parameters()
+        leaves = MergedLeaves(self, merged)
+        for name, tensor in merged.items():
+            tensor.requires_grad_()
+            if streamed:
+                leaves.hooks.append(
+                    tensor.register_post_accumulate_grad_hook(partial(leaves.reduce, name)))
+        return leaves
 
     def forward(
         self,

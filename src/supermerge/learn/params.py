@@ -43,6 +43,10 @@ class LearnParams(Params):
     vector_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype the task vectors are held in (bfloat16 halves memory)"
     )
+    stream_gradients: bool = Field(
+        False, description="reduce each merged tensor's gradient as soon as it is computed: "
+        "one weight set less memory, slower steps (the task vectors are read once per task)",
+    )
 
     def model_options(self) -> dict[str, Any]:
         """Keyword options for :class:`~supermerge.learn.model.MergedModel`."""
@@ -61,6 +65,7 @@ class LearnParams(Params):
             "holdout": self.holdout,
             "eval_every": self.eval_every,
             "seed": self.seed,
+            "stream_gradients": self.stream_gradients,
         }
 
 

@@ -87,11 +87,13 @@ def learn_coefficients(
     seed: int = 0,
     progress: Progress | None = None,
     parallel: DataParallel | None = None,
+    stream_gradients: bool = False,
 ) -> LearnResult:
     """Learn ``model``'s W on ``tasks``; returns the result and loads the best W into the model.
 
     Each step costs one merge (a read of all task vectors), one forward and backward pass per
-    task on ``batch_size`` examples, and a backward through the merge (a second read). Each
+    task on ``batch_size`` examples, and a backward through the merge (a second read; one
+    per task with ``stream_gradients``, which holds no gradient set in exchange). Each
     evaluation adds forward passes over all examples. With ``parallel`` each process runs
     its shard of every batch and W's gradient and the losses are summed over the processes
     (two all-reduces per step, two per evaluation). Raises LearnError before training if
@@ -110,7 +112,7 @@ def learn_coefficients(
     for step in range(1, steps + 1):
         optimizer.zero_grad(set_to_none=True)
         chosen = [train.select(next(b)) for (train, _), b in zip(splits, batches, strict=True)]
-        loss = _backward(model, tasks, chosen, objective_fn, parallel)
+        loss = _backward(model, tasks, chosen, objective_fn, parallel, stream_gradients)
         optimizer.step()
         if progress is not None:
             progress(step, steps, loss)
@@ -206,32 +208,30 @@ def _part(batch: TaskData, parallel: DataParallel | None) -> tuple[TaskData, flo
 
 
 def _backward(model: MergedModel, tasks: Sequence[Task], batches: Sequence[TaskData],
-              objective: Objective, parallel: DataParallel | None = None) -> float:
+              objective: Objective, parallel: DataParallel | None = None,
+              streamed: bool = False) -> float:
     """Put d(sum of the tasks' losses)/dW into ``model.weight.grad``; returns the sum.
 
-    Two stages: each task's loss is back-propagated to the merged tensors alone (its
-    activations are freed before the next task runs), then the summed gradient goes
-    through the merge once. Peak: one task's activations plus one gradient set. With
-    ``parallel`` the gradient and the sum are those of all processes together.
+    Each task's loss is back-propagated to the merged tensors (its activations are freed
+    before the next task runs); their gradients are reduced to K x J numbers after the
+    last task, or as each is computed with ``streamed`` (:meth:`MergedModel.merged_leaves`).
+    Peak: one task's activations, one merged weight set and, unless ``streamed``, one
+    gradient set. With ``parallel`` the gradient and the sum are those of all processes
+    together.
     """
-    merged = model.merged_parameters()
-    leaves = {name: t.detach().requires_grad_() for name, t in merged.items()}
+    leaves = model.merged_leaves(streamed=streamed)
     total = torch.zeros((), dtype=torch.float64)
     for task, batch in zip(tasks, batches, strict=True):
         part, share = _part(batch, parallel)
         if len(part) == 0:
             continue
         args, kwargs = part.call_args()
-        loss = share * objective(model(*args, task=task.name, weights=leaves, **kwargs),
+        loss = share * objective(model(*args, task=task.name, weights=leaves.weights, **kwargs),
                                  part.labels, task.kind)
         loss.backward()
         total += loss.item()
-    used = [(merged[n], leaf.grad) for n, leaf in leaves.items() if leaf.grad is not None]
-    if used:
-        torch.autograd.backward([m for m, _ in used], [g for _, g in used])
+    leaves.backward()
     if parallel is not None:
-        if model.weight.grad is None:  # an empty shard: contribute zeros to the sum
-            model.weight.grad = torch.zeros_like(model.weight)
         parallel.all_reduce(model.weight.grad)
         parallel.all_reduce(total)
     return total.item()
