@@ -4,11 +4,14 @@ Generates a base and 3 fine-tuned checkpoints shaped like a decoder LLM (embeddi
 attention and MLP matrices per layer, an untied head) of about ``--params`` parameters,
 then measures in one run:
 
-- the I/O bound: reading every input file once and writing one output of the base's size
-  with plain buffered file I/O;
-- ``supermerge merge`` (a subprocess each, so RSS is its own) for task_arithmetic, ties,
-  dare_ties and slerp, as a ratio to the I/O bound, with its peak anonymous RSS against
-  the engine's bound of (K + 2) x the largest tensor + 0.5 GB.
+- the I/O bound: reading every input file once from disk (evicted from the page cache) and
+  writing one output of the base's size with plain buffered file I/O (no fsync, as the
+  merge; the fastest of 3 runs);
+- ``supermerge merge`` (a subprocess each, so RSS is its own, inputs evicted from the
+  page cache first) for task_arithmetic, ties, dare_ties and slerp, as a ratio to the I/O
+  bound, with its peak anonymous RSS against the engine's bound of (K + 2) x the largest
+  tensor + 0.5 GB; ties once more with a torch thread per core (``--compute-threads``),
+  to show what the engine's default of leaving the readers their cores saves.
 
 Usage: python benchmarks/streaming.py [--params 5e8] [--dtype bfloat16] [--work DIR]
 Prints a markdown table. Files go to a temporary folder (removed at the end) unless --work.
@@ -99,25 +102,48 @@ def write_indexes(dirs: list[Path]) -> list[Path]:
     return dirs
 
 
-def io_bound(dirs: list[Path], out: Path) -> float:
-    """Seconds to read every input byte and write one base-sized output, plain file I/O."""
-    chunk = 64 * 2**20
-    started = time.perf_counter()
+def evict(dirs: list[Path]) -> None:
+    """Drop the checkpoints' files from the page cache (posix_fadvise DONTNEED), so the next
+    run reads them from disk, as a merge of checkpoints larger than memory does."""
     for directory in dirs:
-        for part in sorted(directory.glob("part*.safetensors")):
-            with open(part, "rb") as f:
-                while f.read(chunk):
-                    pass
-    out.mkdir()
-    for part in sorted(dirs[0].glob("part*.safetensors")):
-        with open(part, "rb") as src, open(out / part.name, "wb") as dst:
-            while block := src.read(chunk):
-                dst.write(block)
-            dst.flush()
-            os.fsync(dst.fileno())
-    seconds = time.perf_counter() - started
-    shutil.rmtree(out)
-    return seconds
+        for part in directory.glob("part*.safetensors"):
+            fd = os.open(part, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def io_bound(dirs: list[Path], out: Path, repeats: int = 3, synced: bool = False) -> float:
+    """Seconds to read every input byte from disk and write one base-sized output with plain
+    file I/O, the fastest of ``repeats`` runs.
+
+    The same I/O a merge does: inputs evicted from the page cache first, and, like
+    ``supermerge merge``, no fsync (the page cache takes the output); ``synced`` adds an
+    fsync of the output, which the merge does not pay (this benchmark's bound before
+    2026-11-29). Single runs vary by up to 2x on a shared machine, hence the minimum.
+    """
+    chunk = 64 * 2**20
+    times = []
+    for _ in range(repeats):
+        evict(dirs)
+        started = time.perf_counter()
+        for directory in dirs:
+            for part in sorted(directory.glob("part*.safetensors")):
+                with open(part, "rb") as f:
+                    while f.read(chunk):
+                        pass
+        out.mkdir()
+        for part in sorted(dirs[0].glob("part*.safetensors")):
+            with open(part, "rb") as src, open(out / part.name, "wb") as dst:
+                while block := src.read(chunk):
+                    dst.write(block)
+                if synced:
+                    dst.flush()
+                    os.fsync(dst.fileno())
+        times.append(time.perf_counter() - started)
+        shutil.rmtree(out)
+    return min(times)
 
 
 def peak_anon_rss(pid: int, stop: threading.Event, box: list[int]) -> None:
@@ -132,7 +158,8 @@ def peak_anon_rss(pid: int, stop: threading.Event, box: list[int]) -> None:
         time.sleep(0.02)
 
 
-def run_merge(root: Path, dirs: list[Path], method: str, dtype: str) -> tuple[float, int]:
+def run_merge(root: Path, dirs: list[Path], method: str, dtype: str,
+              extra: tuple[str, ...] = ()) -> tuple[float, int]:
     """Run `supermerge merge` in a subprocess; returns (seconds, peak anonymous RSS bytes)."""
     experts = dirs[1:3] if method == "slerp" else dirs[1:]
     recipe = {"merge_method": method, "base_model": str(dirs[0]),
@@ -142,7 +169,8 @@ def run_merge(root: Path, dirs: list[Path], method: str, dtype: str) -> tuple[fl
     recipe_path.write_text(yaml.safe_dump(recipe))
     out = root / f"out-{method}"
     command = [sys.executable, "-m", "supermerge.cli.main", "merge", str(recipe_path), "-o",
-               str(out), "--threads", "2", "--shard-size", str(2**30)]
+               str(out), "--threads", "2", "--shard-size", str(2**30), *extra]
+    evict(dirs)
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stop, box = threading.Event(), [0]
@@ -166,21 +194,26 @@ def main() -> None:
     args = parser.parse_args()
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     root = Path(tempfile.mkdtemp(prefix="sm-bench-", dir=args.work))
+    cores = os.cpu_count() or 1
     try:
         shapes = llm_shapes(args.params)
         total = sum(torch.Size(s).numel() for s in shapes.values())
         largest = max(torch.Size(s).numel() for s in shapes.values()) * 4
         dirs = write_indexes(generate(root, shapes, dtype))
         bound = io_bound(dirs, root / "io-out")
+        synced = io_bound(dirs, root / "io-out", synced=True)
         budget = (len(dirs) + 1) * largest + 2**29  # (K + 2) x largest (float32) + 0.5 GB
         print(f"{total / 1e6:.0f} M parameters, {args.dtype}, 3 experts; "
-              f"I/O bound {bound:.2f} s; RSS bound {budget / 2**30:.2f} GiB\n")
+              f"I/O bound {bound:.2f} s ({synced:.2f} s with the output fsync'd); "
+              f"RSS bound {budget / 2**30:.2f} GiB\n")
         print("| method | seconds | x I/O bound | goal | peak anon RSS GiB | within RSS bound |")
         print("|---|---|---|---|---|---|")
-        for method in METHODS:
-            seconds, rss = run_merge(root, dirs, method, args.dtype)
-            goal = f"<= {GOALS[method]}" if method in GOALS else ""
-            print(f"| {method} | {seconds:.2f} | {seconds / bound:.2f} | {goal} | "
+        runs = [(method, method, ()) for method in METHODS]
+        runs.append(("ties", f"ties, {cores} torch threads", ("--compute-threads", str(cores))))
+        for method, label, extra in runs:
+            seconds, rss = run_merge(root, dirs, method, args.dtype, extra)
+            goal = f"<= {GOALS[method]}" if label in GOALS else ""
+            print(f"| {label} | {seconds:.2f} | {seconds / bound:.2f} | {goal} | "
                   f"{rss / 2**30:.2f} | {'yes' if rss <= budget else 'no'} |", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -58,12 +58,24 @@ def test_every_method_in_the_engine_equals_the_method_on_tensors(family, tmp_pat
 def test_output_is_identical_whatever_the_thread_count(family, tmp_path):
     _, _, base_path, paths = family
     outputs = []
-    for threads in (1, 4):
+    before = torch.get_num_threads()
+    for threads, compute_threads in ((1, 1), (4, 2)):
         out = tmp_path / f"t{threads}"
-        supermerge.merge(recipe("dare_ties", base_path, paths, seed=3), out, threads=threads)
+        supermerge.merge(recipe("dare_ties", base_path, paths, seed=3), out, threads=threads,
+                         compute_threads=compute_threads)
         outputs.append(load_out(out))
+        assert torch.get_num_threads() == before  # the merge's setting is restored
     for name in outputs[0]:
         assert torch.equal(outputs[0][name], outputs[1][name])
+
+
+def test_compute_threads_leave_the_readers_their_cores(monkeypatch):
+    from supermerge.engine import executor
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    for cores, readers, expected in ((8, 2, 6), (2, 2, 1), (1, 2, 1), (32, 2, 8)):
+        monkeypatch.setattr(executor.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert executor.default_compute_threads(readers) == expected
 
 
 def test_gradient_and_filter_values_reach_each_tensor(family, tmp_path):

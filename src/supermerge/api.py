@@ -19,6 +19,7 @@ def merge(
     *,
     overwrite: bool = False,
     threads: int = 2,
+    compute_threads: int | None = None,
     shard_size: int = 5 * 2**30,
     progress: Progress | None = None,
 ) -> MergeResult:
@@ -27,7 +28,9 @@ def merge(
     ``recipe`` is a YAML file path, a mapping in the recipe format, a Recipe or an engine
     MergeSpec. Everything is checked from headers before any weight is read (PlanError lists
     every problem); then tensors stream one at a time with about (K + 2) x the largest
-    tensor resident. Returns a MergeResult; ``out`` is published atomically.
+    tensor resident. ``threads`` read ahead, ``compute_threads`` torch threads merge
+    (default: the cores the readers leave). Returns a MergeResult; ``out`` is published
+    atomically.
     """
     if isinstance(recipe, MergeSpec):
         spec = recipe
@@ -43,7 +46,8 @@ def merge(
         recipe_yaml = recipe.to_yaml()
     plan = plan_merge(spec, out=Path(out), overwrite=overwrite)
     try:
-        return execute(plan, out, overwrite=overwrite, threads=threads, shard_size=shard_size,
+        return execute(plan, out, overwrite=overwrite, threads=threads,
+                       compute_threads=compute_threads, shard_size=shard_size,
                        recipe_yaml=recipe_yaml, progress=progress)
     finally:
         plan.close()

@@ -72,10 +72,14 @@ def cli(verbose: int) -> None:
               help="Output model directory (published atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--threads", default=2, show_default=True, help="Reader threads.")
+@click.option("--compute-threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads that merge [default: the cores the readers leave, at "
+              "least 1].")
 @click.option("--shard-size", default=5 * 2**30, show_default=True, type=int,
               help="Largest safetensors shard, in bytes.")
 @friendly
-def merge(recipe: Path, out: Path, overwrite: bool, threads: int, shard_size: int) -> None:
+def merge(recipe: Path, out: Path, overwrite: bool, threads: int, compute_threads: int | None,
+          shard_size: int) -> None:
     """Merge the models named in RECIPE (YAML, mergekit format) into OUT."""
     from supermerge.api import merge as run_merge
 
@@ -83,7 +87,8 @@ def merge(recipe: Path, out: Path, overwrite: bool, threads: int, shard_size: in
     bar = _Bar("merging")
     try:
         result = run_merge(recipe, out, overwrite=overwrite, threads=threads,
-                           shard_size=shard_size, progress=bar)
+                           compute_threads=compute_threads, shard_size=shard_size,
+                           progress=bar)
     finally:
         bar.close()
     for warning in result.warnings:
