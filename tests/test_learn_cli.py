@@ -10,11 +10,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
+from helpers_words import VOCAB_SIZE, WORDS, word_tokenizer
 from supermerge.cli.main import cli
 
 transformers = pytest.importorskip("transformers")
 
-WORDS = ["apple", "pear", "red", "blue", "cat", "dog", "sun", "rain", "car", "tree"]
 
 
 def sentence(rng: random.Random) -> str:
@@ -31,7 +31,7 @@ def examples(keyword: str, n: int, seed: int) -> list[dict]:
 
 def tiny_classifier(seed: int):
     torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16,
+    config = transformers.BertConfig(vocab_size=VOCAB_SIZE, hidden_size=16,
                                      num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=16,
                                      num_labels=2)
@@ -41,9 +41,7 @@ def tiny_classifier(seed: int):
 @pytest.fixture(scope="module")
 def learn_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("learn")
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = transformers.BertTokenizer(str(vocab))
+    tokenizer = word_tokenizer(root)
     base = tiny_classifier(0)
     base.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
