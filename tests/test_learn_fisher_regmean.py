@@ -276,3 +276,20 @@ def test_regmean_leaves_padding_out_of_the_grams() -> None:
                            progress=lambda done, total: progress.append((done, total)))
     torch.testing.assert_close(merged["body.weight"], expected["body.weight"])
     assert progress[-1] == (4, 4)
+
+
+def test_normalized_fisher_weighs_each_expert_by_its_unit_fisher(monkeypatch) -> None:
+    """Given Fishers a: [3, 4] (norm 5), b: [0, 200] (norm 200), floor 0: normalised,
+    entry 1 is (0.8 * 1 + 1 * 3) / 1.8; plain, b's large Fisher dominates it."""
+    import supermerge.learn.statistics as statistics
+
+    fishers = {"a": torch.tensor([[3.0, 4.0]]), "b": torch.tensor([[0.0, 200.0]])}
+    monkeypatch.setattr(statistics, "_diagonal_fisher",
+                        lambda module, state, head, names, task, *_: {"weight": fishers[task.name]})
+    module = nn.Linear(2, 1, bias=False)
+    experts = {"a": {"weight": torch.ones(1, 2)}, "b": {"weight": torch.full((1, 2), 3.0)}}
+    tasks = _tasks(["a", "b"])
+    normalized = fisher_merge(module, experts, tasks, floor=0.0, normalize=True)
+    torch.testing.assert_close(normalized["weight"], torch.tensor([[1.0, 3.8 / 1.8]]))
+    plain = fisher_merge(module, experts, tasks, floor=0.0)
+    torch.testing.assert_close(plain["weight"], torch.tensor([[1.0, 604.0 / 204.0]]))

@@ -156,6 +156,10 @@ class FisherParams(Params):
     floor: float = Field(
         1e-6, ge=0, description="added to every Fisher entry (all-zero Fishers: plain average)"
     )
+    normalize: bool = Field(
+        False, description="divide each expert's Fisher by its L2 norm first (MergeLM, "
+        "FusionBench): a confident expert, small Fisher overall, is not outvoted",
+    )
     seed: int = Field(0, description="seed of the labels sampled from each expert")
 
 

@@ -25,6 +25,7 @@ examples over all experts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -61,6 +62,7 @@ def fisher_merge(
     weights: Weights | None = None,
     examples: int = DEFAULT_EXAMPLES,
     floor: float = 1e-6,
+    normalize: bool = False,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -77,7 +79,10 @@ def fisher_merge(
         merged = sum_i w_i (F_i + floor) theta_i / sum_i w_i (F_i + floor)
 
     so an all-zero Fisher falls back to the ``w``-weighted plain average (with ``floor=0``,
-    entries every Fisher leaves at zero take that average too, never 0/0). ``weights`` (by
+    entries every Fisher leaves at zero take that average too, never 0/0). ``normalize``
+    first divides each expert's Fisher by its L2 norm over all merged tensors (MergeLM's
+    and FusionBench's ``normalize_fisher_weight``), so that an expert whose Fisher is small
+    overall, one confident on its own inputs, is not outvoted everywhere. ``weights`` (by
     expert name, or in the experts' order; default all 1) must be positive. Floating
     buffers (e.g. batch-norm statistics) have no gradient: zero Fisher, so they are averaged.
 
@@ -104,6 +109,8 @@ def fisher_merge(
         for expert_name, task, head in pairs:
             state = dict(experts[expert_name])
             fisher = _diagonal_fisher(module, state, head, names, task, counter, generator)
+            if normalize:
+                fisher = _unit_norm(fisher)
             for name in names:
                 weighted = w[expert_name] * (fisher[name] + floor)
                 term = weighted * wide_float(state[name]).to(weighted.device)
@@ -323,6 +330,12 @@ def _finish(
 
 
 # -- Fisher ------------------------------------------------------------------------------
+def _unit_norm(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The Fisher divided by its L2 norm over every tensor (an all-zero one unchanged)."""
+    norm = math.sqrt(sum(float(f.double().square().sum()) for f in fisher.values()))
+    return fisher if norm == 0 else {name: f / norm for name, f in fisher.items()}
+
+
 def _diagonal_fisher(
     module: nn.Module, state: dict[str, torch.Tensor], head: Head | None, names: list[str],
     task: Task, counter: _Counter, generator: torch.Generator,
