@@ -285,7 +285,8 @@ def test_normalized_fisher_weighs_each_expert_by_its_unit_fisher(monkeypatch) ->
 
     fishers = {"a": torch.tensor([[3.0, 4.0]]), "b": torch.tensor([[0.0, 200.0]])}
     monkeypatch.setattr(statistics, "_diagonal_fisher",
-                        lambda module, state, head, names, task, *_: {"weight": fishers[task.name]})
+                        lambda module, state, head, names, task, *_, **__: {
+                            "weight": fishers[task.name]})
     module = nn.Linear(2, 1, bias=False)
     experts = {"a": {"weight": torch.ones(1, 2)}, "b": {"weight": torch.full((1, 2), 3.0)}}
     tasks = _tasks(["a", "b"])
@@ -293,3 +294,25 @@ def test_normalized_fisher_weighs_each_expert_by_its_unit_fisher(monkeypatch) ->
     torch.testing.assert_close(normalized["weight"], torch.tensor([[1.0, 3.8 / 1.8]]))
     plain = fisher_merge(module, experts, tasks, floor=0.0)
     torch.testing.assert_close(plain["weight"], torch.tensor([[1.0, 604.0 / 204.0]]))
+
+
+def test_exact_fisher_of_a_softmax_layer_by_hand() -> None:
+    """logits = W x: d log p_y / dW = (e_y - p) x^T, so the exact expectation over y is
+    F[i, j] = p_i (1 - p_i) x_j^2; averaged over two examples."""
+    import supermerge.learn.statistics as statistics
+
+    module = nn.Linear(2, 2, bias=False)
+    state = {"weight": torch.tensor([[1.0, 0.0], [0.0, 0.0]])}
+    x = torch.tensor([[1.0, 2.0], [0.0, 1.0]])
+    task = Task("a", TaskData(x))
+    counter = statistics._Counter([("a", task, None)], 8, 1, None)
+    fisher = statistics._diagonal_fisher(module, state, None, ["weight"], task, counter,
+                                         torch.Generator(), exact=True)["weight"]
+    expected = torch.zeros(2, 2)
+    for row in x:
+        p = torch.softmax(state["weight"] @ row, dim=0)
+        expected += (p * (1 - p))[:, None] * row.square()[None, :] / len(x)
+    torch.testing.assert_close(fisher, expected)
+    lm = [Task("a", TaskData(torch.zeros(1, 2, dtype=torch.long)), "causal_lm")]
+    with pytest.raises(LearnError, match="classification tasks only"):
+        fisher_merge(module, {"a": state}, lm, labels="exact")

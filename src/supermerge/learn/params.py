@@ -160,6 +160,11 @@ class FisherParams(Params):
         False, description="divide each expert's Fisher by its L2 norm first (MergeLM, "
         "FusionBench): a confident expert, small Fisher overall, is not outvoted",
     )
+    labels: Literal["sampled", "exact"] = Field(
+        "sampled", description="labels of the Fisher: sampled from the expert (one backward "
+        "pass per example), or the exact expectation over the classes (classification only; "
+        "one backward pass per class)",
+    )
     seed: int = Field(0, description="seed of the labels sampled from each expert")
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,7 @@ def fisher_merge(
     examples: int = DEFAULT_EXAMPLES,
     floor: float = 1e-6,
     normalize: bool = False,
+    labels: Literal["sampled", "exact"] = "sampled",
     seed: int = 0,
     progress: Progress | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -74,7 +76,9 @@ def fisher_merge(
     ``seed``), so no labels are needed. For language models (``kind="causal_lm"``) ``y`` is
     one sampled token per scored position (positions whose label is not -100 when labels are
     given, else those the attention mask marks real, else all) and ``log p`` their sum.
-    The merge, per entry::
+    ``labels="exact"`` (classification only) replaces the sample by the exact expectation,
+    ``sum_y p(y | x) (d log p(y | x) / d theta)^2``: no sampling noise, one backward pass
+    per class instead of one per example. The merge, per entry::
 
         merged = sum_i w_i (F_i + floor) theta_i / sum_i w_i (F_i + floor)
 
@@ -97,6 +101,9 @@ def fisher_merge(
         raise LearnError("examples must be at least 1", fix="use examples >= 1")
     if floor < 0:
         raise LearnError("floor must not be negative", fix="use floor >= 0 (default 1e-6)")
+    if labels == "exact" and any(task.kind != "classification" for task in tasks):
+        raise LearnError("the exact Fisher sums over the classes: classification tasks only",
+                         fix="use labels='sampled' for language models")
     names, pairs, aliases = _prepare(module, experts, tasks, head_prefix, heads)
     w = _weights(weights, list(experts))
     generator = torch.Generator().manual_seed(seed)
@@ -108,7 +115,8 @@ def fisher_merge(
     with _eval_mode(module):
         for expert_name, task, head in pairs:
             state = dict(experts[expert_name])
-            fisher = _diagonal_fisher(module, state, head, names, task, counter, generator)
+            fisher = _diagonal_fisher(module, state, head, names, task, counter,
+                                      generator, exact=labels == "exact")
             if normalize:
                 fisher = _unit_norm(fisher)
             for name in names:
@@ -338,9 +346,10 @@ def _unit_norm(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _diagonal_fisher(
     module: nn.Module, state: dict[str, torch.Tensor], head: Head | None, names: list[str],
-    task: Task, counter: _Counter, generator: torch.Generator,
+    task: Task, counter: _Counter, generator: torch.Generator, *, exact: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Mean squared per-example gradient of the sampled log-likelihood, per tensor."""
+    """Mean over examples of the squared gradient of log p(y | x), per tensor: for y sampled
+    from the model, or (``exact``) weighted by p(y | x) over every class."""
     learnable = {n for n, _p in module.named_parameters()}
     params = {
         n: wide_float(state[n]).detach().requires_grad_(True) for n in names if n in learnable
@@ -350,14 +359,19 @@ def _diagonal_fisher(
     count = 0
     for example in counter.batches(task.data):
         logits = _run(module, call, head, example)
-        log_p = _sampled_log_likelihood(logits, example, task, generator)
-        if not log_p.requires_grad:
-            count += 1
-            continue
-        grads = torch.autograd.grad(log_p, list(params.values()), allow_unused=True)
-        for name, grad in zip(params, grads, strict=True):
-            if grad is not None:
-                fisher[name] += grad.detach().square()
+        if exact:
+            log_p = F.log_softmax(wide_float(logits), dim=-1)[0]
+            terms = list(zip(log_p.detach().exp().tolist(), log_p, strict=True))
+        else:
+            terms = [(1.0, _sampled_log_likelihood(logits, example, task, generator))]
+        for index, (weight, term) in enumerate(terms):
+            if not term.requires_grad:
+                continue
+            grads = torch.autograd.grad(term, list(params.values()), allow_unused=True,
+                                        retain_graph=index < len(terms) - 1)
+            for name, grad in zip(params, grads, strict=True):
+                if grad is not None:
+                    fisher[name].add_(grad.detach().square(), alpha=weight)
         count += 1
     if count == 0:
         raise LearnError(f"task {task.name!r} has no examples", file=task.data.source,
