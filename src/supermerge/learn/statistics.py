@@ -172,7 +172,8 @@ def regmean_merge(
     Returns the merged state dict as :func:`fisher_merge` does. Raises LearnError for
     ``alpha`` outside [0, 1] or unfit experts. Costs one no-grad forward pass per example
     per expert and ``in_features^2`` float64 per linear layer and expert (the sums are
-    kept, the per-expert Grams are not: memory is two Grams per layer).
+    kept, the per-expert Grams are not: memory is two Grams per layer), plus float32 sums
+    of every merged tensor and ``in x out`` float64 per linear layer.
     """
     if not 0.0 <= alpha <= 1.0:
         raise LearnError(f"alpha must lie in [0, 1], got {alpha}", fix="use 0 <= alpha <= 1")
@@ -189,16 +190,18 @@ def regmean_merge(
             state = dict(experts[expert_name])
             grams = _input_grams(module, state, head, linears, task, counter)
             for weight_name, gram in grams.items():
-                shrunk = alpha * gram + (1 - alpha) * torch.diag(torch.diagonal(gram))
+                shrunk = _shrink_(gram, alpha)
                 weight_t = state[weight_name].to(torch.float64).T.to(shrunk.device)
                 if weight_name in gram_sum:
                     gram_sum[weight_name] += shrunk
                     rhs_sum[weight_name] += shrunk @ weight_t
                 else:
                     gram_sum[weight_name], rhs_sum[weight_name] = shrunk, shrunk @ weight_t
-            for name in names:
-                value = state[name].to(torch.float64)
-                sums[name] = sums[name] + value.to(sums[name].device) if name in sums else value
+            for name in names:  # float32 sums: the experts' tensors are never written
+                if name in sums:
+                    sums[name].add_(state[name].to(sums[name]))
+                else:
+                    sums[name] = wide_float(state[name]).clone()
             del state, grams
     count = len(pairs)
     merged: dict[str, torch.Tensor] = {}
@@ -206,7 +209,7 @@ def regmean_merge(
         dtype = experts[pairs[0][0]][name].dtype
         mean = sums[name] / count
         if name in gram_sum:
-            merged[name] = _solve(gram_sum[name], rhs_sum[name], mean.T).T.to(dtype)
+            merged[name] = _solve(gram_sum[name], rhs_sum[name], mean.T.double()).T.to(dtype)
         else:
             merged[name] = mean.to(dtype)
     return _finish(module, experts, pairs[0][0], merged, names, aliases, head_prefix)
@@ -457,6 +460,14 @@ def _input_grams(
             grams[name] = torch.zeros(layer.in_features, layer.in_features,
                                       dtype=torch.float64)
     return grams
+
+
+def _shrink_(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Return ``alpha G + (1 - alpha) diag(G)`` in ``gram``'s own memory: the off-diagonal
+    scaled by ``alpha``, the diagonal kept."""
+    diagonal = gram.diagonal().clone()
+    gram.mul_(alpha).diagonal().copy_(diagonal)
+    return gram
 
 
 def _solve(gram: torch.Tensor, rhs: torch.Tensor, mean_t: torch.Tensor) -> torch.Tensor:
