@@ -281,10 +281,10 @@ def test_regmean_leaves_padding_out_of_the_grams() -> None:
 def test_normalized_fisher_weighs_each_expert_by_its_unit_fisher(monkeypatch) -> None:
     """Given Fishers a: [3, 4] (norm 5), b: [0, 200] (norm 200), floor 0: normalised,
     entry 1 is (0.8 * 1 + 1 * 3) / 1.8; plain, b's large Fisher dominates it."""
-    import supermerge.learn.statistics as statistics
+    import supermerge.learn.fisher as fisher_module
 
     fishers = {"a": torch.tensor([[3.0, 4.0]]), "b": torch.tensor([[0.0, 200.0]])}
-    monkeypatch.setattr(statistics, "_diagonal_fisher",
+    monkeypatch.setattr(fisher_module, "_diagonal_fisher",
                         lambda module, state, head, names, task, *_, **__: {
                             "weight": fishers[task.name]})
     module = nn.Linear(2, 1, bias=False)
@@ -299,15 +299,16 @@ def test_normalized_fisher_weighs_each_expert_by_its_unit_fisher(monkeypatch) ->
 def test_exact_fisher_of_a_softmax_layer_by_hand() -> None:
     """logits = W x: d log p_y / dW = (e_y - p) x^T, so the exact expectation over y is
     F[i, j] = p_i (1 - p_i) x_j^2; averaged over two examples."""
-    import supermerge.learn.statistics as statistics
+    from supermerge.learn.fisher import _diagonal_fisher
+    from supermerge.learn.statistics import ExampleCounter
 
     module = nn.Linear(2, 2, bias=False)
     state = {"weight": torch.tensor([[1.0, 0.0], [0.0, 0.0]])}
     x = torch.tensor([[1.0, 2.0], [0.0, 1.0]])
     task = Task("a", TaskData(x))
-    counter = statistics._Counter([("a", task, None)], 8, 1, None)
-    fisher = statistics._diagonal_fisher(module, state, None, ["weight"], task, counter,
-                                         torch.Generator(), exact=True)["weight"]
+    counter = ExampleCounter([("a", task, None)], 8, 1, None)
+    fisher = _diagonal_fisher(module, state, None, ["weight"], task, counter,
+                              torch.Generator(), exact=True)["weight"]
     expected = torch.zeros(2, 2)
     for row in x:
         p = torch.softmax(state["weight"] @ row, dim=0)

@@ -4,8 +4,8 @@ and closed-form merges from data statistics (Fisher, RegMean).
 Layers inside the package: ``groups`` (merge groups) -> ``model`` (:class:`MergedModel`) ->
 ``data`` / ``objectives`` -> ``train`` (:func:`learn_coefficients`) -> ``hierarchical``
 (the merge tree) -> ``merge`` (:func:`supermerge`, :func:`adamerging`) -> ``export``;
-``statistics`` holds the closed-form data-informed merges (:func:`fisher_merge`,
-:func:`regmean_merge`).
+``fisher`` (:func:`fisher_merge`) and ``regmean`` (:func:`regmean_merge`) are the closed-form
+data-informed merges, on what ``statistics`` gives them both.
 :data:`LEARNED_METHODS` lists the methods for `supermerge methods`.
 """
 
@@ -20,6 +20,7 @@ from supermerge.learn.export import (
     head_files,
     plot_coefficients,
 )
+from supermerge.learn.fisher import fisher_merge
 from supermerge.learn.groups import assign_groups, block_of
 from supermerge.learn.hierarchical import (
     LearnedMerge,
@@ -40,7 +41,7 @@ from supermerge.learn.params import (
     RegMeanParams,
     SuperMergeParams,
 )
-from supermerge.learn.statistics import fisher_merge, regmean_merge
+from supermerge.learn.regmean import regmean_merge
 from supermerge.learn.train import LearnResult, learn_coefficients
 
 __all__ = [

@@ -150,7 +150,7 @@ ADAMERGING = LearnedMethod(
 
 class FisherParams(Params):
     """Parameters of ``fisher`` (Fisher-weighted averaging, no training); named like
-    :func:`~supermerge.learn.statistics.fisher_merge`'s keywords."""
+    :func:`~supermerge.learn.fisher.fisher_merge`'s keywords."""
 
     examples: int = Field(256, ge=1, description="unlabelled inputs per expert for its Fisher")
     floor: float = Field(
@@ -170,7 +170,7 @@ class FisherParams(Params):
 
 class RegMeanParams(Params):
     """Parameters of ``regmean`` (closed form per linear layer, no training); named like
-    :func:`~supermerge.learn.statistics.regmean_merge`'s keywords."""
+    :func:`~supermerge.learn.regmean.regmean_merge`'s keywords."""
 
     alpha: float = Field(
         0.9, ge=0, le=1, description="scale of the Gram matrices' off-diagonal (1: exact)"
