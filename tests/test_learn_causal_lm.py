@@ -79,3 +79,13 @@ def test_every_data_driven_method_merges_language_models(lm_setup, tmp_path, met
                if not torch.equal(t, base.state_dict()[n])]
     assert any("layers.0.mlp" in n for n in changed), changed  # the experts reached it
     assert not (out / "heads").exists()  # language models have no per-task head
+
+
+def test_exact_fisher_is_refused_for_language_models_before_loading(lm_setup, tmp_path):
+    root, recipe = lm_setup
+    path = root / "exact.yaml"
+    path.write_text(yaml.safe_dump({**recipe, "merge_method": "fisher",
+                                    "parameters": {"labels": "exact"}}))
+    result = CliRunner().invoke(cli, ["learn", str(path), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "labels: sampled" in result.output
+    assert not (tmp_path / "o").exists()

@@ -139,6 +139,11 @@ def load_learn_recipe(source: str | Path | dict[str, Any]) -> tuple[LearnRecipe,
                           ) from None
     method = next(m for m in LEARNED_METHODS if m.name == recipe.merge_method)
     method.validate(recipe.parameters)
+    if (recipe.merge_method == "fisher" and recipe.architecture == "causal_lm"
+            and method.validate(recipe.parameters).labels == "exact"):
+        raise RecipeError("labels: exact sums over the classes, which a language model's "
+                          "vocabulary makes impractical", file=path,
+                          fix="use labels: sampled (the default) for causal_lm")
     weighted = [e.task_name for e in recipe.experts if e.weight is not None]
     if weighted and recipe.merge_method != "fisher":
         raise RecipeError(f"experts {weighted} have a `weight`, which only fisher uses",
