@@ -22,6 +22,13 @@ def test_depth_scaling_oracle(position, scale):
     torch.testing.assert_close(out, scale * T([4.0, 0.0]))
 
 
+@pytest.mark.parametrize(("name", "scale"), [
+    ("model.layers.3.mlp.weight", 1.5), ("lm_head.weight", 0.5), ("model.norm.weight", 0.5)])
+def test_tensors_outside_the_blocks_get_alpha_as_in_the_reference(name, scale):
+    out = lines(BASE, EXPERTS, alpha=0.5, beta=1.0, position=1.0, name=name)
+    torch.testing.assert_close(out, scale * T([4.0, 0.0]))
+
+
 def test_auto_alpha_is_the_average_for_task_arithmetic():
     # alpha = (|sum tau| / |tau_MTL|) / K = 1 / 2 at depth 0: the mean [2, 0]
     torch.testing.assert_close(lines(BASE, EXPERTS, beta=0.0), T([2.0, 0.0]))

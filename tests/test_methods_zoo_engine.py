@@ -50,5 +50,8 @@ def test_lines_auto_alpha_spans_the_whole_model(family, tmp_path):
     positions = LayerPositions(base)
     for name, b in base.items():
         summed = sum(e[name] - b for e in experts)
-        scale = 1 / 3 + 0.3 * positions.position(name)
+        # outside the numbered blocks (embeddings, final norm, head): alpha alone
+        depth = positions.position(name) if ".layers." in name else 0.0
+        scale = 1 / 3 + 0.3 * depth
         torch.testing.assert_close(merged[name], b + scale * summed, msg=name)
+    assert any(".layers." not in name and positions.position(name) == 1 for name in base)

@@ -16,20 +16,13 @@ Tensors outside the numbered blocks sit at position 0 when their name says they 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from supermerge.errors import Problem
+from supermerge.names import layer_index
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 _EMBED_HINTS = ("embed", "wte", "wpe")
-
-
-def layer_index(name: str) -> int | None:
-    """Return the block number in a tensor name (``model.layers.3.mlp`` -> 3), else None."""
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
 
 
 class LayerPositions:

@@ -10,20 +10,14 @@ outside any block (embeddings, final norms, output layers) each keep a group of 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Literal
+
+from supermerge.names import block_of
 
 Granularity = Literal["tensor", "block", "task"]
 GRANULARITIES: tuple[Granularity, ...] = ("tensor", "block", "task")
 
-_BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
-
-
-def block_of(name: str) -> str | None:
-    """Return the transformer block a tensor belongs to (``...layer.3``), or None."""
-    match = _BLOCK.match(name)
-    return match.group(1) if match else None
 
 
 def assign_groups(names: Sequence[str], granularity: Granularity) -> tuple[list[str], list[int]]:

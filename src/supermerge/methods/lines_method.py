@@ -1,8 +1,9 @@
 """``lines``: LiNeS, scale a merged task vector linearly with layer depth.
 
-Formula, per tensor at relative depth ``position`` (``ctx.position``: 0 at the first block
-and the embeddings, 1 at the last block and the head), with ``inner`` one of
-``task_arithmetic``, ``ties``, ``consensus`` run with its own parameters::
+Formula, per tensor at relative depth ``position`` (``ctx.position``: 0 at the first block,
+1 at the last; 0 for every tensor outside the numbered blocks, as in the reference code),
+with ``inner`` one of ``task_arithmetic``, ``ties``, ``consensus`` run with its own
+parameters::
 
     tau_MTL = inner(base, experts) - base          the inner method's merged task vector
     merged  = base + (alpha + beta * position) * tau_MTL
@@ -35,11 +36,11 @@ values go on each model as for the inner method itself: ``weight``, ``density`` 
 ``tall_lambda`` (consensus). A per-model key the inner method does not have is an error at
 the first tensor.
 
-Differences from the reference code: it gives ``alpha`` to every tensor outside the
-numbered blocks (embeddings, final norm, head); here a tensor's depth comes from the engine
-(:class:`supermerge.engine.params.LayerPositions`), which puts the final norm and the head
-at depth 1 (``alpha + beta``). Ratio with a zero merged norm: 1 (alpha = 1/T). mergekit has
-no LiNeS method.
+Like the reference code, every tensor outside the numbered blocks (embeddings, final norm,
+head; :func:`supermerge.names.layer_index` finds no block in its name) gets ``alpha``,
+whatever depth the engine gives it (the engine's own rule, for gradients, puts the final
+norm and the head at 1); a call without a tensor name uses ``ctx.position`` as given.
+Ratio with a zero merged norm: 1 (alpha = 1/T). mergekit has no LiNeS method.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from supermerge.methods.registry import (
 )
 from supermerge.methods.task_arithmetic_method import task_arithmetic
 from supermerge.methods.ties_method import ties
+from supermerge.names import layer_index
 
 InnerName = Literal["task_arithmetic", "ties", "consensus"]
 INNER: dict[str, Method] = {m.name: m for m in (task_arithmetic, ties, consensus)}
@@ -243,7 +245,8 @@ def merge_lines(
             )
         alpha, ctx = stat.alpha, replace(ctx, statistic=stat.inner)
     merged = inner.fn(base, experts, glob, inner_models, ctx)
-    scale = alpha + params.beta * ctx.position
+    outside_blocks = bool(ctx.name) and layer_index(ctx.name) is None
+    scale = alpha + params.beta * (0.0 if outside_blocks else ctx.position)
     if scale == 1:
         return merged
     return torch.add(base, merged.sub_(base), alpha=scale, out=merged)
