@@ -77,8 +77,6 @@ def fisher_merge(
     per expert (per-example gradients are needed for the squares), and memory for two
     float32 accumulators the size of the merged tensors plus one expert.
     """
-    if examples < 1:
-        raise LearnError("examples must be at least 1", fix="use examples >= 1")
     if floor < 0:
         raise LearnError("floor must not be negative", fix="use floor >= 0 (default 1e-6)")
     if labels == "exact" and any(task.kind != "classification" for task in tasks):
@@ -91,6 +89,7 @@ def fisher_merge(
     numerator: dict[str, torch.Tensor] = {}
     denominator: dict[str, torch.Tensor] = {}
     plain: dict[str, torch.Tensor] = {}  # sum_i w_i theta_i, kept only when floor == 0
+    dtypes: dict[str, torch.dtype] = {}  # the first expert's, for the result
     total = sum(w[name] for name, _task, _head in pairs)
     with eval_mode(module):
         for expert_name, task, head in pairs:
@@ -100,6 +99,7 @@ def fisher_merge(
             if normalize:
                 fisher = _unit_norm(fisher)
             for name in names:
+                dtypes.setdefault(name, state[name].dtype)
                 weighted = w[expert_name] * (fisher[name] + floor)
                 term = weighted * wide_float(state[name]).to(weighted.device)
                 if name in numerator:
@@ -111,15 +111,13 @@ def fisher_merge(
                     value = w[expert_name] * wide_float(state[name]).to(weighted.device)
                     plain[name] = plain[name] + value if name in plain else value
             del state, fisher
-    first = experts[pairs[0][0]]
     merged = {}
     for name in names:
         value = numerator[name] / denominator[name]
         if floor == 0:  # entries every Fisher leaves at zero: the weighted average
             value = torch.where(denominator[name] > 0, value, plain[name] / total)
-        merged[name] = value.to(first[name].dtype)
+        merged[name] = value.to(dtypes[name])
     return finish_state(module, experts, pairs[0][0], merged, names, aliases, head_prefix)
-
 
 
 def _unit_norm(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -141,7 +139,7 @@ def _diagonal_fisher(
     call = {**state, **params}
     fisher = {n: torch.zeros_like(wide_float(state[n])) for n in names}
     count = 0
-    for example in counter.batches(task.data):
+    for example in counter.batches(task):
         logits = run_logits(module, call, head, example)
         if exact:
             log_p = F.log_softmax(wide_float(logits), dim=-1)[0]
@@ -157,9 +155,6 @@ def _diagonal_fisher(
                 if grad is not None:
                     fisher[name].add_(grad.detach().square(), alpha=weight)
         count += 1
-    if count == 0:
-        raise LearnError(f"task {task.name!r} has no examples", file=task.data.source,
-                         fix="give each task some unlabelled inputs")
     return {n: f / count for n, f in fisher.items()}
 
 

@@ -65,14 +65,13 @@ def regmean_merge(
     """
     if not 0.0 <= alpha <= 1.0:
         raise LearnError(f"alpha must lie in [0, 1], got {alpha}", fix="use 0 <= alpha <= 1")
-    if examples < 1:
-        raise LearnError("examples must be at least 1", fix="use examples >= 1")
     names, pairs, aliases = prepare_pairs(module, experts, tasks, head_prefix, heads)
     linears = _linear_weights(module, names, aliases)
     counter = ExampleCounter(pairs, examples, BATCH, progress)
     gram_sum: dict[str, torch.Tensor] = {}
     rhs_sum: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}  # the first expert's, for the result
     with eval_mode(module):
         for expert_name, task, head in pairs:
             state = dict(experts[expert_name])
@@ -90,16 +89,17 @@ def regmean_merge(
                     sums[name].add_(state[name].to(sums[name]))
                 else:
                     sums[name] = wide_float(state[name]).clone()
+                    dtypes[name] = state[name].dtype
             del state, grams
     count = len(pairs)
     merged: dict[str, torch.Tensor] = {}
     for name in names:
-        dtype = experts[pairs[0][0]][name].dtype
         mean = sums[name] / count
         if name in gram_sum:
-            merged[name] = _solve(gram_sum[name], rhs_sum[name], mean.T.double()).T.to(dtype)
+            merged[name] = _solve(gram_sum[name], rhs_sum[name], mean.T.double()).T.to(
+                dtypes[name])
         else:
-            merged[name] = mean.to(dtype)
+            merged[name] = mean.to(dtypes[name])
     return finish_state(module, experts, pairs[0][0], merged, names, aliases, head_prefix)
 
 
@@ -141,19 +141,14 @@ def _input_grams(
         return hook
 
     handles = [layer.register_forward_pre_hook(hook_for(n)) for n, layer in linears.items()]
-    seen = 0
     try:
         with torch.no_grad():
-            for batch in counter.batches(task.data):
+            for batch in counter.batches(task):
                 mask = attention_mask_of(batch)
                 run_logits(module, state, head, batch)
-                seen += len(batch)
     finally:
         for handle in handles:
             handle.remove()
-    if seen == 0:
-        raise LearnError(f"task {task.name!r} has no examples", file=task.data.source,
-                         fix="give each task some unlabelled inputs")
     for name, layer in linears.items():  # a linear the forward never reached
         if name not in grams:
             grams[name] = torch.zeros(layer.in_features, layer.in_features,

@@ -112,17 +112,27 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 class ExampleCounter:
-    """Batches of each task's first ``examples`` inputs; reports examples done overall."""
+    """Batches of each task's first ``examples`` inputs; reports examples done overall.
+
+    Raises LearnError for ``examples`` below 1, and (from :meth:`batches`) for a task
+    without examples.
+    """
 
     def __init__(self, pairs: Sequence[Pairing], examples: int, size: int,
                  progress: Progress | None) -> None:
+        if examples < 1:
+            raise LearnError("examples must be at least 1", fix="use examples >= 1")
         self.examples, self.size, self.progress = examples, size, progress
         self.total = sum(min(examples, len(task.data)) for _e, task, _h in pairs)
         self.done = 0
 
-    def batches(self, data: TaskData) -> Iterator[TaskData]:
-        """Yield the batches of ``data``; counts each once it has been processed."""
+    def batches(self, task: Task) -> Iterator[TaskData]:
+        """Yield the batches of ``task``'s data; counts each once it has been processed."""
+        data = task.data
         count = min(self.examples, len(data))
+        if count == 0:
+            raise LearnError(f"task {task.name!r} has no examples", file=data.source,
+                             fix="give each task some unlabelled inputs")
         for start in range(0, count, self.size):
             batch = data.select(torch.arange(start, min(start + self.size, count)))
             yield batch
