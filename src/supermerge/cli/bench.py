@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from tqdm import tqdm
 
-from supermerge.cli.common import friendly
+from supermerge.cli.common import friendly, quiet_transformers
 
 if TYPE_CHECKING:
     from supermerge.eval import Task
@@ -64,10 +64,9 @@ class _BarSafeHandler(logging.Handler):
 def _screen(threads: int) -> Iterator[StageBars]:
     """Set torch's threads, silence transformers' own bars, show eval milestones."""
     import torch
-    from transformers.utils import logging as transformers_logging
 
     torch.set_num_threads(threads)
-    transformers_logging.disable_progress_bar()
+    quiet_transformers()
     logger = logging.getLogger("supermerge.eval")
     handler = _BarSafeHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))

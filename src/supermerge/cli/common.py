@@ -12,6 +12,16 @@ import click
 from supermerge.errors import SupermergeError
 
 
+def quiet_transformers() -> None:
+    """Hide transformers' own loading bars (the commands show their progress); no-op
+    without transformers."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    transformers_logging.disable_progress_bar()
+
+
 def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a command: a SupermergeError prints as `error: ...` and exits 1, no traceback."""
 

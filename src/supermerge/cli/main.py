@@ -15,7 +15,7 @@ import click
 from tqdm import tqdm
 
 from supermerge.cli import bench, search
-from supermerge.cli.common import friendly
+from supermerge.cli.common import friendly, quiet_transformers
 
 log = logging.getLogger("supermerge")
 
@@ -100,15 +100,6 @@ def merge(recipe: Path, out: Path, overwrite: bool, threads: int, compute_thread
                f"{result.seconds:.1f} s -> {result.out}")
 
 
-def _quiet_transformers() -> None:
-    """Hide transformers' own loading bars (the command shows its progress)."""
-    try:
-        from transformers.utils import logging as transformers_logging
-    except ImportError:
-        return
-    transformers_logging.disable_progress_bar()
-
-
 @cli.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
@@ -133,7 +124,7 @@ def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int,
 
         parallel = init_from_env()
     lead = parallel is None or parallel.rank == 0
-    _quiet_transformers()
+    quiet_transformers()
     bar = tqdm(desc="learning", file=sys.stderr, leave=False, disable=not lead)
 
     def progress(done: int, planned: int, loss: float | None) -> None:

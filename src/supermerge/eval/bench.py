@@ -315,23 +315,20 @@ class _Bench:
         """Merge with a data-driven method on the validation split (with labels only if the
         method needs them) and score it; returns its row, with the measured peak memory."""
         from supermerge.io import open_checkpoint
+        from supermerge.learn import CLOSED_FORM as CLOSED_FORM_MERGES
         from supermerge.learn import (
             LEARNED_METHODS,
+            TRAINED,
             CheckpointState,
             PeakRSS,
             TaskData,
-            adamerging,
             export_learned,
             export_model,
-            fisher_merge,
-            regmean_merge,
-            supermerge,
         )
         from supermerge.learn import Task as LearnTask
 
         method = "supermerge" if name.startswith("supermerge") else name
-        run: Callable[..., Any] = {"adamerging": adamerging, "supermerge": supermerge,
-                                   "fisher": fisher_merge, "regmean": regmean_merge}[method]
+        run: Callable[..., Any] = {**TRAINED, **CLOSED_FORM_MERGES}[method]
         needs = {m.name: m.needs for m in LEARNED_METHODS}[method]
         params = self.config.learned_params(name)
         data = []

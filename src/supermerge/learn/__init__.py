@@ -30,7 +30,7 @@ from supermerge.learn.hierarchical import (
     merge_tree,
 )
 from supermerge.learn.memory import PeakRSS
-from supermerge.learn.merge import adamerging, model_thresholds, supermerge, ties_prepare
+from supermerge.learn.merge import TRAINED, adamerging, model_thresholds, supermerge, ties_prepare
 from supermerge.learn.model import CheckpointState, MergedModel, TaskVectors, expert_heads
 from supermerge.learn.objectives import entropy_loss, supervised_loss
 from supermerge.learn.params import (
@@ -44,8 +44,13 @@ from supermerge.learn.params import (
 from supermerge.learn.regmean import regmean_merge
 from supermerge.learn.train import LearnResult, learn_coefficients
 
+CLOSED_FORM = {"fisher": fisher_merge, "regmean": regmean_merge}
+"""The closed-form data-informed merges, by recipe name (both return a state dict)."""
+
 __all__ = [
+    "CLOSED_FORM",
     "LEARNED_METHODS",
+    "TRAINED",
     "AdaMergingParams",
     "CheckpointState",
     "FisherParams",

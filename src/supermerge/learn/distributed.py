@@ -45,7 +45,7 @@ from torch import nn
 from supermerge.learn.data import Task, TaskData
 from supermerge.learn.errors import LearnError
 from supermerge.learn.hierarchical import LearnedMerge, State
-from supermerge.learn.merge import adamerging, supermerge
+from supermerge.learn.merge import TRAINED
 from supermerge.learn.model import Head
 from supermerge.learn.train import Progress
 
@@ -123,8 +123,7 @@ def learn_data_parallel(
     single-process run's steps, each divided among the ranks, plus two all-reduces of
     K x J numbers and two of a scalar per step.
     """
-    runners = {"supermerge": supermerge, "adamerging": adamerging}
-    if method not in runners:
+    if method not in TRAINED:
         raise LearnError(f"unknown learned method {method!r}", fix="use supermerge or adamerging")
-    return runners[method](module, base_state, experts, tasks, head_prefix=head_prefix,
+    return TRAINED[method](module, base_state, experts, tasks, head_prefix=head_prefix,
                            heads=heads, progress=progress, parallel=parallel, **params)

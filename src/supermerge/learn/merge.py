@@ -9,7 +9,7 @@ parameters by their recipe names (see :mod:`supermerge.learn.params`). Both retu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -131,3 +131,8 @@ def model_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], density: flo
                 statistic.observe(pass_index, index, vector[name])
         statistic.finish_pass(pass_index)
     return statistic.result().thresholds
+
+
+TRAINED: dict[str, Callable[..., LearnedMerge]] = {"supermerge": supermerge,
+                                                    "adamerging": adamerging}
+"""The methods that train coefficients, by recipe name (all share one signature)."""

@@ -42,27 +42,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from supermerge.errors import RecipeError
 from supermerge.io import open_checkpoint
 from supermerge.learn import (
+    CLOSED_FORM,
     LEARNED_METHODS,
+    TRAINED,
     CheckpointState,
     LearnedMerge,
     Task,
-    adamerging,
     expert_heads,
     export_learned,
     export_model,
-    fisher_merge,
     load_task_data,
-    regmean_merge,
-    supermerge,
 )
 from supermerge.learn.distributed import TorchDataParallel
 
 log = logging.getLogger(__name__)
 
-_TRAINED: dict[str, Callable[..., LearnedMerge]] = {"supermerge": supermerge,
-                                                     "adamerging": adamerging}
-_CLOSED_FORM: dict[str, Callable[..., dict[str, Any]]] = {"fisher": fisher_merge,
-                                                          "regmean": regmean_merge}
 TRAINED_EXAMPLES = 32
 Progress = Callable[[int, int, float | None], None]
 """(done, total, loss): steps of a trained method with its loss, or examples of a closed-form
@@ -113,7 +107,7 @@ class LearnRecipe(BaseModel):
     @property
     def closed_form(self) -> bool:
         """Whether the method merges from data statistics (fisher, regmean), learning nothing."""
-        return self.merge_method in _CLOSED_FORM
+        return self.merge_method in CLOSED_FORM
 
 
 def load_learn_recipe(source: str | Path | dict[str, Any]) -> tuple[LearnRecipe, Path | None]:
@@ -137,10 +131,8 @@ def load_learn_recipe(source: str | Path | dict[str, Any]) -> tuple[LearnRecipe,
         raise RecipeError(f"invalid learn recipe: {details}",
                           fix=f"valid top-level keys: {', '.join(LearnRecipe.model_fields)}"
                           ) from None
-    method = next(m for m in LEARNED_METHODS if m.name == recipe.merge_method)
-    method.validate(recipe.parameters)
-    if (recipe.merge_method == "fisher" and recipe.architecture == "causal_lm"
-            and method.validate(recipe.parameters).labels == "exact"):
+    params = _method_params(recipe)  # validated: MethodError naming every invalid value
+    if recipe.architecture == "causal_lm" and params.get("labels") == "exact":  # fisher
         raise RecipeError("labels: exact sums over the classes, which a language model's "
                           "vocabulary makes impractical", file=path,
                           fix="use labels: sampled (the default) for causal_lm")
@@ -212,13 +204,13 @@ def run_learn_recipe(
     checkpoints = {name: open_checkpoint(path) for name, path in expert_dirs.items()}
     first_dir = next(iter(expert_dirs.values()))
     tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir)
+    kind = "causal_lm" if recipe.architecture == "causal_lm" else "classification"
+    limit = _examples(recipe)
     tasks = [
         Task(e.task_name, load_task_data(
-            locate(e.data), kind="causal_lm" if recipe.architecture == "causal_lm"
-            else "classification", tokenizer=tokenizer, input_key=e.input_key,
+            locate(e.data), kind=kind, tokenizer=tokenizer, input_key=e.input_key,
             label_key=e.label_key, label_names=e.labels, max_length=recipe.max_length,
-            limit=_examples(recipe)),
-             "causal_lm" if recipe.architecture == "causal_lm" else "classification")
+            limit=limit), kind)
         for e in recipe.experts]
     auto = getattr(transformers, _AUTO_CLASSES[recipe.architecture])
     config = transformers.AutoConfig.from_pretrained(first_dir)
@@ -228,7 +220,7 @@ def run_learn_recipe(
                "base_models": [str(base_dir), *map(str, expert_dirs.values())],
                "model_dir": first_dir, "overwrite": overwrite, "shard_size": shard_size}
     if not recipe.closed_form:
-        merge = _TRAINED[recipe.merge_method](
+        merge = TRAINED[recipe.merge_method](
             module, module.state_dict(), experts, tasks, head_prefix=recipe.head_prefix,
             progress=progress, parallel=parallel, **recipe.parameters)
         if parallel is not None and parallel.rank != 0:
@@ -237,7 +229,7 @@ def run_learn_recipe(
     options = _method_params(recipe)
     if recipe.merge_method == "fisher":
         options["weights"] = {e.task_name: e.weight or 1.0 for e in recipe.experts}
-    merged = _CLOSED_FORM[recipe.merge_method](
+    merged = CLOSED_FORM[recipe.merge_method](
         module, experts, tasks, head_prefix=recipe.head_prefix,
         progress=None if progress is None else lambda done, total: progress(done, total, None),
         **options)
