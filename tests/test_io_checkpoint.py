@@ -71,7 +71,7 @@ def test_names_are_in_data_order(tmp_path):
     state = {"z": torch.ones(3), "a": torch.zeros(2), "m": torch.ones(1)}
     save_file(state, tmp_path / "m.safetensors")
     with open_checkpoint(tmp_path / "m.safetensors") as ckpt:
-        offsets = {n: ckpt._store._offsets[n] for n in ckpt.names()}
+        offsets = {n: ckpt._store._offsets[ckpt.info(n).file][n] for n in ckpt.names()}
         assert list(offsets.values()) == sorted(offsets.values())
 
 
@@ -269,7 +269,7 @@ class _Custom:
 def test_torch_file_with_python_objects_is_refused(tmp_path):
     torch.save({"w": torch.ones(1), "obj": _Custom()}, tmp_path / "m.pt")
     err = _error(tmp_path / "m.pt")
-    assert "Python objects" in err.message
+    assert "holds Python code" in err.message and "_Custom" in err.message
 
 
 def test_garbage_torch_file(tmp_path):

@@ -18,13 +18,15 @@ opened and checked on each read, so a file replaced mid-merge is reported, not m
 from __future__ import annotations
 
 import difflib
+import io
 import json
 import logging
 import math
 import os
 import pickle
-import re
+import pickletools
 import struct
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,13 +261,13 @@ def tied_aliases(ckpt: Checkpoint) -> dict[str, str]:
 def _open_model_dir(directory: Path) -> Checkpoint:
     config = _read_config(directory)
     if (directory / SAFE_WEIGHTS).is_file():
-        store: _Store = _SafetensorsStore({directory / SAFE_WEIGHTS: None})
+        store: _Store = _SafetensorsStore({_member(directory, SAFE_WEIGHTS): None})
     elif (directory / SAFE_INDEX).is_file():
-        store = _SafetensorsStore(_read_index(directory / SAFE_INDEX))
+        store = _SafetensorsStore(_read_index(_member(directory, SAFE_INDEX)))
     elif (directory / TORCH_WEIGHTS).is_file():
-        store = _TorchStore({directory / TORCH_WEIGHTS: None})
+        store = _TorchStore({_member(directory, TORCH_WEIGHTS): None})
     elif (directory / TORCH_INDEX).is_file():
-        store = _TorchStore(_read_index(directory / TORCH_INDEX))
+        store = _TorchStore(_read_index(_member(directory, TORCH_INDEX)))
     else:
         raise _not_a_model(directory)
     if config is None:
@@ -296,8 +298,8 @@ def _not_a_model(directory: Path) -> CheckpointError:
 
 def _read_json(file: Path, what: str) -> Any:
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return _json_loads(file.read_bytes())
+    except (OSError, ValueError) as exc:
         raise CheckpointError(
             f"cannot read the {what}: {exc}",
             file=file,
@@ -309,6 +311,7 @@ def _read_config(directory: Path) -> dict | None:
     file = directory / "config.json"
     if not file.is_file():
         return None
+    _member(directory, file.name)
     config = _read_json(file, "model config")
     if not isinstance(config, dict):
         raise CheckpointError(
@@ -331,7 +334,7 @@ def _read_index(index: Path) -> dict[Path, list[str]]:
         )
     shards: dict[Path, list[str]] = {}
     for name, shard in weight_map.items():
-        shards.setdefault(index.parent / shard, []).append(name)
+        shards.setdefault(_member(index.parent, shard, index), []).append(name)
     for shard in shards:
         if not shard.is_file():
             raise CheckpointError(
@@ -341,6 +344,35 @@ def _read_index(index: Path) -> dict[Path, list[str]]:
                 "(or re-save the model with save_pretrained)",
             )
     return dict(sorted(shards.items()))
+
+
+def _member(directory: Path, name: str, named_by: Path | None = None) -> Path:
+    """``directory / name``, refused unless it lies inside the model folder; costs one
+    resolve (no file is opened).
+
+    ``name`` must be relative without ``..`` and, symbolic links followed, resolve inside
+    ``directory``, or, for a snapshot of the Hugging Face hub cache
+    (``models--org--name/snapshots/REV/``), inside that repository's ``blobs/`` folder where
+    the hub keeps the files its snapshot links point to. ``named_by`` is the file (a shard
+    index) that names ``name``, for the message.
+    """
+    relative = Path(name)
+    where = f"the shard index {named_by.name} names" if named_by else "the model folder holds"
+    fix = ("a model folder's files must lie inside it: this one is damaged or was built to "
+           "read other files on this machine; re-download it from a source you trust")
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise CheckpointError(f"{where} a file outside the model folder: {_clip(name, 200)}",
+                              file=named_by or directory, fix=fix)
+    path = directory / relative
+    root = directory.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":
+        roots.append(root.parent.parent / "blobs")
+    if not any(path.resolve().is_relative_to(r) for r in roots):
+        raise CheckpointError(
+            f"{where} {_clip(name, 200)}, a symbolic link that leads outside the model folder",
+            file=path, fix=fix)
+    return path
 
 
 def _select(
@@ -421,66 +453,124 @@ def _read_safetensors_header(file: Path) -> tuple[dict[str, tuple[TensorInfo, in
             fix="check that the file exists and is readable",
         ) from exc
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(file, f"header is not valid JSON ({exc})") from exc
+        header = _json_loads(raw)
+    except ValueError as exc:
+        raise _corrupt(file, f"header is {exc}") from None
+    data_start = 8 + header_len
+    entries = _validate_header(file, header, st.st_size - data_start)
+    return {info.name: (info, data_start + begin) for info, begin in entries}, _file_identity(st)
+
+
+def _json_loads(raw: bytes) -> Any:
+    """json.loads that fails only with a ValueError whose message suits the user: bad
+    UTF-8 or syntax, nesting deep enough to exhaust the recursion limit, integers of more
+    digits than Python converts."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply to parse") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digits limit
+        raise ValueError(f"not valid JSON ({exc})") from None
+
+
+def _validate_header(file: Path, header: Any, data_len: int) -> list[tuple[TensorInfo, int]]:
+    """Check a parsed safetensors header as the safetensors library does; returns
+    [(info, data offset relative to the data section)] in data order.
+
+    Like safetensors' own ``Metadata::validate``: every entry is well formed (a known dtype
+    code, a shape of non-negative integers, two integer offsets), its byte length is
+    numel x itemsize, and the entries sorted by offset tile the data section exactly:
+    contiguous, non-overlapping, from byte 0 to its end. Costs nothing but the header.
+    """
     if not isinstance(header, dict):
         raise _corrupt(file, "header is not a JSON object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(v, str) for v in metadata.values()
+    ):
+        raise _corrupt(file, '"__metadata__" is not a mapping of strings to strings')
+    entries = sorted(
+        (_parse_entry(file, name, spec) for name, spec in header.items()
+         if name != "__metadata__"),
+        key=lambda entry: (entry[1], entry[1] + entry[0].nbytes),
+    )
+    end = 0  # where the previous tensor's data ends
+    for info, begin in entries:
+        if begin < end:
+            raise _corrupt(file, f"tensor data [{begin}, {begin + info.nbytes}) overlaps the "
+                           f"previous tensor's, which ends at byte {end}", info.name)
+        if begin > end:
+            raise _corrupt(file, f"{begin - end} bytes before the tensor's data belong to no "
+                           "tensor", info.name)
+        end = begin + info.nbytes
+        if end > data_len:
+            raise _corrupt(file, f"tensor data ends at byte {end} past the end of the data "
+                           f"({data_len} bytes): the file is truncated", info.name)
+    if end != data_len:
+        raise _corrupt(file, f"the last {data_len - end} bytes of the data belong to no tensor")
+    return entries
 
-    data_start = 8 + header_len
-    data_len = st.st_size - data_start
-    entries: list[tuple[int, TensorInfo]] = []
-    for name, spec in header.items():
-        if name == "__metadata__":
-            continue
-        info, begin = _parse_entry(file, name, spec, data_len)
-        entries.append((begin, info))
-    entries.sort(key=lambda e: e[0])
-    return {info.name: (info, data_start + begin) for begin, info in entries}, _file_identity(st)
 
+def _parse_entry(file: Path, name: str, spec: Any) -> tuple[TensorInfo, int]:
+    """One header entry as (info, data offset); CheckpointError naming what is malformed."""
+    def malformed(problem: str) -> CheckpointError:
+        return _corrupt(file, f"malformed header entry: {problem}", tensor=name)
 
-def _parse_entry(file: Path, name: str, spec: Any, data_len: int) -> tuple[TensorInfo, int]:
-    try:
-        dtype_code, shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ValueError(shape)
-        if not (isinstance(begin, int) and isinstance(end, int)):
-            raise ValueError((begin, end))
-    except (TypeError, KeyError, ValueError) as exc:
-        raise _corrupt(file, "malformed header entry", tensor=name) from exc
+    if not isinstance(spec, dict):
+        raise malformed(f"a {type(spec).__name__}, not an object")
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in spec]
+    if missing:
+        raise malformed(f"no {', '.join(map(repr, missing))}")
+    dtype_code, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    if not isinstance(dtype_code, str):
+        raise malformed(f'"dtype" is a {type(dtype_code).__name__}, not a code such as "F32"')
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise malformed(f'"shape" is {_clip(shape)}, not a list of non-negative integers')
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        raise malformed(f'"data_offsets" is {_clip(offsets)}, not [begin, end] in bytes')
     dtype = SAFETENSORS_DTYPES.get(dtype_code)
     if dtype is None:
         raise CheckpointError(
-            f"unsupported safetensors dtype {dtype_code!r}",
+            f"unsupported safetensors dtype {_clip(dtype_code)}",
             file=file,
             tensor=name,
             fix=f"convert the tensor to one of {', '.join(SAFETENSORS_DTYPES)}",
         )
     info = TensorInfo(name=name, shape=tuple(shape), dtype=dtype, file=file)
-    if not 0 <= begin <= end or end - begin != info.nbytes:
+    begin, end = offsets
+    if end - begin != info.nbytes:
         raise _corrupt(
-            file, f"data offsets [{begin}, {end}) do not match {dtype_code}{list(shape)}", name
-        )
-    if end > data_len:
-        raise _corrupt(
-            file, f"tensor data ends at byte {end} past the end of the data ({data_len} "
-            "bytes): the file is truncated", name,
+            file, f"data offsets [{begin}, {end}) do not match {dtype_code}{list(shape)} "
+            f"({info.nbytes} bytes)", name,
         )
     return info, begin
+
+
+def _is_count(value: Any) -> bool:
+    """A JSON non-negative integer (true and false are not counts)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _clip(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages about hostile input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class _SafetensorsStore:
     """Tensors in safetensors files, read with positional reads (no mmap, no lock)."""
 
     def __init__(self, files: Mapping[Path, list[str] | None]) -> None:
-        self._offsets: dict[str, int] = {}
+        # {file: {name: absolute data offset}}: per file, because a shard may hold a tensor
+        # of the same name as another shard's (one its index does not list)
+        self._offsets: dict[Path, dict[str, int]] = {}
         self._identity: dict[Path, _Identity] = {}
         per_file = []
         for file, wanted in files.items():
             entries, self._identity[file] = _read_safetensors_header(file)
             found = {name: info for name, (info, _) in entries.items()}
             per_file.append(_select(file, found, wanted))
-            self._offsets.update({name: offset for name, (_, offset) in entries.items()})
+            self._offsets[file] = {name: offset for name, (_, offset) in entries.items()}
         self.infos = _merge_shards(per_file)
 
     def load(self, info: TensorInfo) -> torch.Tensor:
@@ -488,7 +578,7 @@ class _SafetensorsStore:
         if info.nbytes == 0:
             return out
         buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
-        offset = self._offsets[info.name]
+        offset = self._offsets[info.file][info.name]
         try:
             with open(info.file, "rb", buffering=0) as f:
                 if _file_identity(os.fstat(f.fileno())) != self._identity[info.file]:
@@ -521,30 +611,92 @@ class _SafetensorsStore:
 
 
 def _torch_load(file: Path) -> Any:
-    """torch.load with weights_only=True, memory-mapped unless the file is the legacy format."""
+    """torch.load with weights_only=True, memory-mapped when the file is in torch's zip
+    format (the legacy format cannot be mapped)."""
     try:
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
+        mmap = zipfile.is_zipfile(file)
+        if not mmap:
             log.info("%s is not in torch's zip format; loading it into memory", file)
-            return torch.load(file, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch reports damage as RuntimeError, EOFError, KeyError, ...
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if isinstance(exc, pickle.UnpicklingError) and found:
-            raise CheckpointError(
-                f"the torch file holds Python objects other than tensors ({found.group(1)}); "
-                "refused: loading them would run arbitrary code",
-                file=file,
-                fix="re-save only the weights: torch.save(model.state_dict(), path), or "
-                "convert it to safetensors",
-            ) from exc
+        # weights_only refuses a pickle that names anything but tensors with the pickle
+        # module's error, whatever torch's wording; so does a damaged file. The pickle's
+        # own opcodes tell the two apart.
+        if not isinstance(exc, pickle.UnpicklingError):
+            raise _unreadable(file, f"{type(exc).__name__}: {exc}") from exc
+        code = _pickle_globals(file)
+        if not code:
+            raise _unreadable(file, "not a well-formed pickle of tensors") from None
         raise CheckpointError(
-            f"cannot read the torch file ({type(exc).__name__}: {exc})",
+            f"the torch file holds Python code, not only tensors: its pickle names "
+            f"{', '.join(code[:5])}{' ...' if len(code) > 5 else ''}, which loading the file "
+            "would run; refused, nothing was run",
             file=file,
-            fix="the file is damaged or not a torch.save file: fetch or save it again",
-        ) from exc
+            fix="ask its author for a safetensors file. Only if you trust the file, convert "
+            "it once (this runs its code): python -c \"import torch; from safetensors.torch "
+            f"import save_file; sd = torch.load('{file}', weights_only=False); "
+            "save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors')\"",
+        ) from None
+
+
+def _unreadable(file: Path, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"cannot read the torch file ({problem})",
+        file=file,
+        fix="the file is damaged or not a torch.save file: fetch or save it again",
+    )
+
+
+_TORCH_GLOBALS = ("torch.", "collections.OrderedDict")  # what torch.save writes for tensors
+_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
+                         "SHORT_BINSTRING", "BINSTRING", "STRING"})
+_MAX_PICKLE_BYTES = 64 * 2**20
+
+
+def _pickle_globals(file: Path) -> list[str]:
+    """The Python callables and classes other than torch's that the file's pickle names
+    (``posix.system``, ``__main__.MyConfig``), found by listing its opcodes: nothing is
+    unpickled or run. Empty when the file is not a well-formed pickle (a damaged file).
+
+    Reads the zip format's ``data.pkl`` or, in the legacy format, the pickles at the start
+    of the file (at most 64 MiB of either).
+    """
+    try:
+        if zipfile.is_zipfile(file):
+            with zipfile.ZipFile(file) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if member is None:
+                    return []
+                with archive.open(member) as f:
+                    return _globals_in(io.BytesIO(f.read(_MAX_PICKLE_BYTES)))
+        with open(file, "rb") as f:
+            return _globals_in(io.BytesIO(f.read(_MAX_PICKLE_BYTES)))
+    except (OSError, zipfile.BadZipFile):
+        return []
+
+
+def _globals_in(stream: io.BytesIO) -> list[str]:
+    """Non-torch globals named by the consecutive pickles in ``stream`` (the legacy format
+    stores several before its raw data); stops at the first byte that is not a pickle."""
+    found: list[str] = []
+    while True:
+        strings: list[str] = []  # the strings pushed so far: STACK_GLOBAL takes the last two
+        named: list[str] = []
+        try:
+            for opcode, arg, _pos in pickletools.genops(stream):
+                if opcode.name in _STRING_OPS:
+                    strings.append(arg if isinstance(arg, str) else repr(arg))
+                elif opcode.name in ("GLOBAL", "INST"):
+                    named.append(".".join(str(arg).split(" ", 1)))
+                elif opcode.name == "STACK_GLOBAL":
+                    named.append(".".join(strings[-2:]) or "(an object)")
+        except ValueError:  # not (or no more) a pickle: keep what complete pickles named
+            return found
+        found += [n for n in dict.fromkeys(named) if not n.startswith(_TORCH_GLOBALS)
+                  and n not in found]
+        if not stream.read(1):
+            return found
+        stream.seek(-1, io.SEEK_CUR)
 
 
 def _is_state_dict(obj: Any) -> bool:
