@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from supermerge.engine import MergeResult, MergeSpec, Progress, execute, plan_merge
+from supermerge.errors import RecipeError
 from supermerge.recipes import Recipe, load_recipe, parse_recipe
 
 
@@ -32,6 +33,7 @@ def merge(
     (default: the cores the readers leave). Returns a MergeResult; ``out`` is published
     atomically.
     """
+    out = _output_path(out)
     if isinstance(recipe, MergeSpec):
         spec = recipe
         recipe_yaml = yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False)
@@ -42,9 +44,12 @@ def merge(
             recipe = load_recipe(recipe)
         elif isinstance(recipe, dict):
             recipe = parse_recipe(recipe)
+        elif not isinstance(recipe, Recipe):
+            raise _not_a_recipe(recipe, "a merge recipe: a YAML file path, a mapping of its "
+                                "keys, a Recipe or a MergeSpec")
         spec = recipe.to_spec(root)
         recipe_yaml = recipe.to_yaml()
-    plan = plan_merge(spec, out=Path(out), overwrite=overwrite)
+    plan = plan_merge(spec, out=out, overwrite=overwrite)
     try:
         return execute(plan, out, overwrite=overwrite, threads=threads,
                        compute_threads=compute_threads, shard_size=shard_size,
@@ -71,5 +76,26 @@ def merge_learned(
     """
     from supermerge.recipes.learn import run_learn_recipe
 
+    out = _output_path(out)
+    if not isinstance(recipe, str | Path | dict):
+        raise _not_a_recipe(recipe, "a learn recipe: a YAML file path or a mapping of its keys")
     return run_learn_recipe(recipe, out, overwrite=overwrite, shard_size=shard_size,
                             progress=progress)
+
+
+def _not_a_recipe(value: Any, expected: str) -> RecipeError:
+    return RecipeError(f"the recipe is a {type(value).__name__}, not {expected}",
+                       fix="pass the recipe's path, e.g. merge('recipe.yaml', 'out/'), or its "
+                       "keys as a dict (see the README's recipe format)")
+
+
+def _output_path(out: Any) -> Path:
+    """``out`` as a Path; RecipeError for anything that is not a path."""
+    if not isinstance(out, str | Path) or not str(out):
+        raise RecipeError(f"the output is {_repr(out)}, not a folder path",
+                          fix="pass the output folder as a str or Path, e.g. 'merged/'")
+    return Path(out)
+
+
+def _repr(value: Any) -> str:
+    return repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
