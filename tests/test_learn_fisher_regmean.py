@@ -145,6 +145,19 @@ def test_regmean_unseen_feature_and_singular_grams_stay_finite() -> None:
     assert _finite(regmean_merge(module, {"a": a, "b": b}, singular, alpha=1.0))
 
 
+def test_regmean_on_an_expert_with_overflowing_activations_names_it_and_the_layer() -> None:
+    """Weights so large that the next layer's inputs overflow to Inf: a LearnError naming
+    the expert and the layer (torch's lstsq failed an INTERNAL ASSERT here)."""
+    module = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    torch.manual_seed(0)
+    good = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    huge = {**good, "0.weight": torch.full((4, 3), 3e38)}
+    tasks = [Task(name, TaskData(torch.full((8, 3), 2.0))) for name in ("good", "huge")]
+    with pytest.raises(LearnError, match="expert 'huge'") as err:
+        regmean_merge(module, {"good": good, "huge": huge}, tasks)
+    assert err.value.tensor == "1.weight" and "huge or non-finite weights" in err.value.fix
+
+
 def test_head_prefix_keeps_heads_out_and_uses_each_experts_head() -> None:
     a, b = _expert(0), _expert(1)
     b["classifier.weight"], b["classifier.bias"] = torch.randn(5, 4), torch.randn(5)

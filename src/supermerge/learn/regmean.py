@@ -79,11 +79,13 @@ def regmean_merge(
             for weight_name, gram in grams.items():
                 shrunk = _shrink_(gram, alpha)
                 weight_t = state[weight_name].to(torch.float64).T.to(shrunk.device)
+                rhs = shrunk @ weight_t
+                _require_finite(shrunk, rhs, expert_name, weight_name)
                 if weight_name in gram_sum:
                     gram_sum[weight_name] += shrunk
-                    rhs_sum[weight_name] += shrunk @ weight_t
+                    rhs_sum[weight_name] += rhs
                 else:
-                    gram_sum[weight_name], rhs_sum[weight_name] = shrunk, shrunk @ weight_t
+                    gram_sum[weight_name], rhs_sum[weight_name] = shrunk, rhs
             for name in names:  # float32 sums: the experts' tensors are never written
                 if name in sums:
                     sums[name].add_(state[name].to(sums[name]))
@@ -96,8 +98,8 @@ def regmean_merge(
     for name in names:
         mean = sums[name] / count
         if name in gram_sum:
-            merged[name] = _solve(gram_sum[name], rhs_sum[name], mean.T.double()).T.to(
-                dtypes[name])
+            merged[name] = _solve(name, gram_sum[name], rhs_sum[name],
+                                  mean.T.double()).T.to(dtypes[name])
         else:
             merged[name] = mean.to(dtypes[name])
     return finish_state(module, experts, pairs[0][0], merged, names, aliases, head_prefix)
@@ -156,6 +158,27 @@ def _input_grams(
     return grams
 
 
+def _require_finite(gram: torch.Tensor, rhs: torch.Tensor, expert: str | None,
+                    weight_name: str) -> None:
+    """Raise LearnError naming the expert (None: the sum over experts) and the layer when
+    its Gram matrix, or the Gram times the layer's weight, holds Inf or NaN: no solver can
+    merge from it (torch's least squares fails an internal assertion)."""
+    if not bool(torch.isfinite(gram).all()):
+        overflow = "the layer's inputs reach Inf or NaN"
+    elif not bool(torch.isfinite(rhs).all()):
+        overflow = "the layer's weight times its inputs' Gram matrix reaches Inf or NaN"
+    else:
+        return
+    who = f"expert {expert!r}" if expert is not None else "the experts together"
+    raise LearnError(
+        f"RegMean cannot merge this layer: on {who}, {overflow} (weights so large that the "
+        "activations overflow, or weights that are already Inf or NaN)",
+        tensor=weight_name,
+        fix=f"check {who} for huge or non-finite weights (`supermerge inspect`) and re-train "
+        "or re-export it, or merge without it",
+    )
+
+
 def _shrink_(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     """Return ``alpha G + (1 - alpha) diag(G)`` in ``gram``'s own memory: the off-diagonal
     scaled by ``alpha``, the diagonal kept."""
@@ -164,8 +187,12 @@ def _shrink_(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return gram
 
 
-def _solve(gram: torch.Tensor, rhs: torch.Tensor, mean_t: torch.Tensor) -> torch.Tensor:
-    """Solve ``gram @ X = rhs`` for X (``[in, out]``); unseen features take ``mean_t``."""
+def _solve(name: str, gram: torch.Tensor, rhs: torch.Tensor,
+           mean_t: torch.Tensor) -> torch.Tensor:
+    """Solve ``gram @ X = rhs`` for X (``[in, out]``); unseen features take ``mean_t``.
+
+    Raises LearnError naming ``name`` when the summed system overflowed to Inf or NaN."""
+    _require_finite(gram, rhs, None, name)
     unseen = torch.diagonal(gram) <= 0
     if bool(unseen.any()):  # a zero diagonal means a zero row/column (G is PSD)
         gram = gram + torch.diag(unseen.to(gram.dtype))
