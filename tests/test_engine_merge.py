@@ -198,13 +198,16 @@ def test_existing_output_needs_overwrite_and_is_replaced_whole(family, tmp_path)
     with pytest.raises(PlanError, match="already exists"):
         supermerge.merge(recipe("linear", base_path, paths), out)
     assert (out / "notes.txt").read_text() == "precious"
+    with pytest.raises(PlanError, match="would be lost: notes.txt"):  # not supermerge's file
+        supermerge.merge(recipe("linear", base_path, paths), out, overwrite=True)
+    (out / "notes.txt").unlink()
     supermerge.merge(recipe("linear", base_path, paths), out, overwrite=True)
-    assert not (out / "notes.txt").exists() and (out / "model.safetensors").exists()
+    assert (out / "model.safetensors").exists()
     assert "linear" in (out / "supermerge_recipe.yaml").read_text()
     not_a_model = tmp_path / "docs"
     not_a_model.mkdir()
     (not_a_model / "thesis.tex").write_text("years of work")
-    with pytest.raises(supermerge.SupermergeError, match="does not hold a model"):
+    with pytest.raises(supermerge.SupermergeError, match="did not write"):
         supermerge.merge(recipe("linear", base_path, paths), not_a_model, overwrite=True)
     assert (not_a_model / "thesis.tex").exists()
 

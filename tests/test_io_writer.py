@@ -25,17 +25,23 @@ import supermerge
 from helpers_io import assert_matches, layout_of, sample_state_dict, write_model_dir
 from supermerge.errors import OutputError
 from supermerge.io import CheckpointWriter, open_checkpoint
+from supermerge.io.partial import OWNER_FILE
 
 # Every test of the files written runs in both modes: tensors buffered into shards, and
 # streamed to shards planned from a layout given up front.
 MODES = ["buffered", "layout"]
 
 
-def _write(out: Path, state: dict[str, torch.Tensor], mode: str = "buffered", **kwargs) -> Path:
+def _write(out: Path, state: dict[str, torch.Tensor], mode: str = "buffered", *,
+           card: bool = False, **kwargs) -> Path:
+    """Write ``state`` to ``out``; with ``card``, a model card too (marks supermerge output,
+    which ``overwrite`` may replace)."""
     layout = layout_of(state) if mode == "layout" else None
     with CheckpointWriter(out, layout=layout, **kwargs) as writer:
         for name, tensor in state.items():
             writer.add(name, tensor)
+        if card:
+            writer.write_model_card(base_models=["a", "b"], method="ties", recipe_yaml="")
         return writer.commit()
 
 
@@ -129,7 +135,7 @@ def test_layout_plans_shards_and_writes_headers_up_front(tmp_path):
     files = [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
     with CheckpointWriter(tmp_path / "out", shard_size=800, layout=layout_of(state)) as writer:
         (partial,) = (tmp_path / n for n in _siblings(tmp_path / "out"))
-        assert sorted(p.name for p in partial.iterdir()) == files
+        assert sorted(p.name for p in partial.iterdir()) == [OWNER_FILE, *files]
         for file in files:  # each shard already starts with its full header
             header, data = _header_and_data((partial / file).read_bytes())
             assert header["__metadata__"] == {"format": "pt"} and data == b""
@@ -323,21 +329,23 @@ def test_existing_output_is_refused_before_anything_is_written(tmp_path):
     assert _siblings(tmp_path / "out") == ["out"]
 
 
-def test_overwrite_replaces_a_model(tmp_path):
-    out = _write(tmp_path / "out", {"old": torch.zeros(2)})
-    (out / "stale.txt").write_text("from the old model")
+def test_overwrite_replaces_a_supermerge_output(tmp_path):
+    out = _write(tmp_path / "out", {"old": torch.zeros(2)}, card=True)
+    (out / "config.json").write_text("{}")
     state = {"new": torch.ones(3)}
     _write(out, state, overwrite=True)
     with open_checkpoint(out) as ckpt:
         assert_matches(ckpt, state)
-    assert not (out / "stale.txt").exists()
+    assert not (out / "config.json").exists() and not (out / "README.md").exists()
     assert _siblings(out) == ["out"]  # old model and temporary both gone
+    (tmp_path / "empty").mkdir()
+    _write(tmp_path / "empty", state, overwrite=True)  # an empty folder loses nothing
 
 
 def test_overwrite_refuses_a_directory_that_is_not_a_model(tmp_path):
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "notes.txt").write_text("precious")
-    with pytest.raises(OutputError, match="does not hold a model"):
+    with pytest.raises(OutputError, match="supermerge did not write.*notes.txt"):
         CheckpointWriter(tmp_path / "home", overwrite=True)
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="not a directory"):
@@ -394,7 +402,7 @@ def test_misuse_is_reported(tmp_path):
 def test_disk_full_mid_write(tmp_path, monkeypatch, existing, mode, file):
     out = tmp_path / "out"
     if existing:
-        _write(out, {"old": torch.zeros(2)})
+        _write(out, {"old": torch.zeros(2)}, card=True)
     data_writes = []
 
     def pwrite_then_disk_full(fd, data, offset):
@@ -440,7 +448,7 @@ time.sleep(60)
 def test_killed_mid_write_leaves_no_half_model(tmp_path, existing, mode):
     out = tmp_path / "out"
     if existing:
-        _write(out, {"old": torch.zeros(2)})
+        _write(out, {"old": torch.zeros(2)}, card=True)
     env = {**os.environ, "PYTHONPATH": str(Path(supermerge.__file__).parents[1])}
     child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(out), mode],
                              stdout=subprocess.PIPE, env=env)
@@ -455,3 +463,7 @@ def test_killed_mid_write_leaves_no_half_model(tmp_path, existing, mode):
         assert open_checkpoint(out).names() == ["old"]
     else:
         assert not out.exists()
+    _write(tmp_path / "other", {"w": torch.ones(1)})  # a write elsewhere leaves it alone
+    assert (tmp_path / partial[0]).exists()
+    _write(out, {"new": torch.ones(1)}, overwrite=existing)  # the next write to out removes it
+    assert _siblings(out) == ["other", "out"]

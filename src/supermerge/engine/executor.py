@@ -116,12 +116,15 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
              shard_size: int, recipe_yaml: str, progress: Progress | None) -> MergeResult:
     started = time.perf_counter()
     compute = parse_dtype(plan.spec.compute_dtype, "compute_dtype") or torch.float32
-    statistic = _whole_model_statistic(plan, compute, threads, progress)
     merged = copied = 0
     layout = [(job.name, job.shape, job.out_dtype) for job in plan.jobs]
     task_state = _task_state_writer(plan)
+    # The writer first (output guard, free disk space), then the first read of a weight.
     with CheckpointWriter(out, overwrite=overwrite, shard_size=shard_size, layout=layout,
-                          side_files=task_state.side_files if task_state else None) as writer:
+                          side_files=task_state.side_files if task_state else None,
+                          inputs=[plan.spec.base_model, *(m.path for m in plan.spec.models)]
+                          ) as writer:
+        statistic = _whole_model_statistic(plan, compute, threads, progress)
         total = len(plan.jobs)
         # No enumerate and an explicit del: a job's inputs must be freed before the next
         # job is awaited (enumerate's cached tuple and the loop variable would keep them).

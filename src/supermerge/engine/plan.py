@@ -19,8 +19,9 @@ import torch
 
 from supermerge.engine.params import LayerPositions, is_tensor_dependent, resolve_all
 from supermerge.engine.spec import MergeSpec, parse_dtype
-from supermerge.errors import MethodError, PlanError, Problem, SupermergeError
+from supermerge.errors import MethodError, OutputError, PlanError, Problem, SupermergeError
 from supermerge.io import Checkpoint, TensorInfo, open_checkpoint, tied_aliases
+from supermerge.io.guard import check_output
 from supermerge.methods import Method, get_method
 
 log = logging.getLogger(__name__)
@@ -108,11 +109,8 @@ def plan_merge(spec: MergeSpec, *, out: Path | None = None, overwrite: bool = Fa
     """
     problems: list[Problem] = []
     method = _method_or_problem(spec, problems)
-    if out is not None and Path(out).exists() and not overwrite:
-        problems.append(Problem("the output already exists", file=str(out),
-                                fix="pass --overwrite or choose another output path"))
     if out is not None:
-        _refuse_output_among_inputs(spec, Path(out), problems)
+        _check_output(spec, Path(out), overwrite, problems)
     base = _open(spec.base_model, problems) if spec.base_model else None
     experts = [_open(m.path, problems) for m in spec.models]
     if method is not None and method.needs_base and spec.base_model is None:
@@ -138,12 +136,13 @@ def plan_merge(spec: MergeSpec, *, out: Path | None = None, overwrite: bool = Fa
     return plan
 
 
-def _refuse_output_among_inputs(spec: MergeSpec, out: Path, problems: list[Problem]) -> None:
-    target = out.resolve()
-    for path in [spec.base_model, *(m.path for m in spec.models)]:
-        if path is not None and target in (p := Path(path).resolve(), *p.parents):
-            problems.append(Problem("the output path is also an input", file=str(path),
-                                    fix="write the merge to a new directory"))
+def _check_output(spec: MergeSpec, out: Path, overwrite: bool, problems: list[Problem]) -> None:
+    """The output guard of every writer (io.guard.check_output), as a problem."""
+    try:
+        check_output(out, inputs=[spec.base_model, *(m.path for m in spec.models)],
+                     overwrite=overwrite)
+    except OutputError as err:
+        problems.append(Problem(err.message, file=err.file, fix=err.fix))
 
 
 def _method_or_problem(spec: MergeSpec, problems: list[Problem]) -> Method | None:

@@ -3,7 +3,11 @@
 Everything is written into a hidden sibling of the output, ``<parent>/.<name>.partial-<id>``
 (same filesystem), and renamed to the output only by :meth:`CheckpointWriter.commit`. A
 failure removes the temporary directory; a killed process leaves only that hidden
-sibling. Either way the output path holds the old model or nothing, never half a model.
+sibling, which records its writer so that the next writer to the same output removes it
+(:mod:`supermerge.io.partial`). Either way the output path holds the old model or nothing,
+never half a model. Before anything is written the output guard
+(:mod:`supermerge.io.guard`) refuses an output that overlaps an input, replacing anything
+supermerge did not write, and an output larger than the free disk space.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,31 +32,16 @@ import torch
 import yaml
 
 from supermerge.errors import OutputError
-from supermerge.io.checkpoint import SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_DTYPES, TORCH_SUFFIXES
+from supermerge.io import partial
+from supermerge.io.checkpoint import SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_DTYPES
+from supermerge.io.guard import (
+    MODEL_FILE_PATTERNS,
+    check_free_space,
+    check_output,
+    check_replaceable,
+)
 
 log = logging.getLogger(__name__)
-
-# Files copied from the base model's directory: config, tokenizer, processor, and the
-# Python files of remote-code models (config.json's auto_map points at them).
-MODEL_FILE_PATTERNS = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "*.py",
-)
 
 Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
 """Every output tensor's (name, shape, dtype), in the order the shards are filled."""
@@ -80,6 +70,13 @@ class CheckpointWriter:
     and published with the model, atomically; :meth:`commit` refuses if one of their
     tensors is missing.
 
+    ``inputs`` are the paths the output is made from (models, data files): the output
+    guard refuses an output that is one of them, lies inside one or holds one. With
+    ``overwrite`` an existing output is replaced only if supermerge wrote it and it holds
+    nothing else (:func:`~supermerge.io.guard.check_replaceable`). The free disk space is
+    checked against every file of the layout before anything is written (without a
+    layout, against each shard before it is written).
+
     Use it as a context manager; leaving the block without :meth:`commit` aborts.
     """
 
@@ -91,6 +88,7 @@ class CheckpointWriter:
         shard_size: int = 5 * 2**30,
         layout: Layout | None = None,
         side_files: Mapping[str, Layout] | None = None,
+        inputs: Sequence[str | Path | None] = (),
     ) -> None:
         self.out = Path(os.path.abspath(out))
         self.overwrite = overwrite
@@ -110,12 +108,16 @@ class CheckpointWriter:
         specs = None if layout is None else self._check_layout(layout)
         side_specs = {self._check_side_name(f): self._check_layout(lay)
                       for f, lay in (side_files or {}).items()}
-        self._check_target()
-        self._tmp = self._make_temp_dir()
+        shards = [] if specs is None else _plan_shards(specs, shard_size)
+        sides = {file: _Shard(Path(file), file_specs) for file, file_specs in side_specs.items()}
+        check_output(self.out, inputs=inputs, overwrite=overwrite,
+                     nbytes=sum(s.size for s in [*shards, *sides.values()]))
+        self._prepare_parent()
+        self._tmp = partial.make_partial_dir(self.out, self._error_beside_output)
         if specs is not None:
-            self._start_shards(specs)
-        for file, file_specs in side_specs.items():
-            self._start_side_file(file, file_specs)
+            self._start_shards(shards)
+        for file, shard in sides.items():
+            self._start_side_file(file, shard)
 
     # --- public ---------------------------------------------------------------------
 
@@ -153,7 +155,12 @@ class CheckpointWriter:
 
     def copy_model_files(self, model_dir: Path | None) -> None:
         """Copy config, generation config, tokenizer/processor files and remote-code ``*.py``
-        from ``model_dir`` (never weights or its README); no-op for ``None``. Cost: a file
+        from ``model_dir`` (only the names of MODEL_FILE_PATTERNS: never weights or its
+        README); no-op for ``None``.
+
+        A link is followed only to a regular file inside ``model_dir`` (or, for a Hugging
+        Face cache snapshot, inside its repository's ``blobs/``); a link out of the folder,
+        or anything but a regular file, is not copied and a warning names it. Cost: a file
         copy each.
         """
         self._require_open()
@@ -162,11 +169,13 @@ class CheckpointWriter:
         model_dir = Path(model_dir)
         copied = []
         for pattern in MODEL_FILE_PATTERNS:
-            for source in sorted(model_dir.glob(pattern)):
-                if source.is_file():
-                    with self._writing(source.name):
-                        shutil.copyfile(source, self._tmp / source.name)
-                    copied.append(source.name)
+            for entry in sorted(model_dir.glob(pattern)):
+                source = _side_file_source(entry, model_dir)
+                if source is None:
+                    continue
+                with self._writing(entry.name):
+                    shutil.copyfile(source, self._tmp / entry.name)
+                copied.append(entry.name)
         log.info("copied %s from %s", ", ".join(copied) or "nothing", model_dir)
 
     def write_text(self, relative_name: str, text: str) -> None:
@@ -266,42 +275,19 @@ class CheckpointWriter:
 
     # --- internals ------------------------------------------------------------------
 
-    def _check_target(self) -> None:
+    def _prepare_parent(self) -> None:
+        """Create the output's parent; remove the leftovers of dead writers to this output."""
         out = self.out
-        if out.exists() or out.is_symlink():
-            if not self.overwrite:
-                raise OutputError("the output already exists", file=out,
-                                  fix="pass --overwrite to replace it, or choose another path")
-            if not out.is_dir():
-                raise OutputError("the output exists and is not a directory", file=out,
-                                  fix="remove it or choose another output path")
-            if any(out.iterdir()) and not _looks_like_model(out):
-                raise OutputError(
-                    "refusing to overwrite a directory that does not hold a model", file=out,
-                    fix="choose another output path (overwrite replaces only a model directory)",
-                )
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create the output's parent directory: {exc.strerror}",
                               file=out.parent, fix=_fix_for(exc, out)) from exc
-        stale = sorted(out.parent.glob(f".{out.name}.partial-*"))
-        if stale:
-            log.warning("leftovers of interrupted writes to %s: %s (delete them to free space)",
-                        out, ", ".join(p.name for p in stale))
+        partial.clean_leftovers(out)
 
-    def _make_temp_dir(self) -> Path:
-        """A new hidden sibling of the output; mkdir honours the umask (mkdtemp would not)."""
-        while True:
-            tmp = self.out.parent / f".{self.out.name}.partial-{secrets.token_hex(4)}"
-            try:
-                tmp.mkdir()
-                return tmp
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise OutputError(f"cannot create a directory beside the output: {exc.strerror}",
-                                  file=tmp, fix=_fix_for(exc, self.out)) from exc
+    def _error_beside_output(self, exc: OSError, path: Path) -> OutputError:
+        return OutputError(f"cannot create a directory beside the output: {exc.strerror}",
+                           file=path, fix=_fix_for(exc, self.out))
 
     def _check_new(self, name: str, tensor: torch.Tensor, added: set[str]) -> _Spec:
         """The spec of a tensor about to be added; OutputError if it is no tensor or its name
@@ -353,24 +339,23 @@ class CheckpointWriter:
                                   "start with 'model' or 'shard-', e.g. task_state.safetensors")
         return file
 
-    def _start_side_file(self, file: str, specs: list[_Spec]) -> None:
+    def _start_side_file(self, file: str, shard: _Shard) -> None:
         """Create one side file with its header; its tensors are written by add_side."""
-        shard = _Shard(self._tmp / file, specs)
+        shard.path = self._tmp / file
         with self._writing(file):
             shard.create()
-        self._side[file] = {spec.name: (spec, shard) for spec in specs}
+        self._side[file] = {spec.name: (spec, shard) for spec in shard.specs}
         self._side_names[file] = set()
 
-    def _start_shards(self, specs: list[_Spec]) -> None:
-        """Plan the shards of the layout and write their headers (final names; a few KiB)."""
-        groups = _pack(specs, self.shard_size)
+    def _start_shards(self, shards: list[_Shard]) -> None:
+        """Write the headers of the layout's planned shards (final names; a few KiB)."""
         self._layout = {}
-        for i, group in enumerate(groups, start=1):
-            shard = _Shard(self._tmp / _shard_name(i, len(groups)), group)
+        for shard in shards:
+            shard.path = self._tmp / shard.path.name
             with self._writing(shard.path.name):
                 shard.create()
             self._shards.append(shard)
-            self._layout.update({spec.name: (spec, shard) for spec in group})
+            self._layout.update({spec.name: (spec, shard) for spec in shard.specs})
 
     def _write_tensor(self, spec: _Spec, tensor: torch.Tensor,
                       placements: Mapping[str, tuple[_Spec, _Shard]]) -> None:
@@ -415,6 +400,11 @@ class CheckpointWriter:
             return
         specs = [_Spec(n, tuple(t.shape), t.dtype) for n, t in self._buffer.items()]
         shard = _Shard(self._tmp / f"shard-{len(self._shards) + 1:05d}.safetensors", specs)
+        try:
+            check_free_space(self._tmp, shard.size)
+        except OutputError:
+            self.abort()
+            raise
         with self._writing(shard.path.name):
             shard.create()
             for name, tensor in self._buffer.items():
@@ -439,13 +429,22 @@ class CheckpointWriter:
         (self._tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
     def _publish(self) -> None:
-        """Rename the temporary directory to the output; with overwrite, swap via a sibling."""
+        """Rename the temporary directory to the output; with overwrite, swap via a sibling.
+
+        The output being replaced is checked again (files may have been put there during
+        the merge): anything supermerge did not write aborts the swap."""
         out = self.out
         aside = None
         with self._writing(out.name):
+            partial.release(self._tmp)
             if out.exists() or out.is_symlink():
                 if not self.overwrite:
                     raise FileExistsError(errno.EEXIST, "the output appeared while writing")
+                try:
+                    check_replaceable(out)
+                except OutputError:
+                    self.abort()
+                    raise
                 aside = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
                 os.rename(out, aside)
             try:
@@ -506,6 +505,7 @@ class _Shard:
 
     def __init__(self, path: Path, specs: list[_Spec]) -> None:
         self.path = path
+        self.specs = specs
         self.names = [spec.name for spec in specs]
         self._offsets: dict[str, int] = {}  # name -> byte offset in the data section
         header: dict[str, object] = {_METADATA: {"format": "pt"}}
@@ -519,6 +519,11 @@ class _Shard:
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         text += b" " * (-len(text) % 8)  # safetensors pads the header to 8-byte alignment
         self._header = struct.pack("<Q", len(text)) + text
+
+    @property
+    def size(self) -> int:
+        """The file's size in bytes: header and data."""
+        return len(self._header) + self.nbytes
 
     def create(self) -> None:
         """Create the file holding the header only; the data is written by :meth:`write`."""
@@ -565,6 +570,13 @@ def _pack(specs: list[_Spec], shard_size: int) -> list[list[_Spec]]:
     return groups
 
 
+def _plan_shards(specs: list[_Spec], shard_size: int) -> list[_Shard]:
+    """The shards of a layout, with their final names (paths relative until created)."""
+    groups = _pack(specs, shard_size)
+    return [_Shard(Path(_shard_name(i, len(groups))), group)
+            for i, group in enumerate(groups, start=1)]
+
+
 def _shard_name(i: int, count: int) -> str:
     """The Hugging Face name of shard ``i`` (from 1) of ``count``."""
     return SAFE_WEIGHTS if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
@@ -574,12 +586,27 @@ def _describe(spec: _Spec) -> str:
     return f"{str(spec.dtype).removeprefix('torch.')}{list(spec.shape)}"
 
 
-def _looks_like_model(directory: Path) -> bool:
-    """True if the directory holds a config.json or weights files (top level)."""
-    return any(
-        p.name == "config.json" or p.suffix in (".safetensors", *TORCH_SUFFIXES)
-        for p in directory.iterdir()
-    )
+def _side_file_source(entry: Path, model_dir: Path) -> Path | None:
+    """The regular file to copy for ``entry`` of ``model_dir``, links resolved; None (with a
+    warning for a link out of the folder or a special file) if it must not be copied."""
+    try:
+        mode = entry.lstat().st_mode
+        source = entry.resolve(strict=True)
+        root = model_dir.resolve(strict=True)
+    except (OSError, RuntimeError):  # dangling link, link loop, vanished file
+        log.warning("not copied: %s cannot be resolved to a file", entry)
+        return None
+    inside = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if not any(source.is_relative_to(r) for r in inside):
+        log.warning("not copied: %s is a link to %s, outside the model folder %s", entry,
+                    source, root)
+        return None
+    if stat.S_ISDIR(mode) or source.is_dir():
+        return None  # a folder matching a pattern (e.g. a package named x.py)
+    if not source.is_file():
+        log.warning("not copied: %s is not a regular file", entry)
+        return None
+    return source
 
 
 def _fix_for(exc: OSError, out: Path) -> str:
