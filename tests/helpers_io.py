@@ -78,3 +78,16 @@ def assert_matches(ckpt: Checkpoint, state: dict[str, torch.Tensor]) -> None:
 def layout_of(state: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """The (name, shape, dtype) layout CheckpointWriter takes, in ``state``'s order."""
     return [(name, tuple(t.shape), t.dtype) for name, t in state.items()]
+
+
+class RunsCode:
+    """A pickle payload that runs code when unpickled: ``touch marker``. Loading a file that
+    holds one must be refused, and the marker never appear."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))

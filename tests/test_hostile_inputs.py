@@ -6,6 +6,7 @@ never as a traceback, a file read from outside the model folder or a silently wr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import struct
@@ -18,10 +19,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import supermerge
-from helpers_io import sample_state_dict, write_model_dir
+from helpers_io import RunsCode, sample_state_dict, write_model_dir
 from supermerge.cli.main import cli
 from supermerge.errors import CheckpointError, RecipeError, SupermergeError
 from supermerge.io import open_checkpoint
+from supermerge.recipes import parse_recipe
 
 
 def _refused(path) -> CheckpointError:
@@ -250,24 +252,14 @@ def test_malformed_header_in_inspect_merge_and_the_api(tmp_path, case):
 # --- 12: pickles that hold code ------------------------------------------------------------
 
 
-class _RunsCode:
-    """Unpickling runs os.system: would create the marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("layout", ["zip", "legacy", "bare_pickle"])
 def test_pickle_with_code_is_refused_and_never_run(tmp_path, layout):
     marker = tmp_path / "ran"
     file = tmp_path / "m.bin"
-    payload = {"w": torch.ones(2), "x": _RunsCode(marker)}
+    payload = {"w": torch.ones(2), "x": RunsCode(marker)}
     if layout == "bare_pickle":
-        file.write_bytes(pickle.dumps(_RunsCode(marker)))
+        file.write_bytes(pickle.dumps(RunsCode(marker)))
     else:
         torch.save(payload, file, _use_new_zipfile_serialization=layout == "zip")
     err = _refused(file)
@@ -279,7 +271,7 @@ def test_pickle_with_code_is_refused_and_never_run(tmp_path, layout):
 
 def test_pickle_refusal_does_not_depend_on_torchs_wording(tmp_path, monkeypatch):
     file = tmp_path / "m.pt"
-    torch.save({"w": torch.ones(2), "x": _RunsCode(tmp_path / "ran")}, file)
+    torch.save({"w": torch.ones(2), "x": RunsCode(tmp_path / "ran")}, file)
 
     def refuse(*args, **kwargs):
         raise pickle.UnpicklingError("some future torch's words")
@@ -312,3 +304,17 @@ def test_api_merge_with_an_output_that_is_not_a_path(tmp_path):
     with pytest.raises(RecipeError, match="not a folder path"):
         supermerge.merge({"merge_method": "linear", "models": [str(tmp_path / "a.safetensors")]},
                          None)
+
+
+# --- 14: the same model listed twice ----------------------------------------------------
+
+
+def test_the_same_model_listed_twice_in_a_merge_recipe_is_warned(tmp_path, caplog):
+    save_file({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.zeros(2)}, tmp_path / "b.safetensors")
+    recipe = {"merge_method": "linear",
+              "models": ["a.safetensors", "b.safetensors", "./a.safetensors"]}
+    with caplog.at_level(logging.WARNING, logger="supermerge"):
+        parse_recipe(recipe).to_spec(tmp_path)
+    assert "a.safetensors is listed 2 times under `models`" in caplog.text
+    assert "b.safetensors" not in caplog.text

@@ -232,3 +232,87 @@ def test_learn_data_parallel_over_two_processes_matches_one(learn_setup, tmp_pat
 
     with pytest.raises(RecipeError, match="no data-parallel mode"):
         run_learn_recipe(write(root, fisher), tmp_path / "f", parallel=object())
+
+
+# --- issue 10: hostile or mistaken learn recipes, refused before any work ----------------
+
+
+@pytest.mark.parametrize("name", ["../escape", "heads/apple", "..", "a\\b"])
+def test_learn_refuses_a_task_name_that_is_a_path_at_load(learn_setup, tmp_path, monkeypatch,
+                                                         name):
+    root, recipe = learn_setup
+    bad = {**recipe, "experts": [{**recipe["experts"][0], "task": name}, recipe["experts"][1]]}
+
+    def no_model_opened(path):
+        raise AssertionError(f"{path} opened before the recipe was refused")
+
+    monkeypatch.setattr("supermerge.recipes.learn.open_checkpoint", no_model_opened)
+    result = CliRunner().invoke(cli, ["learn", write(root, bad), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "cannot name a file" in result.output, result.output
+    assert repr(name) in result.output and not (tmp_path / "o").exists()
+
+
+def test_learn_refuses_a_head_prefix_that_matches_no_tensor(learn_setup, tmp_path,
+                                                            monkeypatch):
+    root, recipe = learn_setup
+
+    def no_data_read(*args, **kwargs):
+        raise AssertionError("data read before the head prefix was checked")
+
+    monkeypatch.setattr("supermerge.recipes.learn.load_task_data", no_data_read)
+    typo = {**recipe, "head_prefix": "classifer."}
+    result = CliRunner().invoke(cli, ["learn", write(root, typo), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1, result.output
+    assert "'classifer.'" in result.output and "'apple', 'red'" in result.output
+    assert "classifier.weight" in result.output and "bert." in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_fisher_and_regmean_take_label_names_without_a_labels_list(learn_setup, tmp_path):
+    """They read only the inputs: labels written as names need no `labels:` list; the
+    labelled method still asks for it."""
+    root, recipe = learn_setup
+    experts = [{k: v for k, v in e.items() if k != "labels"} for e in recipe["experts"]]
+    for method in ("fisher", "regmean"):
+        closed = {**recipe, "merge_method": method, "experts": experts, "examples": 4,
+                  "parameters": {}}
+        out = tmp_path / method
+        result = CliRunner().invoke(cli, ["learn", write(root, closed), "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        assert (out / "heads/apple.safetensors").exists()
+    labelled = {**recipe, "experts": experts}
+    result = CliRunner().invoke(cli, ["learn", write(root, labelled), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "label_names" in result.output
+
+
+def test_learn_refuses_a_pickled_base_that_holds_code(learn_setup, tmp_path):
+    import shutil
+
+    from helpers_io import RunsCode
+
+    root, recipe = learn_setup
+    base = tmp_path / "base"
+    shutil.copytree(root / "base", base)
+    (base / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.ones(1), "x": RunsCode(marker)}, base / "pytorch_model.bin")
+    hostile = {**recipe, "base_model": str(base)}
+    result = CliRunner().invoke(cli, ["learn", write(root, hostile), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1, result.output
+    assert "holds Python code" in result.output and "pytorch_model.bin" in result.output
+    assert "Traceback" not in result.output and not marker.exists()
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_same_expert_listed_twice_is_warned(learn_setup, caplog):
+    import logging
+
+    from supermerge.recipes.learn import load_learn_recipe
+
+    root, recipe = learn_setup
+    first = recipe["experts"][0]
+    twice = {**recipe, "experts": [first, {**first, "model": f"./{first['model']}",
+                                           "task": "apple-again"}]}
+    with caplog.at_level(logging.WARNING, logger="supermerge"):
+        load_learn_recipe(write(root, twice))
+    assert "listed 2 times under `experts`" in caplog.text

@@ -88,6 +88,7 @@ def load_task_data(
     label_names: Sequence[str] | None = None,
     max_length: int = 128,
     limit: int | None = None,
+    class_labels: bool = True,
 ) -> TaskData:
     """Read a JSONL or CSV file of examples; returns its :class:`TaskData`.
 
@@ -96,6 +97,9 @@ def load_task_data(
     ``label_names``, class names. For ``causal_lm`` the label column, if present, is the
     completion of the input: only its tokens are scored. A file without the label column
     gives unlabelled data. Reads the first ``limit`` examples (all if None).
+    ``class_labels=False`` (for methods that read only the inputs) leaves classification
+    labels unread, so they need neither class names nor a label on every example; a
+    causal-LM completion is part of the text and is always read.
     """
     path = Path(path)
     rows = _read_rows(path, limit)
@@ -106,7 +110,9 @@ def load_task_data(
             file=path,
             fix=f"every example needs {input_key!r} (input_key) and {label_key!r} (label_key)",
         )
-    has_label = [label_key in row and row[label_key] not in (None, "") for row in rows]
+    reads_labels = class_labels or kind == "causal_lm"
+    has_label = [reads_labels and label_key in row and row[label_key] not in (None, "")
+                 for row in rows]
     if any(has_label) and not all(has_label):
         raise LearnError(
             f"example {has_label.index(False) + 1} has no {label_key!r}, others have one",

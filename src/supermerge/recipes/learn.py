@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from supermerge.errors import RecipeError
-from supermerge.io import open_checkpoint
+from supermerge.io import Checkpoint, open_checkpoint
 from supermerge.learn import (
     CLOSED_FORM,
     LEARNED_METHODS,
@@ -54,6 +54,7 @@ from supermerge.learn import (
     load_task_data,
 )
 from supermerge.learn.distributed import TorchDataParallel
+from supermerge.recipes.recipe import check_file_name, warn_repeated_models
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,12 @@ class LearnExpert(BaseModel):
     @property
     def task_name(self) -> str:
         return self.task or Path(self.model).name
+
+    @model_validator(mode="after")
+    def _task_name_is_a_file_name(self) -> LearnExpert:
+        """The task name names the task's head file in the output: no path in it."""
+        check_file_name(self.task_name, f"the task name of expert {self.model!r} (`task:`)")
+        return self
 
 
 class LearnRecipe(BaseModel):
@@ -136,6 +143,7 @@ def load_learn_recipe(source: str | Path | dict[str, Any]) -> tuple[LearnRecipe,
         raise RecipeError("labels: exact sums over the classes, which a language model's "
                           "vocabulary makes impractical", file=path,
                           fix="use labels: sampled (the default) for causal_lm")
+    warn_repeated_models([e.model for e in recipe.experts], root, "experts")
     weighted = [e.task_name for e in recipe.experts if e.weight is not None]
     if weighted and recipe.merge_method != "fisher":
         raise RecipeError(f"experts {weighted} have a `weight`, which only fisher uses",
@@ -202,6 +210,9 @@ def run_learn_recipe(
     if len(expert_dirs) != len(recipe.experts):
         raise RecipeError("two experts share a task name", fix="give each expert its own `task`")
     checkpoints = {name: open_checkpoint(path) for name, path in expert_dirs.items()}
+    open_checkpoint(base_dir).close()  # headers (or a refused pickle) before transformers
+    if recipe.head_prefix:
+        _check_head_prefix(recipe.head_prefix, checkpoints)
     first_dir = next(iter(expert_dirs.values()))
     tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir)
     kind = "causal_lm" if recipe.architecture == "causal_lm" else "classification"
@@ -210,7 +221,7 @@ def run_learn_recipe(
         Task(e.task_name, load_task_data(
             locate(e.data), kind=kind, tokenizer=tokenizer, input_key=e.input_key,
             label_key=e.label_key, label_names=e.labels, max_length=recipe.max_length,
-            limit=limit), kind)
+            limit=limit, class_labels=not recipe.closed_form), kind)
         for e in recipe.experts]
     auto = getattr(transformers, _AUTO_CLASSES[recipe.architecture])
     config = transformers.AutoConfig.from_pretrained(first_dir)
@@ -236,6 +247,25 @@ def run_learn_recipe(
     state = {**module.state_dict(), **merged}  # heads in the weights stay the base's
     heads = expert_heads(experts, recipe.head_prefix) if recipe.head_prefix else {}
     return LearnOutcome(export_model(out, state, heads, **written), recipe.merge_method, None)
+
+
+def _check_head_prefix(prefix: str, checkpoints: dict[str, Checkpoint]) -> None:
+    """RecipeError naming the experts none of whose tensors start with ``prefix``, with a
+    few of their tensor names (one per top-level module); costs nothing: names only."""
+    headless = {task: ckpt for task, ckpt in checkpoints.items()
+                if not any(n.startswith(prefix) for n in ckpt.names())}
+    if not headless:
+        return
+    task, ckpt = next(iter(headless.items()))
+    names = ckpt.names()
+    firsts = {name.split(".", 1)[0]: name for name in reversed(names)}  # one per module
+    shown = list(dict.fromkeys([*reversed(firsts.values()), *names[-2:]]))[:6]
+    raise RecipeError(
+        f"head_prefix {prefix!r} matches no tensor of expert(s) "
+        f"{', '.join(map(repr, headless))}: their tasks would have no head",
+        file=ckpt.path,
+        fix=f"set head_prefix to the prefix of the task heads; {task!r} holds e.g. "
+        f"{', '.join(shown)}")
 
 
 def _transformers():

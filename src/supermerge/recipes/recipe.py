@@ -22,6 +22,7 @@ a base model listed again under ``models`` is dropped for methods that merge tas
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,6 +84,7 @@ class Recipe(BaseModel):
         """Return the engine's MergeSpec; relative paths resolve against ``root`` when they
         exist there (the recipe's folder), else against the working directory."""
         method = get_method(self.merge_method)
+        warn_repeated_models([m.model for m in self.models], root, "models")
         base = _locate(self.base_model, root) if self.base_model else None
         models = [ModelSpec(_locate(m.model, root), dict(m.parameters)) for m in self.models]
         if base is not None and method.needs_base:
@@ -112,6 +114,25 @@ def _locate(path: str, root: Path | None) -> str:
 
 def _same(a: str, b: str) -> bool:
     return Path(a).resolve() == Path(b).resolve()
+
+
+def warn_repeated_models(paths: list[str], root: Path | None, key: str) -> None:
+    """Log a warning for each model listed more than once under ``key`` (the same file or
+    folder, however spelled): it then counts once per listing, which is rarely meant."""
+    counts = Counter(Path(_locate(p, root)).resolve() for p in paths)
+    for path, count in counts.items():
+        if count > 1:
+            log.warning("%s is listed %d times under `%s`: it enters the merge %d times; "
+                        "list it once (and give it a larger weight if that is the intent)",
+                        path, count, key, count)
+
+
+def check_file_name(name: str, what: str) -> None:
+    """Raise ValueError unless ``name`` can name a file in an output folder: not empty, not
+    ``.`` or ``..``, no ``/``, ``\\`` or NUL (a recipe cannot write outside its output)."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise ValueError(f"{what} {name!r} cannot name a file: use a name without '/', "
+                         "'\\' or '..'")
 
 
 def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
