@@ -58,7 +58,12 @@ def lm_setup(tmp_path_factory):
 
 @pytest.mark.parametrize(("method", "parameters"), [
     ("supermerge", {"steps": 4, "eval_every": 2, "batch_size": 8}),
+    ("supermerge", {"steps": 4, "eval_every": 2, "batch_size": 8, "objective": "distill",
+                    "basis": "tsv"}),
+    ("supermerge", {"steps": 4, "eval_every": 2, "batch_size": 8,
+                    "objective": "labels+distill"}),
     ("adamerging", {"steps": 4, "eval_every": 2, "batch_size": 8}),
+    ("adamerging", {"steps": 4, "eval_every": 2, "batch_size": 8, "objective": "distill"}),
     ("fisher", {"examples": 8}),
     ("regmean", {"examples": 16, "alpha": 0.5}),
 ])

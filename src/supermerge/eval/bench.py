@@ -39,6 +39,7 @@ from supermerge.eval.parallel import run_jobs
 from supermerge.eval.progress import Progress, ignore
 from supermerge.eval.report import write_results
 from supermerge.eval.tasks import Split, Task
+from supermerge.io.guard import check_apart
 from supermerge.methods import Method, available_methods, get_method
 
 log = logging.getLogger(__name__)
@@ -110,11 +111,13 @@ def run_benchmark(
     config = config or BenchmarkConfig()
     plan = _plan(len(tasks), config)
     out = Path(out)
+    check_apart(out, [base, *(task.source for task in tasks if task.source)])
     work = out / ".work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     experts = get_experts(base, tasks, config=config.expert, cache=cache,
                           workers=config.workers, progress=progress)
+    check_apart(out, [expert.path for expert in experts.values()])
     bench = _Bench(Path(base), tuple(tasks), dict(experts), config, out, work)
     learned = [n for n in LEARNED_RUNS if n in plan and plan[n] is None]
     jobs = [*learned, "base", *(n for n, why in plan.items() if why is None and n not in learned)]
@@ -311,9 +314,12 @@ class _Bench:
                                           "validation": {"lambda": tried}}
         return self.entry(report, needs=method.needs, seconds=seconds, **extra)
 
-    def learned(self, name: str, progress: Progress) -> Row:
+    def learned(self, name: str, progress: Progress, params: Mapping[str, Any] | None = None
+                ) -> Row:
         """Merge with a data-driven method on the validation split (with labels only if the
-        method needs them) and score it; returns its row, with the measured peak memory."""
+        method needs them) and score it; returns its row, with the measured peak memory.
+
+        ``params`` replace the configuration's for this run (ablations)."""
         from supermerge.io import open_checkpoint
         from supermerge.learn import CLOSED_FORM as CLOSED_FORM_MERGES
         from supermerge.learn import (
@@ -330,7 +336,7 @@ class _Bench:
         method = "supermerge" if name.startswith("supermerge") else name
         run: Callable[..., Any] = {**TRAINED, **CLOSED_FORM_MERGES}[method]
         needs = {m.name: m.needs for m in LEARNED_METHODS}[method]
-        params = self.config.learned_params(name)
+        params = dict(self.config.learned_params(name) if params is None else params)
         data = []
         for task in self.tasks:
             texts, labels = task.examples("validation")

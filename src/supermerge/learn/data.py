@@ -27,11 +27,17 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class TaskData:
-    """Examples of one task; ``source`` names the file they came from, for messages."""
+    """Examples of one task; ``source`` names the file they came from, for messages.
+
+    ``teacher`` holds, per example, what the task's expert computes on it (its logits, then
+    its blocks' hidden states), for objectives that distil (see
+    :func:`~supermerge.learn.distill.attach_teachers`).
+    """
 
     inputs: Inputs
     labels: torch.Tensor | None = None
     source: str | None = None
+    teacher: tuple[torch.Tensor, ...] | None = None
 
     def __post_init__(self) -> None:
         sizes = {len(t) for t in self._input_tensors()}
@@ -57,7 +63,8 @@ class TaskData:
             else self.inputs[index]
         )
         labels = None if self.labels is None else self.labels[index]
-        return TaskData(inputs, labels, self.source)
+        teacher = None if self.teacher is None else tuple(t[index] for t in self.teacher)
+        return TaskData(inputs, labels, self.source, teacher)
 
     def call_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Return (args, kwargs) for the module's forward."""

@@ -28,6 +28,7 @@ from torch import nn
 
 from supermerge.io import open_checkpoint
 from supermerge.learn.data import Task
+from supermerge.learn.distill import attach_teachers
 from supermerge.learn.errors import LearnError
 from supermerge.learn.memory import PeakRSS
 from supermerge.learn.model import (
@@ -38,6 +39,7 @@ from supermerge.learn.model import (
     prepare_experts,
     wide_float,
 )
+from supermerge.learn.objectives import as_objective
 from supermerge.learn.train import LearnResult, Progress, learn_coefficients
 
 log = logging.getLogger(__name__)
@@ -179,10 +181,17 @@ def merge_tree(
     ``model_options`` go to :class:`MergedModel`, ``fit_options`` to
     :func:`learn_coefficients`. ``progress`` gets (steps done, steps planned so far, loss);
     the plan grows as levels are clustered. Intermediate merges are written under
-    ``workdir`` (default: the system's temporary directory) and removed at the end.
-    Raises LearnError before any training if experts, heads or tasks do not fit.
+    ``workdir`` (default: the system's temporary directory) and removed at the end. A
+    distilling objective learns every node from the original experts' outputs, computed
+    once up front. Raises LearnError before any training if experts, heads or tasks do not
+    fit.
     """
     names, all_heads = prepare_experts(module, base_state, experts, head_prefix, heads)
+    fit_options = dict(fit_options or {})
+    objective = fit_options["objective"] = as_objective(fit_options.get("objective", "labels"))
+    if objective.needs_teacher:
+        tasks = attach_teachers(module, experts, names, all_heads, tasks,
+                                hidden=objective.needs_hidden)
     flat = fan_in is None or fan_in >= len(experts)
     if not flat:
         _check_owners(experts, tasks)
@@ -204,7 +213,7 @@ def merge_tree(
                 **dict(model_options or {}),
             )
             fit = learn_coefficients(
-                model, node_tasks, progress=counter.callback(), **dict(fit_options or {})
+                model, node_tasks, progress=counter.callback(), **fit_options
             )
         log.info("learned node %s over %s", name, ", ".join(c.name for c in group))
         node = MergeNode(name, [t.name for t in node_tasks], group, fit, level, rss.peak)

@@ -43,7 +43,7 @@ def supermerge(
     parallel: DataParallel | None = None,
     **params: Any,
 ) -> LearnedMerge:
-    """SuperMerge: W mapped by tanh, learned with the tasks' supervised losses.
+    """SuperMerge: W mapped by tanh, learned on the tasks' validation data.
 
     ``params`` are :class:`~supermerge.learn.params.SuperMergeParams` (``hierarchical``,
     ``fan_in``, ``steps``, ...); ``parallel`` shares each batch among torch.distributed
@@ -56,7 +56,7 @@ def supermerge(
         fan_in=p.fan_in if p.hierarchical else None,
         head_prefix=head_prefix, heads=heads,
         model_options={"coefficient_map": "tanh", **p.model_options()},
-        fit_options={"objective": "supervised", **p.fit_options(), "parallel": parallel},
+        fit_options={**p.fit_options(), "parallel": parallel},
         progress=progress, workdir=workdir,
     )
 
@@ -92,7 +92,7 @@ def adamerging(
         module, base_state, experts, tasks,
         head_prefix=head_prefix, heads=heads,
         model_options={"coefficient_map": "clamp", "prepare": prepare, **p.model_options()},
-        fit_options={"objective": "entropy", **p.fit_options(), "parallel": parallel},
+        fit_options={**p.fit_options(), "parallel": parallel},
         progress=progress,
     )
 

@@ -15,7 +15,9 @@ import torch
 from pydantic import Field, ValidationError
 
 from supermerge.errors import MethodError
+from supermerge.learn.bases import PREPARE, Basis
 from supermerge.learn.groups import Granularity
+from supermerge.learn.objectives import make_objective
 from supermerge.methods.primitives import Density
 from supermerge.methods.registry import DataNeed, Method, Params
 
@@ -47,6 +49,14 @@ class LearnParams(Params):
         False, description="reduce each merged tensor's gradient as soon as it is computed: "
         "one weight set less memory, slower steps (the task vectors are read once per task)",
     )
+    feature_weight: float = Field(
+        1.0, ge=0, description="with a distilling objective: weight of the distance between "
+        "the merged model's and the expert's block states (0: match predictions only)",
+    )
+    reg: float = Field(
+        0.0, ge=0, description="L2 pull of the mapped coefficients toward their start",
+    )
+    objective: str = "labels"  # each method narrows it to the objectives it offers
 
     def model_options(self) -> dict[str, Any]:
         """Keyword options for :class:`~supermerge.learn.model.MergedModel`."""
@@ -66,11 +76,26 @@ class LearnParams(Params):
             "eval_every": self.eval_every,
             "seed": self.seed,
             "stream_gradients": self.stream_gradients,
+            "reg": self.reg,
+            "objective": make_objective(self.objective, feature_weight=self.feature_weight),
         }
 
 
 class SuperMergeParams(LearnParams):
-    """Parameters of ``supermerge`` (coefficients mapped by tanh, supervised loss)."""
+    """Parameters of ``supermerge`` (coefficients mapped by tanh)."""
+
+    objective: Literal["labels", "distill", "labels+distill"] = Field(
+        "labels", description="labels: cross-entropy on the labels (the paper); distill: "
+        "match each task's expert (its predictions and block states) on the task's inputs, "
+        "no labels needed; labels+distill: both",
+    )
+    basis: Basis = Field(
+        "task_vectors", description="what the coefficients weight: the task vectors (the "
+        "paper), or per matrix each task's part of the TSV-M merge (starts from TSV-M)",
+    )
+
+    def model_options(self) -> dict[str, Any]:
+        return {**super().model_options(), "prepare": PREPARE[self.basis]}
 
     hierarchical: bool = Field(
         False, description="merge groups of similar experts first, level by level, to bound "
@@ -89,6 +114,10 @@ class AdaMergingParams(LearnParams):
     )
     density: Density = Field(
         0.2, description="with ties: fraction of each task vector's entries kept"
+    )
+    objective: Literal["entropy", "distill"] = Field(
+        "entropy", description="entropy: minimise the prediction entropy (the paper); "
+        "distill: match each task's expert (its predictions and block states)",
     )
     trim_scope: Literal["tensor", "model"] = Field(
         "tensor", description="with ties: keep the top entries of each tensor, or of each "

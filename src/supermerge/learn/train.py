@@ -24,9 +24,10 @@ from typing import Protocol
 import torch
 
 from supermerge.learn.data import IGNORE_INDEX, Task, TaskData
+from supermerge.learn.distill import captured_blocks
 from supermerge.learn.errors import LearnError
 from supermerge.learn.model import MergedModel
-from supermerge.learn.objectives import OBJECTIVES, Objective, logits_of, supervised_loss
+from supermerge.learn.objectives import LabelLoss, Objective, as_objective, logits_of
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,13 @@ class DataParallel(Protocol):
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Losses (summed over tasks) on the training and held-out splits at one step."""
+    """Losses (summed over tasks) on the training and held-out splits at one step, and the
+    held-out accuracy over the classification tasks' labelled examples (None without)."""
 
     step: int
     train_loss: float
     heldout_loss: float | None
+    heldout_accuracy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,8 @@ class LearnResult:
     """What one learned merge found; the model itself holds the best W afterwards.
 
     ``raw`` is the best W, ``coefficients`` map(W) (K experts x J groups); the losses are
-    those at ``best_step``; ``history`` has every evaluation.
+    those at ``best_step``, chosen by the held-out loss of ``objective``; ``history`` has
+    every evaluation.
     """
 
     expert_names: list[str]
@@ -72,13 +76,15 @@ class LearnResult:
     train_loss: float
     heldout_loss: float | None
     history: list[Evaluation]
+    objective: str = "labels"
+    heldout_accuracy: float | None = None
 
 
 def learn_coefficients(
     model: MergedModel,
     tasks: Sequence[Task],
     *,
-    objective: str | Objective = "supervised",
+    objective: str | Objective | LabelLoss = "labels",
     steps: int = 200,
     lr: float = 1e-2,
     batch_size: int = 16,
@@ -88,6 +94,7 @@ def learn_coefficients(
     progress: Progress | None = None,
     parallel: DataParallel | None = None,
     stream_gradients: bool = False,
+    reg: float = 0.0,
 ) -> LearnResult:
     """Learn ``model``'s W on ``tasks``; returns the result and loads the best W into the model.
 
@@ -96,11 +103,14 @@ def learn_coefficients(
     per task with ``stream_gradients``, which holds no gradient set in exchange). Each
     evaluation adds forward passes over all examples. With ``parallel`` each process runs
     its shard of every batch and W's gradient and the losses are summed over the processes
-    (two all-reduces per step, two per evaluation). Raises LearnError before training if
-    a task has no head, no examples, or labels its head cannot produce.
+    (two all-reduces per step, two per evaluation). ``reg`` adds ``reg * ||map(W) -
+    map(W_0)||^2``, a pull toward the start. Raises LearnError before training if a task
+    has no head, no examples, labels its head cannot produce, or lacks the experts' outputs
+    a distilling objective needs; and during training if a loss is not finite.
     """
-    objective_fn = OBJECTIVES[objective] if isinstance(objective, str) else objective
-    check_tasks(model, tasks, needs_labels=objective_fn is supervised_loss)
+    objective_fn = as_objective(objective)
+    check_tasks(model, tasks, needs_labels=objective_fn.needs_labels,
+                needs_teacher=objective_fn.needs_teacher)
     generator = torch.Generator().manual_seed(seed)
     splits = [_split(task.data, holdout, generator) for task in tasks]
     batches = [_batches(len(train), batch_size, generator) for train, _ in splits]
@@ -109,10 +119,13 @@ def learn_coefficients(
     model.eval()
     history = [_evaluate(model, tasks, splits, objective_fn, 0, parallel)]
     best, best_raw = history[0], model.weight.detach().clone()
+    start = model.coefficients().detach().clone()
     for step in range(1, steps + 1):
         optimizer.zero_grad(set_to_none=True)
         chosen = [train.select(next(b)) for (train, _), b in zip(splits, batches, strict=True)]
         loss = _backward(model, tasks, chosen, objective_fn, parallel, stream_gradients)
+        if reg:
+            (reg * (model.coefficients() - start).square().sum()).backward()
         optimizer.step()
         if progress is not None:
             progress(step, steps, loss)
@@ -123,8 +136,9 @@ def learn_coefficients(
     model.set_weight(best_raw)
     model.train(was_training)
     log.info(
-        "learned %s coefficients: best step %d, train loss %.4f, held-out loss %s",
-        "x".join(map(str, best_raw.shape)), best.step, best.train_loss, best.heldout_loss,
+        "learned %s coefficients (%s): best step %d, train loss %.4f, held-out loss %s, "
+        "held-out accuracy %s", "x".join(map(str, best_raw.shape)), objective_fn.name,
+        best.step, best.train_loss, best.heldout_loss, best.heldout_accuracy,
     )
     return LearnResult(
         expert_names=list(model.expert_names),
@@ -136,12 +150,16 @@ def learn_coefficients(
         train_loss=best.train_loss,
         heldout_loss=best.heldout_loss,
         history=history,
+        objective=objective_fn.name,
+        heldout_accuracy=best.heldout_accuracy,
     )
 
 
 @torch.no_grad()
-def check_tasks(model: MergedModel, tasks: Sequence[Task], *, needs_labels: bool = True) -> None:
-    """Raise LearnError unless every task has a head, examples and labels its head can produce.
+def check_tasks(model: MergedModel, tasks: Sequence[Task], *, needs_labels: bool = True,
+                needs_teacher: bool = False) -> None:
+    """Raise LearnError unless every task has a head, examples, labels its head can produce
+    and, with ``needs_teacher``, its expert's outputs.
 
     Costs one merge and one forward pass on one example per task.
     """
@@ -162,6 +180,9 @@ def check_tasks(model: MergedModel, tasks: Sequence[Task], *, needs_labels: bool
             )
         if len(task.data) == 0:
             raise LearnError(f"task {task.name!r} has no examples", file=source)
+        if needs_teacher and task.data.teacher is None:
+            raise LearnError(f"task {task.name!r} lacks its expert's outputs", file=source,
+                             fix="distilling objectives need attach_teachers() first")
         labels = task.data.labels
         if labels is None:
             if needs_labels:
@@ -208,7 +229,7 @@ def _part(batch: TaskData, parallel: DataParallel | None) -> tuple[TaskData, flo
 
 
 def _backward(model: MergedModel, tasks: Sequence[Task], batches: Sequence[TaskData],
-              objective: Objective, parallel: DataParallel | None = None,
+              objective: Objective | LabelLoss, parallel: DataParallel | None = None,
               streamed: bool = False) -> float:
     """Put d(sum of the tasks' losses)/dW into ``model.weight.grad``; returns the sum.
 
@@ -219,15 +240,14 @@ def _backward(model: MergedModel, tasks: Sequence[Task], batches: Sequence[TaskD
     gradient set. With ``parallel`` the gradient and the sum are those of all processes
     together.
     """
+    objective = as_objective(objective)
     leaves = model.merged_leaves(streamed=streamed)
     total = torch.zeros((), dtype=torch.float64)
     for task, batch in zip(tasks, batches, strict=True):
         part, share = _part(batch, parallel)
         if len(part) == 0:
             continue
-        args, kwargs = part.call_args()
-        loss = share * objective(model(*args, task=task.name, weights=leaves.weights, **kwargs),
-                                 part.labels, task.kind)
+        loss = share * _task_loss(model, task, part, objective, leaves.weights)[0]
         loss.backward()
         total += loss.item()
     leaves.backward()
@@ -237,26 +257,53 @@ def _backward(model: MergedModel, tasks: Sequence[Task], batches: Sequence[TaskD
     return total.item()
 
 
+def _task_loss(model: MergedModel, task: Task, batch: TaskData, objective: Objective,
+               weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (the objective on ``batch`` under merged ``weights``, the logits).
+
+    Captures the blocks' states when the objective matches them. Raises LearnError if the
+    loss is not finite.
+    """
+    args, kwargs = batch.call_args()
+    with captured_blocks(model.module, objective.needs_hidden) as states:
+        output = model(*args, task=task.name, weights=weights, **kwargs)
+    loss = objective(output, batch, task.kind, states)
+    if not torch.isfinite(loss):
+        raise LearnError(
+            f"the {objective.name} loss of task {task.name!r} is {loss.item()}: training "
+            "stopped, nothing is exported",
+            file=batch.source,
+            fix="check the expert's weights for huge or non-finite values; for a language "
+            "model, an example whose prompt fills max_length leaves no token to score "
+            "(raise max_length or shorten the prompt)",
+        )
+    return loss, logits_of(output)
+
+
 def _loss(model: MergedModel, tasks: Sequence[Task], data: Sequence[TaskData | None],
           objective: Objective, weights: dict[str, torch.Tensor],
-          parallel: DataParallel | None = None) -> float:
-    """Sum of the tasks' losses under merged ``weights`` (tasks without data are skipped).
+          parallel: DataParallel | None = None) -> tuple[float, float | None]:
+    """Return (sum of the tasks' losses, accuracy over the classification tasks' labelled
+    examples or None) under merged ``weights``; tasks without data are skipped.
 
     For evaluation: with gradients it would keep every task's activations at once. With
-    ``parallel``, each process scores its shard and the sum is over all processes.
+    ``parallel``, each process scores its shard and the sums are over all processes.
     """
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros(3, dtype=torch.float64)  # loss, correct, counted
     for task, batch in zip(tasks, data, strict=True):
         if batch is None:
             continue
         part, share = _part(batch, parallel)
         if len(part) > 0:
-            args, kwargs = part.call_args()
-            output = model(*args, task=task.name, weights=weights, **kwargs)
-            total += share * objective(output, part.labels, task.kind).item()
+            loss, logits = _task_loss(model, task, part, objective, weights)
+            total[0] += share * loss.item()
+            if task.kind == "classification" and part.labels is not None:
+                total[1] += (logits.argmax(-1) == part.labels).sum().item()
+                total[2] += len(part.labels)
     if parallel is not None:
         parallel.all_reduce(total)
-    return total.item()
+    loss, correct, counted = total.tolist()
+    return loss, (correct / counted if counted else None)
 
 
 @torch.no_grad()
@@ -264,11 +311,12 @@ def _evaluate(model: MergedModel, tasks: Sequence[Task],
               splits: Sequence[tuple[TaskData, TaskData | None]], objective: Objective,
               step: int, parallel: DataParallel | None = None) -> Evaluation:
     weights = model.merged_parameters()
-    train = _loss(model, tasks, [t for t, _ in splits], objective, weights, parallel)
-    heldout = None
+    train, _ = _loss(model, tasks, [t for t, _ in splits], objective, weights, parallel)
+    heldout = accuracy = None
     if any(h is not None for _, h in splits):
-        heldout = _loss(model, tasks, [h for _, h in splits], objective, weights, parallel)
-    return Evaluation(step, train, heldout)
+        heldout, accuracy = _loss(model, tasks, [h for _, h in splits], objective, weights,
+                                  parallel)
+    return Evaluation(step, train, heldout, accuracy)
 
 
 def _score(evaluation: Evaluation) -> float:

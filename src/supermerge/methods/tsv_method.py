@@ -84,6 +84,31 @@ def tsv_matrix(deltas: list[torch.Tensor]) -> torch.Tensor:
 
     Cost: K + 2 thin SVDs.
     """
+    u_perp, singular, vh_perp, _ = _orthogonalised(deltas)
+    if singular.numel() == 0:
+        return torch.zeros_like(deltas[0])
+    return (u_perp * singular) @ vh_perp
+
+
+def tsv_components(deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Return each task's part of the TSV-M merge: its kept singular values on its columns
+    of the orthogonalised singular vectors. They sum to :func:`tsv_matrix` exactly (the
+    merge is a sum over the concatenated columns), so learned coefficients on them start
+    from TSV-M. Cost: the SVDs of :func:`tsv_matrix` and K matrix products.
+    """
+    u_perp, singular, vh_perp, counts = _orthogonalised(deltas)
+    parts, start = [], 0
+    for count in counts:
+        cols = slice(start, start + count)
+        parts.append((u_perp[:, cols] * singular[cols]) @ vh_perp[cols]
+                     if count else torch.zeros_like(deltas[0]))
+        start += count
+    return parts
+
+
+def _orthogonalised(deltas: list[torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Return (U_perp, S, V_perp^T, components kept per task) of TSV-M's construction."""
     k = min(deltas[0].shape) // len(deltas)
     us, ss, vhs = [], [], []
     for delta in deltas:
@@ -93,11 +118,10 @@ def tsv_matrix(deltas: list[torch.Tensor]) -> torch.Tensor:
         ss.append(s[:k][keep])
         vhs.append(vh[:k][keep])
     singular = torch.cat(ss)
+    counts = [len(s) for s in ss]
     if singular.numel() == 0:
-        return torch.zeros_like(deltas[0])
-    u_perp = polar_factor(torch.cat(us, dim=1))
-    vh_perp = polar_factor(torch.cat(vhs, dim=0))
-    return (u_perp * singular) @ vh_perp
+        return torch.empty(0), singular, torch.empty(0), counts
+    return polar_factor(torch.cat(us, dim=1)), singular, polar_factor(torch.cat(vhs, dim=0)), counts
 
 
 def merge_tsv(

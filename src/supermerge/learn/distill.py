@@ -1,0 +1,103 @@
+"""What distillation from the experts needs: the blocks' hidden states and the experts' outputs.
+
+:func:`captured_blocks` records the output of every numbered transformer block (``layers.N``,
+``layer.N``, ``h.N``, ``blocks.N``, ``block.N``: :mod:`supermerge.names`) during a forward
+pass. :func:`attach_teachers` runs each task's expert once on the task's examples and stores
+its logits (at the scored positions) and its blocks' states in the task's data, so that the
+training loop never runs an expert again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from supermerge.learn.data import Task
+from supermerge.learn.errors import LearnError
+from supermerge.learn.model import Head, run_with_head, wide_float
+from supermerge.learn.objectives import logits_of
+from supermerge.names import block_of
+
+log = logging.getLogger(__name__)
+
+
+def block_modules(module: nn.Module) -> list[nn.Module]:
+    """Return the module's numbered transformer blocks, in order of definition."""
+    return [m for name, m in module.named_modules() if name and block_of(name + ".") == name]
+
+
+@contextmanager
+def captured_blocks(module: nn.Module, enabled: bool = True) -> Iterator[list[torch.Tensor]]:
+    """Yield a list that the module's forward passes fill with each block's output state
+    (the first tensor of a tuple output), in execution order; nothing when not ``enabled``."""
+    states: list[torch.Tensor] = []
+    if not enabled:
+        yield states
+        return
+
+    def keep(_module: nn.Module, _inputs: object, output: object) -> None:
+        states.append(output[0] if isinstance(output, tuple) else output)
+
+    hooks = [block.register_forward_hook(keep) for block in block_modules(module)]
+    try:
+        yield states
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@torch.no_grad()
+def attach_teachers(
+    module: nn.Module,
+    experts: Mapping[str, Mapping[str, torch.Tensor]],
+    names: Sequence[str],
+    heads: Mapping[str, Head],
+    tasks: Sequence[Task],
+    *,
+    hidden: bool = True,
+    batch_size: int = 16,
+) -> list[Task]:
+    """Return ``tasks`` with each example's expert outputs in ``data.teacher``.
+
+    Task t's teacher is the expert named t, run with t's head: its logits and (with
+    ``hidden``) its blocks' states, kept in float32 on the CPU (for a language model the
+    logits of every position: examples x tokens x vocabulary floats). Raises
+    LearnError if a task has no expert of its name, or ``hidden`` is asked of a module with
+    no numbered blocks. Costs one forward pass of each expert over its task's examples and
+    one expert weight set resident at a time; the states take examples x tokens x width x
+    blocks floats per task.
+    """
+    orphans = [t.name for t in tasks if t.name not in experts]
+    if orphans:
+        raise LearnError(
+            f"distillation learns each task from the expert of the same name, but no expert "
+            f"is named like task(s) {orphans}",
+            fix="name each task like the expert fine-tuned on it, or use objective: labels",
+        )
+    if hidden and not block_modules(module):
+        raise LearnError(
+            f"{type(module).__name__} has no numbered blocks (layers.N, layer.N, h.N, "
+            "blocks.N, block.N) whose states distillation could match",
+            fix="set feature_weight: 0 to distil the predictions only",
+        )
+    taught = []
+    for task in tasks:
+        expert = experts[task.name]
+        weights = {name: expert[name] for name in names}
+        outputs: list[list[torch.Tensor]] = []
+        for start in range(0, len(task.data), batch_size):
+            batch = task.data.select(torch.arange(start, min(start + batch_size, len(task.data))))
+            args, kwargs = batch.call_args()
+            with captured_blocks(module, hidden) as states:
+                output = run_with_head(module, weights, heads.get(task.name), args, kwargs)
+            outputs.append([wide_float(logits_of(output)), *(wide_float(s) for s in states)])
+        teacher = tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+        taught.append(replace(task, data=replace(task.data, teacher=teacher)))
+        del weights
+        log.info("cached the outputs of expert %r on %d examples", task.name, len(task.data))
+    return taught

@@ -1,0 +1,161 @@
+"""SuperMerge's objectives and bases: distillation from the experts, the TSV basis."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from supermerge.learn import LearnError, MergedModel, Task, TaskData, learn_coefficients
+from supermerge.learn.bases import tsv_basis
+from supermerge.learn.distill import attach_teachers, block_modules, captured_blocks
+from supermerge.learn.merge import adamerging, supermerge
+from supermerge.learn.objectives import feature_distance, kl_to_teacher, make_objective
+from supermerge.methods.tsv_method import tsv_matrix
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_encoder(seed: int = 0) -> nn.Module:
+    """A 2-block BERT whose output is its mean-pooled states, as the benchmark's encoders."""
+    from supermerge.eval.model import MeanPooledEncoder
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=16)
+    return MeanPooledEncoder(transformers.BertModel(config)).eval()
+
+
+def inputs(n: int, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 40, (n, 7), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[: n // 2, 5:] = 0  # padding in half of the examples
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A base encoder, two experts (perturbed copies) and a 3-class head per task."""
+    module = tiny_encoder()
+    base = {k: v.clone() for k, v in module.state_dict().items()}
+    experts, heads, tasks = {}, {}, []
+    for index, name in enumerate(["a", "b"]):
+        generator = torch.Generator().manual_seed(10 + index)
+        experts[name] = {k: v + 0.05 * torch.randn(v.shape, generator=generator)
+                         if v.is_floating_point() else v for k, v in base.items()}
+        torch.manual_seed(20 + index)
+        heads[name] = nn.Linear(16, 3)
+        data = inputs(12, index)
+        tasks.append(Task(name, TaskData(data, torch.randint(0, 3, (12,)), f"{name}.jsonl")))
+    return module, base, experts, heads, tasks
+
+
+def test_block_modules_and_capture_find_every_bert_layer(setup) -> None:
+    module = setup[0]
+    assert len(block_modules(module)) == 2
+    with captured_blocks(module) as states:
+        module(**inputs(3, 0))
+    assert [tuple(s.shape) for s in states] == [(3, 7, 16), (3, 7, 16)]
+    with captured_blocks(module, enabled=False) as states:
+        module(**inputs(3, 0))
+    assert states == []
+
+
+def test_feature_distance_by_hand_masks_padding() -> None:
+    student = [torch.tensor([[[1.0, 0.0], [9.0, 9.0]]])]  # second token is padding
+    teacher = [torch.tensor([[[3.0, 4.0], [0.0, 0.0]]])]
+    mask = torch.tensor([[1, 0]])
+    # ||(1,0) - (3,4)||^2 / ||(3,4)||^2 = (4 + 16) / 25
+    assert feature_distance(student, teacher, mask).item() == pytest.approx(20 / 25)
+    assert feature_distance(student, teacher, None).item() == pytest.approx((20 + 162) / 25)
+
+
+def test_kl_to_teacher_by_hand() -> None:
+    teacher = torch.log(torch.tensor([[0.5, 0.5]]))
+    student = torch.log(torch.tensor([[0.25, 0.75]]))
+    expected = 0.5 * torch.log(torch.tensor(2.0)) + 0.5 * torch.log(torch.tensor(2 / 3))
+    assert kl_to_teacher(student, teacher).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert kl_to_teacher(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_distilling_an_expert_from_itself_costs_nothing(setup) -> None:
+    module, base, experts, heads, tasks = setup
+    names = [n for n in base if base[n].is_floating_point()]
+    taught = attach_teachers(module, {"a": experts["a"]}, names, heads, tasks[:1])
+    model = MergedModel.from_experts(module, base, {"a": experts["a"]}, heads={"a": heads["a"]},
+                                     coefficient_map="identity", init=1.0)
+    objective = make_objective("distill", feature_weight=1.0)
+    batch = taught[0].data
+    with captured_blocks(module) as states:
+        output = model(**batch.inputs, task="a")
+    assert objective(output, batch, "classification", states).item() == pytest.approx(0, abs=1e-6)
+    model.set_weight(torch.full_like(model.weight, 0.5))
+    with captured_blocks(module) as states:
+        output = model(**batch.inputs, task="a")
+    assert objective(output, batch, "classification", states).item() > 1e-4
+
+
+def test_tsv_basis_at_a_uniform_coefficient_is_tsv_m(setup) -> None:
+    module, base, experts, heads, _ = setup
+    model = MergedModel.from_experts(module, base, experts, heads=heads, init=0.6,
+                                     prepare=tsv_basis)
+    merged = model.merged_state_dict()
+    for name in model.names:
+        taus = [experts[e][name].float() - base[name] for e in experts]
+        if base[name].dim() == 2:
+            expected = base[name] + 0.6 * tsv_matrix(taus)
+        else:
+            expected = base[name] + 0.6 * sum(taus) / len(taus)
+        torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_distilled_tsv_supermerge_lowers_the_held_out_distance(setup) -> None:
+    module, base, experts, heads, tasks = setup
+    result = supermerge(module, base, experts, tasks, heads=heads, objective="distill",
+                        basis="tsv", steps=20, eval_every=5, lr=0.05)
+    fit = result.fits["root"]
+    assert fit.objective == "distill"
+    assert fit.heldout_loss < fit.history[0].heldout_loss
+    assert fit.heldout_accuracy is not None
+
+
+def test_distill_needs_no_labels_but_an_expert_per_task(setup) -> None:
+    module, base, experts, heads, tasks = setup
+    unlabelled = [Task(t.name, TaskData(t.data.inputs, None, t.data.source)) for t in tasks]
+    result = adamerging(module, base, experts, unlabelled, heads=heads, objective="distill",
+                        steps=2, eval_every=1)
+    assert result.fits["root"].heldout_accuracy is None
+    renamed = [Task("c", unlabelled[0].data)]
+    with pytest.raises(LearnError, match="no expert is named like task"):
+        supermerge(module, base, experts, renamed, heads={"c": heads["a"]},
+                   objective="distill", steps=2)
+
+
+def test_hierarchical_distillation_learns_every_node_from_the_original_experts(setup) -> None:
+    module, base, experts, heads, tasks = setup
+    three = {**experts, "c": {k: v * 1.01 if v.is_floating_point() else v
+                              for k, v in experts["a"].items()}}
+    torch.manual_seed(3)
+    heads3 = {**heads, "c": nn.Linear(16, 3)}
+    tasks3 = [*tasks, Task("c", tasks[0].data)]
+    result = supermerge(module, base, three, tasks3, heads=heads3, objective="distill",
+                        hierarchical=True, fan_in=2, steps=3, eval_every=1)
+    assert len(result.fits) == 2 and all(f.objective == "distill" for f in result.fits.values())
+
+
+def test_a_non_finite_loss_stops_training_and_names_the_task(setup) -> None:
+    module, base, experts, heads, tasks = setup
+    huge = {k: v * 1e30 if v.is_floating_point() else v for k, v in experts["b"].items()}
+    model = MergedModel.from_experts(module, base, {"a": experts["a"], "b": huge}, heads=heads)
+    with pytest.raises(LearnError, match="loss of task 'a' is (nan|inf)"):
+        learn_coefficients(model, tasks, steps=2)
