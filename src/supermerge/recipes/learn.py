@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from supermerge.errors import RecipeError
 from supermerge.io import Checkpoint, open_checkpoint
+from supermerge.io.guard import check_output
 from supermerge.learn import (
     CLOSED_FORM,
     LEARNED_METHODS,
@@ -200,9 +201,6 @@ def run_learn_recipe(
         raise RecipeError(f"{recipe.merge_method} has no data-parallel mode",
                           fix="run it in one process; data parallelism is for supermerge and "
                           "adamerging")
-    if Path(out).exists() and not overwrite:
-        raise RecipeError("the output already exists", file=out,
-                          fix="pass --overwrite or choose another output path")
     transformers = _transformers()
     locate = lambda p: str(root / p) if root and (root / p).exists() else p  # noqa: E731
     base_dir = Path(locate(recipe.base_model))
@@ -210,6 +208,9 @@ def run_learn_recipe(
     if len(expert_dirs) != len(recipe.experts):
         raise RecipeError("two experts share a task name", fix="give each expert its own `task`")
     checkpoints = {name: open_checkpoint(path) for name, path in expert_dirs.items()}
+    inputs = [base_dir, *expert_dirs.values(), *(locate(e.data) for e in recipe.experts)]
+    check_output(out, inputs=inputs, overwrite=overwrite,  # size: the weights of an expert
+                 nbytes=sum(i.nbytes for i in next(iter(checkpoints.values())).infos().values()))
     open_checkpoint(base_dir).close()  # headers (or a refused pickle) before transformers
     if recipe.head_prefix:
         _check_head_prefix(recipe.head_prefix, checkpoints)
@@ -229,7 +230,8 @@ def run_learn_recipe(
     experts = {name: CheckpointState(ckpt) for name, ckpt in checkpoints.items()}
     written = {"method": recipe.merge_method, "recipe_yaml": recipe.to_yaml(),
                "base_models": [str(base_dir), *map(str, expert_dirs.values())],
-               "model_dir": first_dir, "overwrite": overwrite, "shard_size": shard_size}
+               "model_dir": first_dir, "overwrite": overwrite, "shard_size": shard_size,
+               "inputs": inputs}
     if not recipe.closed_form:
         merge = TRAINED[recipe.merge_method](
             module, module.state_dict(), experts, tasks, head_prefix=recipe.head_prefix,
