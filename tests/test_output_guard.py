@@ -44,6 +44,13 @@ def _siblings(path: Path) -> list[str]:
     return sorted(p.name for p in path.parent.iterdir())
 
 
+_Usage = namedtuple("_Usage", "total used free")
+
+
+def _disk_with_free(monkeypatch, free: int) -> None:
+    monkeypatch.setattr(guard.shutil, "disk_usage", lambda path: _Usage(10**12, 0, free))
+
+
 # --- 1. --overwrite replaces only what supermerge wrote ------------------------------------
 
 
@@ -150,6 +157,73 @@ def test_merge_refuses_an_output_inside_an_input_folder(tmp_path):
     assert not (expert / "merged").exists()
 
 
+def _learn_recipe(root: Path) -> dict:
+    """A learn recipe over tiny model folders (enough for every check before training)."""
+    write_model_dir(root / "base", sample_state_dict(0))
+    experts = []
+    for i, task in enumerate(["spam", "topic"]):
+        write_model_dir(root / task, sample_state_dict(i + 1))
+        (root / f"{task}.jsonl").write_text('{"input": "a", "label": "x"}\n')
+        experts.append({"model": str(root / task), "data": str(root / f"{task}.jsonl"),
+                        "labels": ["x", "y"]})
+    return {"merge_method": "supermerge", "base_model": str(root / "base"), "experts": experts}
+
+
+@pytest.mark.parametrize(("out", "message"), [
+    ("spam", "also an input"), ("spam/merged", "inside the input folder"),
+    (".", "inside the output folder"), ("spam.jsonl", "also an input")])
+def test_learn_refuses_an_output_among_its_inputs_before_training(tmp_path, out, message):
+    pytest.importorskip("transformers")
+    from supermerge.recipes.learn import run_learn_recipe
+
+    spec = _learn_recipe(tmp_path)
+    before = _tree(tmp_path)
+    with pytest.raises(OutputError, match=message):
+        run_learn_recipe(spec, tmp_path / out, overwrite=True)
+    assert _tree(tmp_path) == before
+
+
+def test_learn_checks_free_space_before_training(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from supermerge.recipes.learn import run_learn_recipe
+
+    _disk_with_free(monkeypatch, 100)
+    with pytest.raises(OutputError, match="not enough disk space"):
+        run_learn_recipe(_learn_recipe(tmp_path / "in"), tmp_path / "out")
+
+
+@pytest.mark.parametrize("command", ["search", "map"])
+@pytest.mark.parametrize(("out", "message"), [
+    ("expert-a", "also an input"), ("base/results", "inside the input folder"),
+    (".", "inside the output folder"), ("spam.jsonl", "also an input")])
+def test_search_and_map_refuse_an_output_among_their_inputs(tmp_path, command, out, message):
+    from click.testing import CliRunner
+
+    from supermerge.cli.main import cli
+
+    for name in ("base", "expert-a", "expert-b"):
+        write_model_dir(tmp_path / name, sample_state_dict())
+    (tmp_path / "spam.jsonl").write_text('{"text": "a", "label": "x"}\n')
+    space = {"merge_method": "task_arithmetic", "base_model": "base",
+             "models": ["expert-a", "expert-b"],
+             "search": {"parameters": {"weight": [0.0, 1.0]}, "tasks": ["spam.jsonl"]}}
+    (tmp_path / "space.yaml").write_text(json.dumps(space))
+    before = _tree(tmp_path)
+    result = CliRunner().invoke(cli, [command, str(tmp_path / "space.yaml"), "-o",
+                                      str(tmp_path / out)])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output and _tree(tmp_path) == before
+
+
+def test_bench_refuses_an_output_inside_its_base_model(tmp_path):
+    from supermerge.eval import run_benchmark
+
+    base = write_model_dir(tmp_path / "base", sample_state_dict())
+    with pytest.raises(OutputError, match="inside the input folder"):
+        run_benchmark([], base / "results", base=base)
+    assert sorted(p.name for p in base.iterdir()) == ["config.json", "model.safetensors"]
+
+
 # --- 3. leftovers of interrupted writers ---------------------------------------------------
 
 
@@ -208,13 +282,6 @@ def test_the_owner_record_is_not_published(tmp_path):
 
 
 # --- 4. free disk space, checked up front --------------------------------------------------
-
-_Usage = namedtuple("_Usage", "total used free")
-
-
-def _disk_with_free(monkeypatch, free: int) -> None:
-    monkeypatch.setattr(guard.shutil, "disk_usage", lambda path: _Usage(10**12, 0, free))
-
 
 def test_too_little_free_space_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     state = {f"w{i}": torch.ones(1000) for i in range(4)}  # 4 x 4000 bytes + headers

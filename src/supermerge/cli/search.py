@@ -78,9 +78,12 @@ class TextTaskEvaluator:
             return Evaluator(module, module.state_dict(), experts, search_tasks, heads=heads)
 
 
-def _load(space_file: Path, tasks: tuple[str, ...]) -> tuple[SearchSpace, TextTaskEvaluator]:
+def _load(space_file: Path, tasks: tuple[str, ...],
+          out: Path) -> tuple[SearchSpace, TextTaskEvaluator]:
     """Read the space and its evaluator factory; model and task paths that exist relative
-    to the space file's folder are taken from there."""
+    to the space file's folder are taken from there. Raises OutputError (the output guard)
+    if ``out`` is, lies inside or holds the space file, a model or a task file."""
+    from supermerge.io.guard import check_apart
     from supermerge.recipes import parse_recipe
     from supermerge.search import SearchSpace, load_space
 
@@ -101,6 +104,7 @@ def _load(space_file: Path, tasks: tuple[str, ...]) -> tuple[SearchSpace, TextTa
                           fix="list them under search.tasks, or pass --tasks")
     factory = TextTaskEvaluator(recipe["base_model"], tuple(m["model"] for m in space.models),
                                 tuple(names), int(settings.get("max_length", 64)))
+    check_apart(out, [space_file, factory.base, *factory.experts, *factory.tasks])
     return space, factory
 
 
@@ -162,7 +166,7 @@ def search(space, out, tasks, backend, workers, ray_address, threads, seed, gene
     from supermerge.api import merge
     from supermerge.search import cma_search, history_csv
 
-    space_obj, factory = _load(space, tasks)
+    space_obj, factory = _load(space, tasks, out)
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=generations, desc="searching", unit="generation", file=sys.stderr,
                leave=False)
@@ -216,7 +220,7 @@ def map_command(space, out, tasks, backend, workers, ray_address, threads, seed,
     """
     from supermerge.search import history_csv, map_front, plot_front
 
-    space_obj, factory = _load(space, tasks)
+    space_obj, factory = _load(space, tasks, out)
     out.mkdir(parents=True, exist_ok=True)
     with _backend(backend, factory, workers, ray_address, threads) as scorer:
         result = map_front(space_obj, scorer, points=points, resolution=resolution,

@@ -130,6 +130,7 @@ def export_model(
     files: Mapping[str, str | bytes] | None = None,
     overwrite: bool = False,
     shard_size: int = 5 * 2**30,
+    inputs: Sequence[str | Path] = (),
 ) -> Path:
     """Write a data-driven merge (a Hugging Face directory); returns ``out``.
 
@@ -137,9 +138,13 @@ def export_model(
     ``heads/<task>.safetensors``. The config/tokenizer files of ``model_dir``, the model
     card (with ``notes``), the recipe and ``files`` (name -> text or bytes) are published
     with the weights atomically by the checkpoint writer: a failure leaves no output.
-    Costs the writer's shard buffer beyond ``state``.
+    ``inputs`` (the models and data merged) go to the output guard, which also checks the
+    free disk space before anything is written. Costs nothing beyond ``state``: each
+    tensor is written straight to its place.
     """
-    with CheckpointWriter(out, overwrite=overwrite, shard_size=shard_size) as writer:
+    layout = [(name, tuple(t.shape), t.dtype) for name, t in state.items()]
+    with CheckpointWriter(out, overwrite=overwrite, shard_size=shard_size, layout=layout,
+                          inputs=inputs) as writer:
         for name, tensor in state.items():
             writer.add(name, tensor)
         writer.copy_model_files(Path(model_dir) if model_dir is not None else None)
@@ -164,6 +169,7 @@ def export_learned(
     model_dir: str | Path | None = None,
     overwrite: bool = False,
     shard_size: int = 5 * 2**30,
+    inputs: Sequence[str | Path] = (),
 ) -> Path:
     """Write the merged model (a Hugging Face directory) with its coefficients; returns ``out``.
 
@@ -180,7 +186,7 @@ def export_learned(
     return export_model(out, merge.model.merged_state_dict(), merge.model.head_state_dicts(),
                         method=method, base_models=base_models, recipe_yaml=recipe_yaml,
                         model_dir=model_dir, notes=_card_notes(merge), files=files,
-                        overwrite=overwrite, shard_size=shard_size)
+                        overwrite=overwrite, shard_size=shard_size, inputs=inputs)
 
 
 def _card_notes(merge: LearnedMerge) -> str:
