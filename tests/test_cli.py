@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import yaml
 from click.testing import CliRunner
 
+import supermerge
 from conftest import recipe
 from supermerge.cli.main import cli
 
@@ -64,3 +72,42 @@ def test_methods_lists_every_registered_method_and_describes_one():
     assert "density" in ties.output and "2306.01708" in ties.output
     bad = runner.invoke(cli, ["methods", "tiez"])
     assert bad.exit_code == 1 and "ties" in bad.output
+
+
+# A `supermerge merge` whose writer stalls after its first tensor, so that a signal lands
+# while the temporary folder holds part of the model.
+_STALLED_MERGE = """
+import sys, time
+from supermerge.io import writer
+real_add = writer.CheckpointWriter.add
+def add_then_stall(self, name, tensor):
+    real_add(self, name, tensor)
+    print("writing", flush=True)
+    time.sleep(60)
+writer.CheckpointWriter.add = add_then_stall
+from supermerge.cli.main import main
+sys.argv = ["supermerge", "merge", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize(("signum", "code", "said"), [
+    (signal.SIGTERM, 143, "terminated (SIGTERM)"), (signal.SIGINT, 130, "interrupted (Ctrl-C)")])
+def test_sigterm_and_ctrl_c_remove_the_partial_output_and_exit_128_plus_signal(
+        family, tmp_path, signum, code, said):
+    _, _, base_path, paths = family
+    rec = write_recipe(tmp_path, recipe("ties", base_path, paths, parameters={"density": 0.5}))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(supermerge.__file__).parents[1])}
+    child = subprocess.Popen([sys.executable, "-c", _STALLED_MERGE, rec, "-o", str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert child.stdout.readline() == b"writing\n"
+        assert any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir())
+        child.send_signal(signum)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == code, stderr.decode()
+    assert said in stderr.decode() and "Traceback" not in stderr.decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "recipe.yaml"]

@@ -1,7 +1,8 @@
 """The `supermerge` command line: merge, inspect, methods, demo.
 
 The CLI owns the screen: it configures logging, draws progress bars and turns
-SupermergeError into one clear message and exit code 1.
+SupermergeError into one clear message and exit code 1; Ctrl-C and SIGTERM stop a command
+cleanly (the partial output removed) with exit codes 130 and 143 (cli/common.py).
 """
 
 from __future__ import annotations
