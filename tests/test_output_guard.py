@@ -224,6 +224,24 @@ def test_bench_refuses_an_output_inside_its_base_model(tmp_path):
     assert sorted(p.name for p in base.iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_evaluate_refuses_to_write_its_report_over_an_input(tmp_path):
+    from click.testing import CliRunner
+
+    from supermerge.cli.main import cli
+
+    model = write_model_dir(tmp_path / "model", sample_state_dict())
+    data = tmp_path / "spam.jsonl"
+    data.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n"
+                            for i in range(40)))
+    before = _tree(tmp_path)
+    for option, target in (("--json", data), ("--markdown", model / "report.md")):
+        result = CliRunner().invoke(cli, ["evaluate", str(model), "--tasks", str(data),
+                                          "--base", str(model), option, str(target)])
+        assert result.exit_code == 1, result.output
+        assert "also an input" in result.output or "inside the input folder" in result.output
+    assert _tree(tmp_path) == before
+
+
 # --- 3. leftovers of interrupted writers ---------------------------------------------------
 
 

@@ -207,8 +207,12 @@ def evaluate(model, tasks, base, cache, workers, threads, split, json_path, mark
 
     from supermerge.eval import ExpertCache, evaluate, get_experts, report_rows, text_table
     from supermerge.eval.report import markdown_table
+    from supermerge.io.guard import check_apart
 
     resolved, _, base = _prepare(tasks, base, "default")
+    for written in (json_path, markdown_path):
+        if written is not None:
+            check_apart(written, [model, base, *(task.source for task in resolved)])
     with _screen(threads) as bars:
         experts = get_experts(base, resolved, cache=ExpertCache(cache), workers=workers,
                               progress=bars)
