@@ -20,6 +20,7 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from fnmatch import fnmatchcase
+from itertools import islice
 from pathlib import Path
 
 import yaml
@@ -92,8 +93,8 @@ def check_output(
             raise OutputError("the output already exists", file=out,
                               fix="pass --overwrite to replace it, or choose another path")
         if not out.is_dir() or out.is_symlink():
-            raise OutputError("the output exists and is not a directory", file=out,
-                              fix="remove it or choose another output path")
+            raise OutputError("the output exists and is not a directory (a file or a link)",
+                              file=out, fix="remove it or choose another output path")
         check_replaceable(out)
     if nbytes is not None:
         check_free_space(out, nbytes)
@@ -134,7 +135,7 @@ def check_replaceable(folder: Path) -> None:
     (see the module docstring) holding nothing else. The refusal names a few of the files
     that would be lost. Cost: one walk of the folder, stopped early.
     """
-    unexpected = list(_first(unowned_files(folder), _SHOWN + 1))
+    unexpected = list(islice(unowned_files(folder), _SHOWN + 1))
     if not unexpected and not any(folder.iterdir()):
         return
     marked = is_supermerge_output(folder)
@@ -238,13 +239,6 @@ def _existing_ancestor(path: Path) -> Path:
 
 def _regular_file(path: Path) -> bool:
     return path.is_file() and not path.is_symlink()
-
-
-def _first(items: Iterator[str], count: int) -> Iterator[str]:
-    for index, item in enumerate(items):
-        if index >= count:
-            return
-        yield item
 
 
 def _unowned(folder: Path, prefix: str) -> Iterator[str]:
