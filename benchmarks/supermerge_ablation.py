@@ -45,7 +45,7 @@ def cpu_seconds() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="all")
-    parser.add_argument("--variants", default="", help="comma-separated names (default: all)")
+    parser.add_argument("--variants", default="", help="semicolon-separated names (default: all)")
     parser.add_argument("--extra", default="", help="JSON {name: params} of more variants")
     parser.add_argument("--common", default="{}", help="JSON params added to every variant")
     parser.add_argument("--json", type=Path, help="write the rows here")
@@ -56,7 +56,7 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     variants = dict(VARIANTS) | json.loads(args.extra or "{}")
-    chosen = [v for v in args.variants.split(",") if v] or list(variants)
+    chosen = [v for v in args.variants.split(";") if v] or list(variants)
     common = json.loads(args.common)
     tasks, skipped = resolve_tasks([args.tasks])
     base = default_base()

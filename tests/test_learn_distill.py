@@ -159,3 +159,15 @@ def test_a_non_finite_loss_stops_training_and_names_the_task(setup) -> None:
     model = MergedModel.from_experts(module, base, {"a": experts["a"], "b": huge}, heads=heads)
     with pytest.raises(LearnError, match="loss of task 'a' is (nan|inf)"):
         learn_coefficients(model, tasks, steps=2)
+
+
+def test_patience_stops_early_and_keeps_the_best_step(setup) -> None:
+    module, base, experts, heads, tasks = setup
+    model = MergedModel.from_experts(module, base, experts, heads=heads)
+    calls = []
+    fit = learn_coefficients(model, tasks, steps=200, eval_every=1, lr=5.0, patience=2,
+                             progress=lambda *a: calls.append(a))
+    last = fit.history[-1].step
+    assert last < 200 and calls[-1][:2] == (200, 200)
+    best = min(fit.history, key=lambda e: e.heldout_loss)
+    assert fit.best_step == best.step and last - best.step == 2

@@ -56,6 +56,10 @@ class LearnParams(Params):
     reg: float = Field(
         0.0, ge=0, description="L2 pull of the mapped coefficients toward their start",
     )
+    patience: int = Field(
+        0, ge=0, description="stop after this many held-out evaluations in a row without a "
+        "better loss (0: run every step)",
+    )
     objective: str = "labels"  # each method narrows it to the objectives it offers
 
     def model_options(self) -> dict[str, Any]:
@@ -77,6 +81,7 @@ class LearnParams(Params):
             "seed": self.seed,
             "stream_gradients": self.stream_gradients,
             "reg": self.reg,
+            "patience": self.patience,
             "objective": make_objective(self.objective, feature_weight=self.feature_weight),
         }
 

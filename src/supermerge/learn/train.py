@@ -95,6 +95,7 @@ def learn_coefficients(
     parallel: DataParallel | None = None,
     stream_gradients: bool = False,
     reg: float = 0.0,
+    patience: int = 0,
 ) -> LearnResult:
     """Learn ``model``'s W on ``tasks``; returns the result and loads the best W into the model.
 
@@ -104,9 +105,11 @@ def learn_coefficients(
     evaluation adds forward passes over all examples. With ``parallel`` each process runs
     its shard of every batch and W's gradient and the losses are summed over the processes
     (two all-reduces per step, two per evaluation). ``reg`` adds ``reg * ||map(W) -
-    map(W_0)||^2``, a pull toward the start. Raises LearnError before training if a task
-    has no head, no examples, labels its head cannot produce, or lacks the experts' outputs
-    a distilling objective needs; and during training if a loss is not finite.
+    map(W_0)||^2``, a pull toward the start. ``patience`` > 0 stops after that many
+    evaluations in a row without a better held-out loss (early stopping). Raises
+    LearnError before training if a task has no head, no examples, labels its head cannot
+    produce, or lacks the experts' outputs a distilling objective needs; and during
+    training if a loss is not finite.
     """
     objective_fn = as_objective(objective)
     check_tasks(model, tasks, needs_labels=objective_fn.needs_labels,
@@ -120,6 +123,7 @@ def learn_coefficients(
     history = [_evaluate(model, tasks, splits, objective_fn, 0, parallel)]
     best, best_raw = history[0], model.weight.detach().clone()
     start = model.coefficients().detach().clone()
+    stale = 0  # evaluations since the best one
     for step in range(1, steps + 1):
         optimizer.zero_grad(set_to_none=True)
         chosen = [train.select(next(b)) for (train, _), b in zip(splits, batches, strict=True)]
@@ -132,7 +136,15 @@ def learn_coefficients(
         if step % eval_every == 0 or step == steps:
             history.append(_evaluate(model, tasks, splits, objective_fn, step, parallel))
             if _score(history[-1]) < _score(best):
-                best, best_raw = history[-1], model.weight.detach().clone()
+                best, best_raw, stale = history[-1], model.weight.detach().clone(), 0
+            else:
+                stale += 1
+            if patience and stale >= patience:
+                log.info("stopped early at step %d: no better held-out loss since step %d",
+                         step, best.step)
+                if progress is not None:
+                    progress(steps, steps, loss)  # this fit is done
+                break
     model.set_weight(best_raw)
     model.train(was_training)
     log.info(
