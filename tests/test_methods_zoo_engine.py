@@ -12,8 +12,8 @@ from supermerge.engine.params import LayerPositions
 from supermerge.engine.plan import tensor_seed
 from supermerge.methods import get_method
 
-ZOO = ["breadcrumbs", "consensus", "della", "della_linear", "magmax", "model_stock", "pcb",
-       "tsv"]
+ZOO = ["breadcrumbs", "consensus", "della", "della_linear", "iso_c", "iso_cts", "magmax",
+       "model_stock", "pcb", "tsv"]
 
 
 def load_out(out):

@@ -19,6 +19,8 @@ from supermerge.methods.dare_ties_method import dare_ties
 from supermerge.methods.della_linear_method import della_linear
 from supermerge.methods.della_method import della
 from supermerge.methods.emr_method import emr
+from supermerge.methods.iso_c_method import iso_c
+from supermerge.methods.iso_cts_method import iso_cts
 from supermerge.methods.linear_method import linear
 from supermerge.methods.lines_method import lines
 from supermerge.methods.magmax_method import magmax
@@ -57,6 +59,8 @@ __all__ = [
     "della_linear",
     "emr",
     "get_method",
+    "iso_c",
+    "iso_cts",
     "linear",
     "lines",
     "magmax",

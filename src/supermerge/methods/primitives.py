@@ -855,3 +855,21 @@ def slerp_(
     if fallback is not None:
         a2[linear] = fallback
     return a
+
+
+# -- singular value decompositions --------------------------------------------------------
+
+
+def nonzero_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return the thin SVD ``(U, S, Vh)`` of a 2-D ``matrix`` without its numerically-zero
+    components: those with ``s <= s_max * max(m, n) * eps`` (numpy's ``matrix_rank`` rule).
+
+    Their singular vectors are arbitrary (any basis of the null space), so the subspace
+    methods (iso_c, iso_cts, doge) leave them out; a zero matrix gives empty factors
+    (``m x 0``, ``0``, ``0 x n``). Cost: one thin SVD, float32 for float32 input.
+    """
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    if s.numel() == 0:
+        return u, s, vh
+    keep = s > float(s.max()) * max(matrix.shape) * torch.finfo(s.dtype).eps
+    return u[:, keep], s[keep], vh[keep, :]
