@@ -10,12 +10,34 @@ Python API::
 """
 
 import logging
+from typing import TYPE_CHECKING, Any
 
-from supermerge.api import merge, merge_learned
-from supermerge.engine import load_task_model
 from supermerge.errors import SupermergeError
+
+if TYPE_CHECKING:
+    from supermerge.api import merge, merge_learned
+    from supermerge.engine import load_task_model
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 __all__ = ["SupermergeError", "load_task_model", "merge", "merge_learned"]
+
+# The API imports torch (seconds): loaded on first use, so that `supermerge --help` and
+# `import supermerge.errors` stay fast.
+_LAZY = {"merge": "supermerge.api", "merge_learned": "supermerge.api",
+         "load_task_model": "supermerge.engine"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'supermerge' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from tqdm import tqdm
 
+from supermerge.cli import screen
 from supermerge.cli.common import friendly, quiet_transformers
 
 if TYPE_CHECKING:
@@ -33,13 +34,12 @@ class StageBars:
     """
 
     def __init__(self) -> None:
-        self.bars: dict[str, tqdm] = {}
+        self.bars: dict[str, Any] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         bar = self.bars.get(stage)
-        if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=stage, leave=False,
-                                          file=sys.stderr, dynamic_ncols=True)
+        if bar is None:  # a bar on a terminal, plain lines otherwise, nothing with -q
+            bar = self.bars[stage] = screen.progress_bar(stage, total=total)
         bar.total = total
         bar.update(done - bar.n)
         if done >= total:
@@ -72,7 +72,8 @@ def _screen(threads: int) -> Iterator[StageBars]:
     handler.setFormatter(logging.Formatter("%(message)s"))
     saved = logger.level, logger.propagate
     logger.addHandler(handler)
-    logger.setLevel(min(logging.INFO, logging.getLogger().getEffectiveLevel()))
+    logger.setLevel(logging.ERROR if screen.is_quiet() else min(logging.INFO,
+                                                                screen.log_level()))
     logger.propagate = False
     bars = StageBars()
     try:
@@ -162,7 +163,8 @@ def _demo_command(name: str, default_tasks: str, default_out: str,
                   type=click.Path(path_type=Path),
                   help="Where results.json, results.md and accuracy.png go.")
     @click.option("--steps", type=int, default=None,
-                  help="Optimisation steps of each learned merge [default: 40].")
+                  help="Optimisation steps of every trained merge [default: each method's "
+                  "own; adamerging 40].")
     @click.option("--hierarchical/--flat-only", default=None,
                   help="Also run hierarchical SuperMerge [default: with --tasks all].")
     @click.option("--keep-models", is_flag=True, help="Keep every merged model under OUT/models.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from supermerge.errors import MethodError
 from supermerge.learn import LEARNED_METHODS, LearnedMethod
 from supermerge.methods import available_methods, get_method
@@ -21,6 +23,45 @@ def describe_methods(name: str | None = None) -> str:
                  "supermerge, adamerging, fisher and regmean run with `supermerge learn` "
                  "(a learn recipe gives each expert its data).")
     return "\n".join(lines)
+
+
+def methods_document(name: str | None = None) -> dict[str, Any]:
+    """``supermerge methods --json``: ``{"methods": [method, ...]}``, or one method's object
+    when ``name`` is given (MethodError if unknown). A method is ``{name, kind
+    ("data_free" | "learned"), summary, paper, needs, needs_base, min_models, max_models,
+    parameters: [{name, type, default, per_model, description}]}``."""
+    learned = {m.name: m for m in LEARNED_METHODS}
+    if name is not None:
+        return _method_object(learned[name] if name in learned else _data_free(name, learned))
+    return {"methods": [_method_object(m) for m in [*available_methods(), *LEARNED_METHODS]]}
+
+
+def _method_object(method: Method | LearnedMethod) -> dict[str, Any]:
+    return {
+        "name": method.name,
+        "kind": "learned" if isinstance(method, LearnedMethod) else "data_free",
+        "summary": method.summary,
+        "paper": method.paper,
+        "needs": method.needs,
+        "needs_base": method.needs_base,
+        "min_models": method.min_models,
+        "max_models": method.max_models,
+        "parameters": [{"name": p.name, "type": p.type, "default": _plain(p.default),
+                        "per_model": p.per_model, "description": p.description}
+                       for p in method.describe()],
+    }
+
+
+def _plain(value: Any) -> Any:
+    """A default as JSON can hold it: numbers, strings, lists and mappings as they are,
+    anything else as its text."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
 
 
 def _data_free(name: str, learned: dict[str, LearnedMethod]) -> Method:

@@ -8,15 +8,16 @@ cleanly (the partial output removed) with exit codes 130 and 143 (cli/common.py)
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
-import sys
 from pathlib import Path
+from typing import Any
 
 import click
-from tqdm import tqdm
 
-from supermerge.cli import bench, search
+from supermerge.cli import bench, screen, search
 from supermerge.cli.common import friendly, quiet_transformers
+from supermerge.cli.sources import STDIN_NAME, is_stdin, stdin_document
 
 log = logging.getLogger("supermerge")
 
@@ -41,17 +42,17 @@ def _release_large_frees() -> None:
 
 
 class _Bar:
-    """A tqdm bar fed by the library's progress(done, total, what) callback."""
+    """A progress display (screen.progress_bar: a bar on a terminal, plain lines otherwise)
+    fed by the library's progress(done, total, what) callback."""
 
     def __init__(self, desc: str) -> None:
         self.desc = desc
-        self.bar: tqdm | None = None
+        self.bar: Any = None
 
     def __call__(self, done: int, total: int, what: str) -> None:
         if self.bar is None or self.bar.total != total or done == 1:
             self.close()
-            self.bar = tqdm(total=total, desc=self.desc, unit="tensor", leave=False,
-                            file=sys.stderr)
+            self.bar = screen.progress_bar(self.desc, total=total, unit="tensor")
         self.bar.set_postfix_str(what[-40:], refresh=False)
         self.bar.update(done - self.bar.n)
 
@@ -61,13 +62,25 @@ class _Bar:
             self.bar = None
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-q", "--quiet", is_flag=True,
+              help="Only errors and the result: no warnings, no progress.")
 @click.version_option(package_name="supermerge")
-def cli(verbose: int) -> None:
-    """Merge fine-tuned checkpoints of one pretrained model into one multi-task model."""
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Merge fine-tuned checkpoints of one pretrained model into one multi-task model.
+
+    A RECIPE argument may be `-`: the recipe is read from standard input. Shell
+    completion: eval "$(_SUPERMERGE_COMPLETE=bash_source supermerge)" (zsh_source,
+    fish_source for the other shells).
+    """
+    screen.start(ctx, verbose, quiet)
+
+
+def _echo_json(document: Any) -> None:
+    """The --json answer: one JSON document on stdout."""
+    click.echo(json.dumps(document, indent=2, default=str))
 
 
 @cli.command()
@@ -79,24 +92,39 @@ def cli(verbose: int) -> None:
 @click.option("--compute-threads", type=click.IntRange(min=1), default=None,
               help="Torch threads that merge [default: the cores the readers leave, at "
               "least 1].")
-@click.option("--shard-size", default=5 * 2**30, show_default=True, type=int,
-              help="Largest safetensors shard, in bytes.")
+@click.option("--shard-size", default="5GiB", show_default=True, type=screen.ByteSize(),
+              help="Largest safetensors shard: bytes, or 2GB, 500MB, 1.5GiB.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result as JSON on stdout (see the README for its keys).")
 @friendly
 def merge(recipe: Path, out: Path, overwrite: bool, threads: int, compute_threads: int | None,
-          shard_size: int) -> None:
-    """Merge the models named in RECIPE (YAML, mergekit format) into OUT."""
+          shard_size: int, as_json: bool) -> None:
+    """Merge the models named in RECIPE (YAML, mergekit format; `-` reads it from stdin)
+    into OUT."""
     from supermerge.api import merge as run_merge
 
+    source: Any = recipe
+    if is_stdin(recipe):
+        from supermerge.recipes import parse_recipe
+
+        source = parse_recipe(stdin_document(), STDIN_NAME)
     _release_large_frees()
     bar = _Bar("merging")
     try:
-        result = run_merge(recipe, out, overwrite=overwrite, threads=threads,
+        # warnings reach the screen once, through logging (cli/screen.py)
+        result = run_merge(source, out, overwrite=overwrite, threads=threads,
                            compute_threads=compute_threads, shard_size=shard_size,
                            progress=bar)
     finally:
         bar.close()
-    for warning in result.warnings:
-        click.secho(f"warning: {warning}", fg="yellow", err=True)
+    if as_json:
+        _echo_json({"out": str(result.out), "tensors": result.tensors,
+                    "merged": result.merged, "copied": result.copied,
+                    "seconds": round(result.seconds, 3),
+                    "largest_tensor_bytes": result.largest_tensor_bytes,
+                    "memory_budget_bytes": result.memory_budget_bytes,
+                    "warnings": list(result.warnings)})
+        return
     click.echo(f"merged {result.merged} tensors, copied {result.copied}, in "
                f"{result.seconds:.1f} s -> {result.out}")
 
@@ -106,8 +134,8 @@ def merge(recipe: Path, out: Path, overwrite: bool, threads: int, compute_thread
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Output model directory (published atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-@click.option("--shard-size", default=5 * 2**30, show_default=True, type=int,
-              help="Largest safetensors shard, in bytes.")
+@click.option("--shard-size", default="5GiB", show_default=True, type=screen.ByteSize(),
+              help="Largest safetensors shard: bytes, or 2GB, 500MB, 1.5GiB.")
 @click.option("--data-parallel", is_flag=True,
               help="Share every batch among the processes torchrun started (supermerge, "
               "adamerging): torchrun --nproc-per-node N --no-python supermerge learn ... "
@@ -116,8 +144,11 @@ def merge(recipe: Path, out: Path, overwrite: bool, threads: int, compute_thread
 def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int,
           data_parallel: bool) -> None:
     """Merge with data: learn coefficients (SuperMerge, AdaMerging) or merge from data
-    statistics (Fisher, RegMean) as a learn recipe says; export to OUT."""
+    statistics (Fisher, RegMean) as a learn recipe says (`-` reads it from stdin); export
+    to OUT."""
     from supermerge.recipes.learn import run_learn_recipe
+
+    source: Any = stdin_document("learn recipe") if is_stdin(recipe) else recipe
 
     parallel = None
     if data_parallel:
@@ -126,7 +157,7 @@ def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int,
         parallel = init_from_env()
     lead = parallel is None or parallel.rank == 0
     quiet_transformers()
-    bar = tqdm(desc="learning", file=sys.stderr, leave=False, disable=not lead)
+    bar = screen.progress_bar("learning", unit="step", show=lead)
 
     def progress(done: int, planned: int, loss: float | None) -> None:
         bar.total = planned
@@ -135,7 +166,7 @@ def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int,
         bar.update(done - bar.n)
 
     try:
-        outcome = run_learn_recipe(recipe, out, overwrite=overwrite, shard_size=shard_size,
+        outcome = run_learn_recipe(source, out, overwrite=overwrite, shard_size=shard_size,
                                    progress=progress, parallel=parallel)
     finally:
         bar.close()
@@ -157,8 +188,10 @@ def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int,
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--all", "show_all", is_flag=True, help="List every tensor, not the first 40.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print every tensor as JSON on stdout (see the README for its keys).")
 @friendly
-def inspect(paths: tuple[Path, ...], show_all: bool) -> None:
+def inspect(paths: tuple[Path, ...], show_all: bool, as_json: bool) -> None:
     """Show a checkpoint's tensors, or how a second checkpoint differs from the first."""
     from supermerge.engine import compare_checkpoints, summarize_checkpoint
     from supermerge.io import open_checkpoint
@@ -166,6 +199,10 @@ def inspect(paths: tuple[Path, ...], show_all: bool) -> None:
     if len(paths) > 2:
         raise click.UsageError("inspect takes one path, or two to compare")
     first = open_checkpoint(paths[0])
+    if as_json:
+        _echo_json(_inspect_document(first, None if len(paths) == 1
+                                     else open_checkpoint(paths[1])))
+        return
     limit = None if show_all else 40
     if len(paths) == 1:
         summary = summarize_checkpoint(first)
@@ -194,18 +231,47 @@ def inspect(paths: tuple[Path, ...], show_all: bool) -> None:
     click.echo(", ".join(f"{v} {k}" for k, v in counts.items()))
 
 
+def _inspect_document(first: Any, second: Any) -> dict[str, Any]:
+    """inspect --json: one checkpoint's tensors and totals, or the per-tensor comparison."""
+    from supermerge.engine import compare_checkpoints, summarize_checkpoint
+
+    if second is None:
+        summary = summarize_checkpoint(first)
+        return {"path": str(first.path), "tensors": [
+            {"name": name, "shape": list(first.info(name).shape),
+             "dtype": str(first.info(name).dtype).removeprefix("torch.")}
+            for name in first.names()],
+            "count": summary.tensors, "parameters": summary.parameters,
+            "bytes": summary.bytes, "dtypes": dict(summary.dtypes)}
+    counts: dict[str, int] = {}
+    rows = []
+    for diff in compare_checkpoints(first, second):
+        counts[diff.status] = counts.get(diff.status, 0) + 1
+        rows.append({"name": diff.name, "status": diff.status,
+                     "delta_norm": diff.delta_norm, "relative": diff.relative})
+    return {"reference": str(first.path), "other": str(second.path), "tensors": rows,
+            "counts": counts}
+
+
 @cli.command()
 @click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the methods as JSON on stdout (see the README for its keys).")
 @friendly
-def methods(name: str | None) -> None:
+def methods(name: str | None, as_json: bool) -> None:
     """List the merge methods (or one in detail) with parameters, data needs and papers."""
-    from supermerge.cli.listing import describe_methods
+    from supermerge.cli.listing import describe_methods, methods_document
 
+    if as_json:
+        _echo_json(methods_document(name))
+        return
     click.echo(describe_methods(name))
 
 
 bench.register(cli)
 search.register(cli)
+for _command in cli.commands.values():
+    screen.verbosity_options(_command)
 
 
 def main() -> None:

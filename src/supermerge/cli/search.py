@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 from collections.abc import Callable
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
@@ -22,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 import yaml
-from tqdm import tqdm
 
+from supermerge.cli import screen
 from supermerge.cli.common import friendly
+from supermerge.cli.sources import STDIN_NAME, is_stdin, stdin_document
 from supermerge.errors import RecipeError
 
 if TYPE_CHECKING:  # the search layer imports torch: load it when a command runs
@@ -81,14 +81,22 @@ class TextTaskEvaluator:
 def _load(space_file: Path, tasks: tuple[str, ...],
           out: Path) -> tuple[SearchSpace, TextTaskEvaluator]:
     """Read the space and its evaluator factory; model and task paths that exist relative
-    to the space file's folder are taken from there. Raises OutputError (the output guard)
-    if ``out`` is, lies inside or holds the space file, a model or a task file."""
+    to the space file's folder are taken from there (``-``: the space from stdin, paths
+    from the working directory). Raises OutputError (the output guard) if ``out`` is, lies
+    inside or holds the space file, a model or a task file."""
     from supermerge.io.guard import check_apart
     from supermerge.recipes import parse_recipe
     from supermerge.search import SearchSpace, load_space
 
-    space, settings = load_space(space_file)
-    root = space_file.resolve().parent
+    if is_stdin(space_file):
+        space, settings = SearchSpace.from_document(stdin_document("search space"),
+                                                    STDIN_NAME)
+        root = Path.cwd()
+        read_from: list[Any] = []
+    else:
+        space, settings = load_space(space_file)
+        root = space_file.resolve().parent
+        read_from = [space_file]
 
     def locate(path: str) -> str:
         return str((root / path).resolve()) if (root / path).exists() else path
@@ -96,15 +104,16 @@ def _load(space_file: Path, tasks: tuple[str, ...],
     recipe = dict(space.recipe, base_model=locate(space.recipe["base_model"]),
                   models=[dict(m, model=locate(m["model"])) for m in space.models])
     space = SearchSpace(recipe, space.bounds, space.layer_groups)
-    parse_recipe(space.recipe_at(space.values([0.5] * len(space))), str(space_file))
+    parse_recipe(space.recipe_at(space.values([0.5] * len(space))),
+                 STDIN_NAME if is_stdin(space_file) else str(space_file))
     names = [s.strip() for value in tasks for s in value.split(",") if s.strip()]
     names = [locate(n) for n in names or settings.get("tasks") or []]
     if not names:
-        raise RecipeError("no tasks to score on", file=space_file,
+        raise RecipeError("no tasks to score on", file=str(space_file),
                           fix="list them under search.tasks, or pass --tasks")
     factory = TextTaskEvaluator(recipe["base_model"], tuple(m["model"] for m in space.models),
                                 tuple(names), int(settings.get("max_length", 64)))
-    check_apart(out, [space_file, factory.base, *factory.experts, *factory.tasks])
+    check_apart(out, [*read_from, factory.base, *factory.experts, *factory.tasks])
     return space, factory
 
 
@@ -123,7 +132,8 @@ def _backend(kind: str, factory: TextTaskEvaluator, workers: int, address: str |
 def _shared(command: Callable[..., Any]) -> Callable[..., Any]:
     """Options of both commands: output, tasks, backend, workers, seed."""
     options = [
-        click.argument("space", type=click.Path(exists=True, dir_okay=False, path_type=Path)),
+        click.argument("space", type=click.Path(exists=True, dir_okay=False, allow_dash=True,
+                                                path_type=Path)),
         click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
                      help="Output folder."),
         click.option("--tasks", multiple=True,
@@ -168,8 +178,7 @@ def search(space, out, tasks, backend, workers, ray_address, threads, seed, gene
 
     space_obj, factory = _load(space, tasks, out)
     out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=generations, desc="searching", unit="generation", file=sys.stderr,
-               leave=False)
+    bar = screen.progress_bar("searching", total=generations, unit="generation")
 
     def progress(generation: int, planned: int, best: float) -> None:
         bar.set_postfix(best=f"{best:.4f}", refresh=False)
