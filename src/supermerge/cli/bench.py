@@ -151,8 +151,9 @@ def _run_demo(tasks: tuple[str, ...], out: Path, base: Path | None, cache: Path 
     click.echo(text_table(benchmark_rows(results)))
     for line in benchmark_notes(results):
         click.echo(line)
-    click.echo(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and "
-               f"{out / 'accuracy.png'}")
+    written = [out / name for name in ("results.json", "results.md", "accuracy.png")
+               if (out / name).is_file()]  # no chart without matplotlib (the plot extra)
+    click.echo("\nwrote " + ", ".join(map(str, written)))
 
 
 def _demo_command(name: str, default_tasks: str, default_out: str,

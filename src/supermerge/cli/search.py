@@ -227,6 +227,7 @@ def map_command(space, out, tasks, backend, workers, ray_address, threads, seed,
     Writes OUT/map.json (surrogates, front, checks with their recipes), OUT/front.csv,
     OUT/design.csv and, for 2 tasks, OUT/front.png.
     """
+    from supermerge.plotting import can_plot
     from supermerge.search import history_csv, map_front, plot_front
 
     space_obj, factory = _load(space, tasks, out)
@@ -238,7 +239,7 @@ def map_command(space, out, tasks, backend, workers, ray_address, threads, seed,
     (out / "design.csv").write_text(history_csv(space_obj, result.measured))
     (out / "front.csv").write_text(_front_csv(result))
     written = ["map.json", "design.csv", "front.csv"]
-    if len(result.tasks) == 2:
+    if len(result.tasks) == 2 and can_plot(str(out / "front.png")):
         plot_front(result, out / "front.png")
         written.append("front.png")
     click.echo(f"{result.evaluations} candidates scored; {len(result.front_units)} front "

@@ -152,12 +152,20 @@ def plot_accuracy(results: Mapping[str, Any], path: str | Path) -> Path:
 
 
 def write_results(results: Mapping[str, Any], out: str | Path) -> dict[str, Path]:
-    """Write results.json, results.md and accuracy.png into ``out``; returns their paths."""
+    """Write results.json, results.md and accuracy.png into ``out``; returns their paths.
+
+    Without matplotlib (the ``plot`` extra) the chart is skipped with a warning and
+    ``"chart"`` is missing from the result."""
+    from supermerge.plotting import can_plot
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md",
              "chart": out / "accuracy.png"}
     paths["json"].write_text(json.dumps(results, indent=2) + "\n")
     paths["markdown"].write_text(benchmark_markdown(results))
-    plot_accuracy(results, paths["chart"])
+    if can_plot(str(paths["chart"])):
+        plot_accuracy(results, paths["chart"])
+    else:
+        del paths["chart"]
     return paths

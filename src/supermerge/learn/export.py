@@ -84,7 +84,7 @@ def plot_coefficients(fits: Fits, max_labels: int = 60) -> bytes:
         from matplotlib.figure import Figure
     except ImportError:
         raise LearnError("the coefficient heatmap needs matplotlib",
-                         fix="pip install matplotlib") from None
+                         fix="pip install 'supermerge[plot]'") from None
 
     widest = max(len(fit.group_names) for fit in fits.values())
     label_inches = 0.06 * max(len(name) for fit in fits.values() for name in fit.group_names)
@@ -176,13 +176,16 @@ def export_learned(
     As :func:`export_model`, plus the coefficients (JSON, CSV, safetensors, heatmap).
     Costs one merged copy of the weights in memory plus the writer's shard buffer.
     """
+    from supermerge.plotting import can_plot
+
     fits = merge.fits
     files: dict[str, str | bytes] = {
         "coefficients.json": coefficients_json(fits),
         "coefficients.csv": coefficients_csv(fits),
         "coefficients.safetensors": coefficient_tensors(fits),
-        "coefficients.png": plot_coefficients(fits),
     }
+    if can_plot("coefficients.png"):  # matplotlib is the `plot` extra
+        files["coefficients.png"] = plot_coefficients(fits)
     return export_model(out, merge.model.merged_state_dict(), merge.model.head_state_dicts(),
                         method=method, base_models=base_models, recipe_yaml=recipe_yaml,
                         model_dir=model_dir, notes=_card_notes(merge), files=files,
