@@ -43,6 +43,7 @@ from supermerge.methods.tall_masks_method import tall_masks
 from supermerge.methods.task_arithmetic_method import task_arithmetic
 from supermerge.methods.ties_method import ties
 from supermerge.methods.tsv_method import tsv
+from supermerge.methods.wudi_method import wudi
 
 __all__ = [
     "Method",
@@ -74,4 +75,5 @@ __all__ = [
     "task_arithmetic",
     "ties",
     "tsv",
+    "wudi",
 ]

@@ -873,3 +873,34 @@ def nonzero_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
         return u, s, vh
     keep = s > float(s.max()) * max(matrix.shape) * torch.finfo(s.dtype).eps
     return u[:, keep], s[keep], vh[keep, :]
+
+
+# -- bounded first-order optimisation -----------------------------------------------------
+
+
+def adam_(
+    x: torch.Tensor,
+    gradient: Callable[[torch.Tensor], torch.Tensor],
+    steps: int,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Run ``steps`` Adam steps on ``x`` in place; returns ``x``.
+
+    ``gradient(x)`` returns the loss gradient at ``x`` (a tensor the function may keep or
+    overwrite). The update is ``torch.optim.Adam``'s (bias-corrected moments, no weight
+    decay, no amsgrad), written out so that it needs no autograd and runs under
+    ``torch.inference_mode``. A gradient that is exactly 0 moves nothing. Deterministic.
+    Cost: ``steps`` gradient calls and about ten elementwise passes each; two moment buffers
+    of ``x``'s size.
+    """
+    beta1, beta2 = betas
+    first, second = torch.zeros_like(x), torch.zeros_like(x)
+    for step in range(1, steps + 1):
+        grad = gradient(x)
+        first.mul_(beta1).add_(grad, alpha=1 - beta1)
+        second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denominator = (second.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+        x.addcdiv_(first, denominator, value=-lr / (1 - beta1**step))
+    return x
