@@ -269,3 +269,9 @@ def test_shell_completion_through_the_environment_variable():
                                     "COMP_WORDS": "supermerge me", "COMP_CWORD": "1"})
     assert "merge" in words.stdout.split() or "plain,merge" in words.stdout
     assert "methods" in words.stdout
+
+
+def test_a_stdin_recipe_is_refused_with_data_parallel(tmp_path):
+    result = CliRunner().invoke(cli, ["learn", "-", "-o", str(tmp_path / "o"),
+                                      "--data-parallel"], input="merge_method: supermerge\n")
+    assert result.exit_code == 2 and "needs the recipe as a file" in result.stderr

@@ -119,7 +119,8 @@ def _prepare(tasks: tuple[str, ...], base: Path | None,
 
     resolved, skipped = resolve_tasks(_task_specs(tasks) or [default])
     for name, why in skipped.items():
-        click.secho(f"skipping task {name}: {why}", fg="yellow", err=True)
+        if not screen.is_quiet():
+            click.secho(f"skipping task {name}: {why}", fg="yellow", err=True)
     return resolved, skipped, base or default_base()
 
 

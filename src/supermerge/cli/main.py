@@ -148,6 +148,9 @@ def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int,
     to OUT."""
     from supermerge.recipes.learn import run_learn_recipe
 
+    if is_stdin(recipe) and data_parallel:
+        raise click.UsageError("--data-parallel needs the recipe as a file: every process "
+                               "torchrun starts reads it, and only one has stdin")
     source: Any = stdin_document("learn recipe") if is_stdin(recipe) else recipe
 
     parallel = None
