@@ -95,6 +95,12 @@ def benchmark_notes(results: Mapping[str, Any]) -> list[str]:
     ]
     lines += [f"Not run: {name} ({why})." for name, why in results.get("not_run", {}).items()]
     lines += [f"Skipped task: {name} ({why})." for name, why in results.get("skipped", {}).items()]
+    lines += [f"{name} ran with " + ", ".join(f"{k} {v[0]} (default {v[1]})"
+                                               for k, v in row["non_default"].items()) + "."
+              for name, row in results["methods"].items() if row.get("non_default")]
+    lines += [f"{name} ran with every default of its method."
+              for name, row in results["methods"].items()
+              if "non_default" in row and not row["non_default"]]
     peaks = {name: row["peak_rss_mib"] for name, row in results["methods"].items()
              if "peak_rss_mib" in row}
     if peaks:
