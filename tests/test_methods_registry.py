@@ -11,8 +11,8 @@ from supermerge.methods import Method, available_methods, get_method
 
 NAMES = [
     "breadcrumbs", "consensus", "dare_linear", "dare_ties", "della", "della_linear",
-    "iso_c", "iso_cts", "linear", "lines", "magmax", "model_stock", "nuslerp", "passthrough",
-    "pcb", "slerp", "task_arithmetic", "ties", "tsv", "wudi",
+    "doge", "iso_c", "iso_cts", "linear", "lines", "magmax", "model_stock", "nuslerp",
+    "passthrough", "pcb", "slerp", "task_arithmetic", "ties", "tsv", "wudi",
 ]
 PER_TASK = ["emr", "tall_masks"]  # return a TaskSpecific: tested in test_task_specific_*.py
 

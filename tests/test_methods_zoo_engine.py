@@ -12,7 +12,7 @@ from supermerge.engine.params import LayerPositions
 from supermerge.engine.plan import tensor_seed
 from supermerge.methods import get_method
 
-ZOO = ["breadcrumbs", "consensus", "della", "della_linear", "iso_c", "iso_cts", "magmax",
+ZOO = ["breadcrumbs", "consensus", "della", "della_linear", "doge", "iso_c", "iso_cts", "magmax",
        "model_stock", "pcb", "tsv", "wudi"]
 
 

@@ -18,6 +18,7 @@ from supermerge.methods.dare_linear_method import dare_linear
 from supermerge.methods.dare_ties_method import dare_ties
 from supermerge.methods.della_linear_method import della_linear
 from supermerge.methods.della_method import della
+from supermerge.methods.doge_method import doge
 from supermerge.methods.emr_method import emr
 from supermerge.methods.iso_c_method import iso_c
 from supermerge.methods.iso_cts_method import iso_cts
@@ -58,6 +59,7 @@ __all__ = [
     "dare_ties",
     "della",
     "della_linear",
+    "doge",
     "emr",
     "get_method",
     "iso_c",
