@@ -12,7 +12,7 @@ from supermerge.methods import Method, available_methods, get_method
 NAMES = [
     "breadcrumbs", "consensus", "dare_linear", "dare_ties", "della", "della_linear",
     "doge", "iso_c", "iso_cts", "linear", "lines", "magmax", "model_stock", "nuslerp",
-    "passthrough", "pcb", "slerp", "task_arithmetic", "ties", "tsv", "wudi",
+    "passthrough", "pcb", "slerp", "task_arithmetic", "ties", "tsv", "widen", "wudi",
 ]
 PER_TASK = ["emr", "tall_masks"]  # return a TaskSpecific: tested in test_task_specific_*.py
 

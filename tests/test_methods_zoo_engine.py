@@ -13,7 +13,7 @@ from supermerge.engine.plan import tensor_seed
 from supermerge.methods import get_method
 
 ZOO = ["breadcrumbs", "consensus", "della", "della_linear", "doge", "iso_c", "iso_cts", "magmax",
-       "model_stock", "pcb", "tsv", "wudi"]
+       "model_stock", "pcb", "tsv", "widen", "wudi"]
 
 
 def load_out(out):

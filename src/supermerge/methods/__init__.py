@@ -44,6 +44,7 @@ from supermerge.methods.tall_masks_method import tall_masks
 from supermerge.methods.task_arithmetic_method import task_arithmetic
 from supermerge.methods.ties_method import ties
 from supermerge.methods.tsv_method import tsv
+from supermerge.methods.widen_method import widen
 from supermerge.methods.wudi_method import wudi
 
 __all__ = [
@@ -77,5 +78,6 @@ __all__ = [
     "task_arithmetic",
     "ties",
     "tsv",
+    "widen",
     "wudi",
 ]
