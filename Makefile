@@ -7,6 +7,7 @@ STAMP := $(VENV)/.supermerge-installed
 
 .PHONY: test demo lint bench clean
 
+# [dev] = hf, search, ray and plot (matplotlib: the demo's accuracy.png) + the test tools.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
