@@ -316,3 +316,20 @@ def test_the_same_expert_listed_twice_is_warned(learn_setup, caplog):
     with caplog.at_level(logging.WARNING, logger="supermerge"):
         load_learn_recipe(write(root, twice))
     assert "listed 2 times under `experts`" in caplog.text
+
+
+def test_distill_learns_from_unlabelled_inputs_and_labels_refuses_them(learn_setup, tmp_path):
+    root, recipe = learn_setup
+    (root / "more.jsonl").write_text("\n".join(
+        json.dumps({"input": r["input"]}) for r in examples("apple", 16, seed=7)))
+    experts = [{**e, "unlabelled": "more.jsonl"} for e in recipe["experts"]]
+    labels_only = {**recipe, "experts": experts}
+    result = CliRunner().invoke(cli, ["learn", write(root, labels_only), "-o", str(tmp_path / "a")])
+    assert result.exit_code == 1 and "labels objective cannot use" in result.output
+    assert not (tmp_path / "a").exists()
+    distill = {**labels_only, "parameters": {**recipe["parameters"], "objective": "labels+distill",
+                                             "basis": "tsv"}}
+    out = tmp_path / "b"
+    result = CliRunner().invoke(cli, ["learn", write(root, distill), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "heads" / "apple.safetensors").is_file()

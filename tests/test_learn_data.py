@@ -126,3 +126,24 @@ def test_mismatched_architectures_are_refused_before_training(change, message: s
 def test_inputs_and_labels_must_agree_in_length() -> None:
     with pytest.raises(LearnError, match="different numbers of examples"):
         TaskData(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long))
+
+
+def test_unlabelled_inputs_are_appended_and_left_out_of_the_labels(tmp_path) -> None:
+    from helpers_words import word_tokenizer
+    from supermerge.learn.data import IGNORE_INDEX, load_task_data
+
+    tokenizer = word_tokenizer(tmp_path)
+    (tmp_path / "val.jsonl").write_text('{"input": "red apple", "label": 1}\n'
+                                        '{"input": "blue", "label": 0}\n')
+    (tmp_path / "more.jsonl").write_text('{"input": "red red red apple"}\n')
+    data = load_task_data(tmp_path / "val.jsonl", tokenizer=tokenizer,
+                          unlabelled=tmp_path / "more.jsonl")
+    assert data.labels.tolist() == [1, 0, IGNORE_INDEX]
+    assert data.inputs["input_ids"].shape[0] == 3
+    assert data.inputs["attention_mask"][2].sum() > data.inputs["attention_mask"][1].sum()
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    lm = load_task_data(tmp_path / "val.jsonl", kind="causal_lm", tokenizer=tokenizer,
+                        unlabelled=tmp_path / "more.jsonl", label_key="none")
+    mask = lm.inputs["attention_mask"]
+    scored = lm.labels != IGNORE_INDEX
+    assert torch.equal(scored, mask.bool())  # unlabelled text: every real token is scored

@@ -96,6 +96,7 @@ def load_task_data(
     max_length: int = 128,
     limit: int | None = None,
     class_labels: bool = True,
+    unlabelled: str | Path | None = None,
 ) -> TaskData:
     """Read a JSONL or CSV file of examples; returns its :class:`TaskData`.
 
@@ -106,7 +107,10 @@ def load_task_data(
     gives unlabelled data. Reads the first ``limit`` examples (all if None).
     ``class_labels=False`` (for methods that read only the inputs) leaves classification
     labels unread, so they need neither class names nor a label on every example; a
-    causal-LM completion is part of the text and is always read.
+    causal-LM completion is part of the text and is always read. ``unlabelled`` names a
+    second file whose inputs (same ``input_key``, labels ignored) are appended, labelled
+    -100 (classification: left out of the supervised loss) or scored on every token (causal
+    LM), for objectives that learn from inputs alone (distillation, entropy).
     """
     path = Path(path)
     rows = _read_rows(path, limit)
@@ -128,13 +132,26 @@ def load_task_data(
         )
     inputs = [row[input_key] for row in rows]
     labels = [row[label_key] for row in rows] if all(has_label) else None
+    extra = [] if unlabelled is None else _inputs_of(Path(unlabelled), input_key)
     if kind == "causal_lm":
-        return _lm_data(path, inputs, labels, tokenizer, max_length)
-    return TaskData(
-        _encode_inputs(path, inputs, tokenizer, max_length),
-        None if labels is None else _class_labels(path, labels, label_names),
-        str(path),
-    )
+        completions = None if labels is None and not extra else [
+            *(labels or [None] * len(inputs)), *[None] * len(extra)]
+        return _lm_data(path, inputs + extra, completions, tokenizer, max_length)
+    classes = None if labels is None else torch.cat([
+        _class_labels(path, labels, label_names),
+        torch.full((len(extra),), IGNORE_INDEX, dtype=torch.long)])
+    return TaskData(_encode_inputs(path, inputs + extra, tokenizer, max_length), classes,
+                    str(path) if unlabelled is None else f"{path} + {unlabelled}")
+
+
+def _inputs_of(path: Path, input_key: str) -> list[Any]:
+    """The ``input_key`` field of every row of an unlabelled file."""
+    rows = _read_rows(path, None)
+    missing = [i for i, row in enumerate(rows, 1) if input_key not in row]
+    if missing:
+        raise LearnError(f"example {missing[0]} has no {input_key!r} field", file=path,
+                         fix=f"every unlabelled example needs {input_key!r} (input_key)")
+    return [row[input_key] for row in rows]
 
 
 def _read_rows(path: Path, limit: int | None) -> list[dict[str, Any]]:
@@ -209,13 +226,15 @@ def _class_labels(path: Path, labels: list[Any], names: Sequence[str] | None) ->
     return torch.tensor(values)
 
 
-def _lm_data(path: Path, prompts: list[str], completions: list[str] | None,
+def _lm_data(path: Path, prompts: list[str], completions: Sequence[str | None] | None,
              tokenizer: Tokenizer | None, max_length: int) -> TaskData:
+    """Token ids and labels: a completion's tokens are scored, a text without one (None)
+    on every token."""
     if tokenizer is not None and getattr(tokenizer, "pad_token", "") is None:
         raise LearnError("the tokenizer has no padding token", file=path,
                          fix="set tokenizer.pad_token = tokenizer.eos_token")
     texts = prompts if completions is None else [
-        p + c for p, c in zip(prompts, completions, strict=True)
+        p + (c or "") for p, c in zip(prompts, completions, strict=True)
     ]
     inputs = _tokenize(path, texts, tokenizer, max_length)
     mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
@@ -225,5 +244,6 @@ def _lm_data(path: Path, prompts: list[str], completions: list[str] | None,
                                return_tensors=None)["input_ids"]
         starts = mask.argmax(dim=1)  # first real token, whichever side pads
         for row, (start, ids) in enumerate(zip(starts.tolist(), prompt_ids, strict=True)):
-            labels[row, start:start + len(ids)] = IGNORE_INDEX
+            if completions[row] is not None:
+                labels[row, start:start + len(ids)] = IGNORE_INDEX
     return TaskData(inputs, labels, str(path))

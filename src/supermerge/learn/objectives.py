@@ -53,6 +53,8 @@ def supervised_loss(output: Any, labels: torch.Tensor | None, kind: TaskKind) ->
         return F.cross_entropy(
             logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
         )
+    if not bool((labels != IGNORE_INDEX).any()):  # only unlabelled inputs in this batch
+        return logits.sum() * 0.0
     return F.cross_entropy(logits, labels)
 
 

@@ -205,9 +205,7 @@ def check_tasks(model: MergedModel, tasks: Sequence[Task], *, needs_labels: bool
             raise LearnError(f"labels of task {task.name!r} are not integers", file=source)
         args, kwargs = task.data.select(torch.arange(1)).call_args()
         classes = logits_of(model(*args, task=task.name, weights=weights, **kwargs)).shape[-1]
-        valid = (labels >= 0) & (labels < classes)
-        if task.kind == "causal_lm":
-            valid |= labels == IGNORE_INDEX
+        valid = (labels >= 0) & (labels < classes) | (labels == IGNORE_INDEX)
         if not bool(valid.all()):
             bad = sorted(set(labels[~valid].tolist()))[:5]
             raise LearnError(
@@ -310,8 +308,9 @@ def _loss(model: MergedModel, tasks: Sequence[Task], data: Sequence[TaskData | N
             loss, logits = _task_loss(model, task, part, objective, weights)
             total[0] += share * loss.item()
             if task.kind == "classification" and part.labels is not None:
-                total[1] += (logits.argmax(-1) == part.labels).sum().item()
-                total[2] += len(part.labels)
+                labelled = part.labels != IGNORE_INDEX
+                total[1] += (logits.argmax(-1) == part.labels)[labelled].sum().item()
+                total[2] += labelled.sum().item()
     if parallel is not None:
         parallel.all_reduce(total)
     loss, correct, counted = total.tolist()

@@ -78,6 +78,9 @@ class LearnExpert(BaseModel):
     input_key: str = "input"
     label_key: str = "label"
     labels: list[str] | None = Field(None, description="class names, if labels are names")
+    unlabelled: str | None = Field(
+        None, description="JSONL or CSV file of more inputs of the task (input_key only), for "
+        "objectives that learn from inputs (distill, entropy) and for fisher and regmean")
     weight: float | None = Field(
         None, gt=0, description="fisher only: the expert's weight in the average (default 1)")
 
@@ -145,6 +148,11 @@ def load_learn_recipe(source: str | Path | dict[str, Any]) -> tuple[LearnRecipe,
                           "vocabulary makes impractical", file=path,
                           fix="use labels: sampled (the default) for causal_lm")
     warn_repeated_models([e.model for e in recipe.experts], root, "experts")
+    with_unlabelled = [e.task_name for e in recipe.experts if e.unlabelled]
+    if with_unlabelled and params.get("objective") == "labels":
+        raise RecipeError(f"experts {with_unlabelled} have `unlabelled` inputs, which the "
+                          "labels objective cannot use", file=path,
+                          fix="use objective: distill or labels+distill, or remove `unlabelled`")
     weighted = [e.task_name for e in recipe.experts if e.weight is not None]
     if weighted and recipe.merge_method != "fisher":
         raise RecipeError(f"experts {weighted} have a `weight`, which only fisher uses",
@@ -208,7 +216,8 @@ def run_learn_recipe(
     if len(expert_dirs) != len(recipe.experts):
         raise RecipeError("two experts share a task name", fix="give each expert its own `task`")
     checkpoints = {name: open_checkpoint(path) for name, path in expert_dirs.items()}
-    inputs = [base_dir, *expert_dirs.values(), *(locate(e.data) for e in recipe.experts)]
+    inputs = [base_dir, *expert_dirs.values(), *(locate(e.data) for e in recipe.experts),
+              *(locate(e.unlabelled) for e in recipe.experts if e.unlabelled)]
     check_output(out, inputs=inputs, overwrite=overwrite,  # size: the weights of an expert
                  nbytes=sum(i.nbytes for i in next(iter(checkpoints.values())).infos().values()))
     open_checkpoint(base_dir).close()  # headers (or a refused pickle) before transformers
@@ -222,7 +231,8 @@ def run_learn_recipe(
         Task(e.task_name, load_task_data(
             locate(e.data), kind=kind, tokenizer=tokenizer, input_key=e.input_key,
             label_key=e.label_key, label_names=e.labels, max_length=recipe.max_length,
-            limit=limit, class_labels=not recipe.closed_form), kind)
+            limit=limit, class_labels=not recipe.closed_form,
+            unlabelled=locate(e.unlabelled) if e.unlabelled else None), kind)
         for e in recipe.experts]
     auto = getattr(transformers, _AUTO_CLASSES[recipe.architecture])
     config = transformers.AutoConfig.from_pretrained(first_dir)
