@@ -183,8 +183,10 @@ def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int,
         click.echo(outcome.merge.tree.render())
         for node, fit in outcome.merge.fits.items():
             heldout = "-" if fit.heldout_loss is None else f"{fit.heldout_loss:.4f}"
-            click.echo(f"{node}: kept step {fit.best_step}, train loss {fit.train_loss:.4f}, "
-                       f"held-out loss {heldout}")
+            accuracy = ("" if fit.heldout_accuracy is None
+                        else f", held-out accuracy {fit.heldout_accuracy:.3f}")
+            click.echo(f"{node}: kept step {fit.best_step} by the held-out {fit.objective} loss, "
+                       f"train loss {fit.train_loss:.4f}, held-out loss {heldout}{accuracy}")
     click.echo(f"{outcome.method} merge -> {outcome.out}")
 
 

@@ -346,8 +346,10 @@ class _Bench:
 
         method = "supermerge" if name.startswith("supermerge") else name
         run: Callable[..., Any] = {**TRAINED, **CLOSED_FORM_MERGES}[method]
-        needs = {m.name: m.needs for m in LEARNED_METHODS}[method]
         params = dict(self.config.learned_params(name) if params is None else params)
+        described = next(m for m in LEARNED_METHODS if m.name == method)
+        defaults = described.validate({})
+        needs = described.data_needed(described.validate(params))
         data = []
         for task in self.tasks:
             texts, labels = task.examples("validation")
@@ -383,7 +385,6 @@ class _Bench:
         merged = load_encoder(self.base)
         merged.load_weights(state)
         report = self.score(merged, name, progress)
-        defaults = next(m for m in LEARNED_METHODS if m.name == method).validate({})
         changed = {k: [v, getattr(defaults, k)] for k, v in params.items()
                    if v != getattr(defaults, k)}
         return self.entry(report, needs=needs, seconds=seconds, params=params,

@@ -43,6 +43,8 @@ def coefficients_json(fits: Fits) -> str:
             "best_step": fit.best_step,
             "train_loss": fit.train_loss,
             "heldout_loss": fit.heldout_loss,
+            "heldout_accuracy": fit.heldout_accuracy,
+            "objective": fit.objective,
         }
         for name, fit in fits.items()
     }
@@ -194,8 +196,9 @@ def export_learned(
 
 def _card_notes(merge: LearnedMerge) -> str:
     rows = [
-        f"| {node} | {fit.best_step} | {fit.train_loss:.4f} | "
-        f"{'-' if fit.heldout_loss is None else f'{fit.heldout_loss:.4f}'} |"
+        f"| {node} | {fit.objective} | {fit.best_step} | {fit.train_loss:.4f} | "
+        f"{'-' if fit.heldout_loss is None else f'{fit.heldout_loss:.4f}'} | "
+        f"{'-' if fit.heldout_accuracy is None else f'{fit.heldout_accuracy:.3f}'} |"
         for node, fit in merge.fits.items()
     ]
     return (
@@ -203,7 +206,10 @@ def _card_notes(merge: LearnedMerge) -> str:
         "Coefficients per expert and merge group are in `coefficients.json` / `.csv` / "
         "`.safetensors` and `coefficients.png`; each task's head is in "
         "`heads/<task>.safetensors`.\n\n"
-        "| node | kept step | train loss | held-out loss |\n|---|---|---|---|\n"
+        "The kept step has the lowest held-out loss of the objective; the held-out accuracy "
+        "(classification tasks with labels) is reported beside it.\n\n"
+        "| node | objective | kept step | train loss | held-out loss | held-out accuracy |\n"
+        "|---|---|---|---|---|---|\n"
         + "\n".join(rows)
         + f"\n\nMerge tree:\n\n```\n{merge.tree.render()}\n```\n"
     )

@@ -150,6 +150,14 @@ class LearnedMethod:
 
     describe = Method.describe  # the registry's listing: it reads params and model_params
 
+    def data_needed(self, params: Params) -> DataNeed:
+        """The data a run with these (validated) parameters reads: labelled when its
+        objective reads labels, else the method's ``needs``."""
+        objective = getattr(params, "objective", None)
+        if objective is not None and make_objective(objective).needs_labels:
+            return "labelled"
+        return self.needs
+
     def validate(self, raw: Mapping[str, Any]) -> Any:
         """Return the typed parameters; MethodError naming every invalid value."""
         try:
