@@ -14,6 +14,7 @@ from supermerge.methods import get_method
 
 ZOO = ["breadcrumbs", "consensus", "della", "della_linear", "doge", "iso_c", "iso_cts", "magmax",
        "model_stock", "pcb", "tsv", "widen", "wudi"]
+ONE_EXPERT = ["nearswap"]  # the base and one other model
 
 
 def load_out(out):
@@ -38,6 +39,17 @@ def test_engine_equals_the_method_on_tensors(family, tmp_path, method, parameter
         expected = get_method(method)(b, [e[name] for e in experts], seed=tensor_seed(7, name),
                                       name=name, position=positions.position(name),
                                       **parameters)
+        torch.testing.assert_close(merged[name], expected, msg=f"{method} {name}")
+
+
+@pytest.mark.parametrize("method", ONE_EXPERT)
+def test_engine_equals_the_method_with_one_expert(family, tmp_path, method):
+    base, experts, base_path, paths = family
+    out = tmp_path / method
+    supermerge.merge(recipe(method, base_path, paths[:1], seed=7), out)
+    merged = load_out(out)
+    for name, b in base.items():
+        expected = get_method(method)(b, [experts[0][name]], seed=tensor_seed(7, name), name=name)
         torch.testing.assert_close(merged[name], expected, msg=f"{method} {name}")
 
 

@@ -26,6 +26,7 @@ from supermerge.methods.linear_method import linear
 from supermerge.methods.lines_method import lines
 from supermerge.methods.magmax_method import magmax
 from supermerge.methods.model_stock_method import model_stock
+from supermerge.methods.nearswap_method import nearswap
 from supermerge.methods.nuslerp_method import nuslerp
 from supermerge.methods.passthrough_method import passthrough
 from supermerge.methods.pcb_method import pcb
@@ -69,6 +70,7 @@ __all__ = [
     "lines",
     "magmax",
     "model_stock",
+    "nearswap",
     "nuslerp",
     "passthrough",
     "pcb",
