@@ -209,7 +209,8 @@ def test_tied_weights_merge_once_and_both_names_get_the_merge() -> None:
 
 @pytest.mark.parametrize(("granularity", "coefficient_map", "vector_dtype", "streamed"), [
     ("tensor", "tanh", torch.float32, False), ("tensor", "tanh", torch.float32, True),
-    ("task", "clamp", torch.float32, True), ("block", "tanh", torch.bfloat16, True)])
+    ("task", "clamp", torch.float32, True), ("block", "tanh", torch.bfloat16, True),
+    ("row", "tanh", torch.float32, False), ("row", "identity", torch.float32, True)])
 def test_reduced_leaf_gradients_equal_autograd_through_the_merge(
         granularity, coefficient_map, vector_dtype, streamed) -> None:
     """The training step's gradient (merged leaves reduced after all tasks, or streamed as
@@ -252,3 +253,28 @@ def test_streamed_leaves_hold_no_gradient_after_a_backward_pass() -> None:
         leaves.backward()
         assert model.weight.grad is not None and bool(model.weight.grad.abs().sum() > 0)
         model.weight.grad = None
+
+
+def test_row_granularity_scales_each_output_row_of_each_task_vector_by_hand() -> None:
+    toy = two_task_toy()
+    model = MergedModel.from_experts(toy.module, toy.base_state, toy.experts,
+                                     head_prefix="head.", granularity="row",
+                                     coefficient_map="identity", init=0.5)
+    rows = sum(toy.base_state[n].shape[0] if toy.base_state[n].dim() else 1 for n in model.names)
+    assert model.weight.shape == (len(toy.experts), rows) == (2, len(model.group_names))
+    with torch.no_grad():
+        model.weight.copy_(torch.arange(model.weight.numel(), dtype=torch.float32
+                                        ).view_as(model.weight) / 100)
+    merged = model.merged_parameters()
+    start = 0
+    for name in model.names:
+        base = toy.base_state[name]
+        count = base.shape[0] if base.dim() else 1
+        expected = base.clone().reshape(count, -1)
+        for i, expert in enumerate(toy.experts.values()):
+            for row in range(count):
+                c = model.weight[i, start + row].item()
+                expected[row] += c * (expert[name] - base).reshape(count, -1)[row]
+        torch.testing.assert_close(merged[name], expected.reshape(base.shape))
+        assert model.group_names[start] == f"{name}[0]"
+        start += count

@@ -230,10 +230,15 @@ class MergedLeaves:
         leaf's group, and free the leaf's gradient: the chain rule of
         ``base + sum_i c_i tau_i`` for ``c``, in the task vectors' dtype as the merge uses."""
         index = self._index[name]
-        vectors = self.model._vectors[index]
-        flat = vectors.reshape(len(vectors), -1)
-        product = torch.mv(flat, leaf.grad.reshape(-1).to(flat.dtype))
-        self._gradient[:, self.model._group_of[index]] += product.to(self._gradient.dtype)
+        vectors, group = self.model._vectors[index], self.model._group_of[index]
+        if isinstance(group, slice):  # one coefficient per row: K x rows products
+            rows = group.stop - group.start
+            product = torch.einsum("krc,rc->kr", vectors.reshape(len(vectors), rows, -1),
+                                   leaf.grad.reshape(rows, -1).to(vectors.dtype))
+        else:
+            flat = vectors.reshape(len(vectors), -1)
+            product = torch.mv(flat, leaf.grad.reshape(-1).to(flat.dtype))
+        self._gradient[:, group] += product.to(self._gradient.dtype)
         leaf.grad = None
 
     def backward(self) -> None:
@@ -308,8 +313,9 @@ class MergedModel(nn.Module):
         self.coefficient_map = coefficient_map
         tensors, self._aliases = module_tensors(module)
         self.names = self._check_names(tensors, base_state, task_vectors)
-        self.group_names, self._group_of = assign_groups(self.names, granularity)
         self._base = [base_state[n].detach() for n in self.names]
+        self.group_names, self._group_of = assign_groups(
+            self.names, granularity, [b.shape[0] if b.dim() else 1 for b in self._base])
         self._vectors = [
             self._stack(name, base, task_vectors, vector_dtype, prepare)
             for name, base in zip(self.names, self._base, strict=True)
@@ -441,6 +447,11 @@ class MergedModel(nn.Module):
             self.names, self._base, self._vectors, self._group_of, strict=True
         ):
             c = coefficients[:, group].to(vectors.dtype)
+            if isinstance(group, slice):  # a coefficient per row: a batched product per row
+                rows = c.shape[1]
+                delta = torch.einsum("kr,krc->rc", c, vectors.reshape(len(c), rows, -1))
+                merged[name] = (base.reshape(rows, -1) + delta.to(base.dtype)).reshape(base.shape)
+                continue
             flat = vectors.reshape(len(c), -1)
             if vectors.dtype == base.dtype:  # one fused op, no temporary delta
                 merged[name] = torch.addmv(base.reshape(-1), flat.T, c).reshape(base.shape)

@@ -29,8 +29,8 @@ class LearnParams(Params):
 
     granularity: Granularity = Field(
         "tensor",
-        description="one coefficient per expert and tensor, per transformer block, or per "
-        "whole model (task)",
+        description="one coefficient per expert and tensor, per transformer block, per "
+        "whole model (task), or per output row of every tensor (row)",
     )
     init: float = Field(0.3, description="initial mapped coefficient of every entry")
     steps: int = Field(200, ge=1, description="optimisation steps (Adam)")
