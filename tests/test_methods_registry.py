@@ -12,11 +12,13 @@ from supermerge.methods import Method, available_methods, get_method
 NAMES = [
     "breadcrumbs", "consensus", "dare_linear", "dare_ties", "della", "della_linear",
     "doge", "iso_c", "iso_cts", "linear", "lines", "magmax", "model_stock", "nearswap",
-    "nuslerp", "passthrough", "pcb", "slerp", "task_arithmetic", "ties", "tsv", "widen", "wudi",
+    "nuslerp", "passthrough", "pcb", "ram", "ramplus_tl", "slerp", "task_arithmetic", "ties",
+    "tsv", "widen", "wudi",
 ]
 PER_TASK = ["emr", "tall_masks"]  # return a TaskSpecific: tested in test_task_specific_*.py
 # methods that normalise their weights or take none: all-zero weights are not a no-op there
-UNWEIGHTED = {"linear", "slerp", "nuslerp", "passthrough", "model_stock", "nearswap"}
+UNWEIGHTED = {"linear", "slerp", "nuslerp", "passthrough", "model_stock", "nearswap", "ram",
+              "ramplus_tl"}
 
 
 def count_for(method: Method) -> int:

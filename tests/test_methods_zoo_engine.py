@@ -13,7 +13,7 @@ from supermerge.engine.plan import tensor_seed
 from supermerge.methods import get_method
 
 ZOO = ["breadcrumbs", "consensus", "della", "della_linear", "doge", "iso_c", "iso_cts", "magmax",
-       "model_stock", "pcb", "tsv", "widen", "wudi"]
+       "model_stock", "pcb", "ram", "ramplus_tl", "tsv", "widen", "wudi"]
 ONE_EXPERT = ["nearswap"]  # the base and one other model
 
 

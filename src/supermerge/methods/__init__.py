@@ -30,6 +30,8 @@ from supermerge.methods.nearswap_method import nearswap
 from supermerge.methods.nuslerp_method import nuslerp
 from supermerge.methods.passthrough_method import passthrough
 from supermerge.methods.pcb_method import pcb
+from supermerge.methods.ram_method import ram
+from supermerge.methods.ramplus_tl_method import ramplus_tl
 from supermerge.methods.registry import (
     Method,
     ModelParams,
@@ -74,6 +76,8 @@ __all__ = [
     "nuslerp",
     "passthrough",
     "pcb",
+    "ram",
+    "ramplus_tl",
     "register",
     "slerp",
     "tall_masks",
