@@ -1,13 +1,13 @@
 """SuperMerge ablation on the offline benchmark: objective x basis x the other choices.
 
-Runs `supermerge` with each variant below on the same experts, tasks and validation data
-as `supermerge bench` (experts from its cache, built if missing), scores each merge on the
-test splits with the tasks' own heads, and prints a markdown table: normalised score,
-per-task scores, wall and CPU seconds of the learned merge, its peak RSS rise, the chosen
-step and the held-out accuracy at that step. Every variant runs in this one process, one
-after another, so their times compare (the load of other jobs on the machine is printed).
+Runs `supermerge` (or ``--method adamerging``) with each variant below on the same experts,
+tasks and validation data as `supermerge bench` (experts from its cache, built if
+missing), scores each merge on the test splits with the tasks' own heads, and prints a
+markdown table: normalised score, per-task scores, wall and CPU seconds of the learned
+merge, its peak RSS rise. Every variant runs in this one process, one after another, so
+their times compare (the load average of the machine is printed beside each).
 
-Run: ``python benchmarks/supermerge_ablation.py --tasks all [--variants a,b] [--json out]``.
+Run: ``python benchmarks/supermerge_ablation.py --tasks all [--variants 'a;b'] [--json out]``.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--common", default="{}", help="JSON params added to every variant")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--method", default="supermerge", choices=["supermerge", "adamerging"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "supermerge.eval"):
@@ -69,7 +70,7 @@ def main() -> None:
     for name in chosen:
         params = {**common, **variants[name]}
         started, cpu = time.perf_counter(), cpu_seconds()
-        row = bench.learned("supermerge", lambda *_: None, params=params)
+        row = bench.learned(args.method, lambda *_: None, params=params)
         row["wall_s"], row["cpu_s"] = time.perf_counter() - started, cpu_seconds() - cpu
         rows[name] = row
         print(f"{name}: normalised {row['normalized']:.4f}, average {row['average']:.4f}, "
