@@ -11,14 +11,14 @@ from supermerge.methods import Method, available_methods, get_method
 
 NAMES = [
     "breadcrumbs", "consensus", "dare_linear", "dare_ties", "della", "della_linear",
-    "doge", "iso_c", "iso_cts", "linear", "lines", "magmax", "model_stock", "nearswap",
-    "nuslerp", "passthrough", "pcb", "ram", "ramplus_tl", "slerp", "task_arithmetic", "ties",
-    "tsv", "widen", "wudi",
+    "doge", "iso_c", "iso_cts", "karcher", "linear", "lines", "magmax", "model_stock",
+    "multislerp", "nearswap", "nuslerp", "passthrough", "pcb", "ram", "ramplus_tl", "slerp",
+    "task_arithmetic", "ties", "tsv", "widen", "wudi",
 ]
 PER_TASK = ["emr", "tall_masks"]  # return a TaskSpecific: tested in test_task_specific_*.py
 # methods that normalise their weights or take none: all-zero weights are not a no-op there
 UNWEIGHTED = {"linear", "slerp", "nuslerp", "passthrough", "model_stock", "nearswap", "ram",
-              "ramplus_tl"}
+              "ramplus_tl", "karcher", "multislerp"}
 
 
 def count_for(method: Method) -> int:

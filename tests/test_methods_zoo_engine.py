@@ -12,8 +12,8 @@ from supermerge.engine.params import LayerPositions
 from supermerge.engine.plan import tensor_seed
 from supermerge.methods import get_method
 
-ZOO = ["breadcrumbs", "consensus", "della", "della_linear", "doge", "iso_c", "iso_cts", "magmax",
-       "model_stock", "pcb", "ram", "ramplus_tl", "tsv", "widen", "wudi"]
+ZOO = ["breadcrumbs", "consensus", "della", "della_linear", "doge", "iso_c", "iso_cts", "karcher",
+       "magmax", "model_stock", "multislerp", "pcb", "ram", "ramplus_tl", "tsv", "widen", "wudi"]
 ONE_EXPERT = ["nearswap"]  # the base and one other model
 
 

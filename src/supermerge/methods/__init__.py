@@ -23,9 +23,11 @@ from supermerge.methods.emr_method import emr
 from supermerge.methods.iso_c_method import iso_c
 from supermerge.methods.iso_cts_method import iso_cts
 from supermerge.methods.linear_method import linear
+from supermerge.methods.karcher_method import karcher
 from supermerge.methods.lines_method import lines
 from supermerge.methods.magmax_method import magmax
 from supermerge.methods.model_stock_method import model_stock
+from supermerge.methods.multislerp_method import multislerp
 from supermerge.methods.nearswap_method import nearswap
 from supermerge.methods.nuslerp_method import nuslerp
 from supermerge.methods.passthrough_method import passthrough
@@ -68,10 +70,12 @@ __all__ = [
     "get_method",
     "iso_c",
     "iso_cts",
+    "karcher",
     "linear",
     "lines",
     "magmax",
     "model_stock",
+    "multislerp",
     "nearswap",
     "nuslerp",
     "passthrough",
