@@ -10,7 +10,7 @@ from supermerge.errors import MethodError
 from supermerge.methods import Method, available_methods, get_method
 
 NAMES = [
-    "breadcrumbs", "consensus", "dare_linear", "dare_ties", "della", "della_linear",
+    "arcee_fusion", "breadcrumbs", "consensus", "dare_linear", "dare_ties", "della", "della_linear",
     "doge", "iso_c", "iso_cts", "karcher", "linear", "lines", "magmax", "model_stock",
     "multislerp", "nearswap", "nuslerp", "passthrough", "pcb", "ram", "ramplus_tl", "slerp",
     "task_arithmetic", "ties", "tsv", "widen", "wudi",
@@ -18,7 +18,7 @@ NAMES = [
 PER_TASK = ["emr", "tall_masks"]  # return a TaskSpecific: tested in test_task_specific_*.py
 # methods that normalise their weights or take none: all-zero weights are not a no-op there
 UNWEIGHTED = {"linear", "slerp", "nuslerp", "passthrough", "model_stock", "nearswap", "ram",
-              "ramplus_tl", "karcher", "multislerp"}
+              "ramplus_tl", "karcher", "multislerp", "arcee_fusion"}
 
 
 def count_for(method: Method) -> int:

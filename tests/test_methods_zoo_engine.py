@@ -14,7 +14,7 @@ from supermerge.methods import get_method
 
 ZOO = ["breadcrumbs", "consensus", "della", "della_linear", "doge", "iso_c", "iso_cts", "karcher",
        "magmax", "model_stock", "multislerp", "pcb", "ram", "ramplus_tl", "tsv", "widen", "wudi"]
-ONE_EXPERT = ["nearswap"]  # the base and one other model
+ONE_EXPERT = ["arcee_fusion", "nearswap"]  # the base and one other model
 
 
 def load_out(out):

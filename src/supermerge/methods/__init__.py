@@ -12,6 +12,7 @@ The modules carry a ``_method`` suffix so that ``supermerge.methods.ties`` can b
 method object without shadowing a submodule.
 """
 
+from supermerge.methods.arcee_fusion_method import arcee_fusion
 from supermerge.methods.breadcrumbs_method import breadcrumbs
 from supermerge.methods.consensus_method import consensus
 from supermerge.methods.dare_linear_method import dare_linear
@@ -58,6 +59,7 @@ __all__ = [
     "Params",
     "TaskSpecific",
     "TensorContext",
+    "arcee_fusion",
     "available_methods",
     "breadcrumbs",
     "consensus",
