@@ -2,7 +2,14 @@
 
 import pytest
 
-from supermerge.engine.params import LayerPositions, layer_index, resolve, resolve_all
+from supermerge.engine.params import (
+    UNSET,
+    LayerPositions,
+    layer_index,
+    resolve,
+    resolve_all,
+    resolve_layers,
+)
 
 NAMES = [
     "model.embed_tokens.weight",
@@ -59,7 +66,6 @@ def test_first_matching_filter_wins_and_default_catches_the_rest():
     ("spec", "reason"),
     [
         ([], "empty"),
-        ([{"filter": "mlp", "value": 1.0}], "no filter matches"),
         ([{"filter": "mlp"}], "filter entry"),
         ([1.0, "x"], "all numbers"),
     ],
@@ -74,3 +80,32 @@ def test_resolve_all_turns_bad_specs_into_problems_naming_the_parameter():
     assert values == {"weight": 1.0}
     assert len(problems) == 1
     assert "'t'" in problems[0].message and problems[0].tensor == "model.norm.weight"
+
+
+def test_filters_as_mergekit_reads_them():
+    """A star matches everything, a single map is a one-entry list, and a filter list that
+    misses the tensor leaves the parameter unset (mergekit falls back, it does not fail)."""
+    assert resolve([{"filter": "mlp", "value": 1.0}, {"filter": "*", "value": 2.0}],
+                   "model.norm.weight", 1.0) == 2.0
+    assert resolve({"filter": "norm", "value": [0.0, 4.0]}, "model.norm.weight", 0.25) == 1.0
+    assert resolve([{"filter": "mlp", "value": 1.0}], "model.norm.weight", 1.0) is UNSET
+    values, problems = resolve_all({"t": [{"filter": "mlp", "value": 1.0}], "w": 2.0},
+                                   "model.norm.weight", 0.0, "parameters")
+    assert values == {"w": 2.0} and not problems
+
+
+def test_lists_of_strings_or_booleans_pick_by_depth():
+    # mergekit: the entry at int(t * (n - 1))
+    assert [resolve(["a", "b", "c"], "x", t) for t in (0.0, 0.49, 0.5, 0.99, 1.0)] == [
+        "a", "a", "b", "b", "c"]
+    assert resolve([True, False], "x", 0.9) is True
+
+
+def test_a_models_own_value_falls_back_to_the_recipes_when_its_filters_miss():
+    own = {"density": [{"filter": "mlp", "value": 0.1}]}
+    shared = {"density": [{"filter": "self_attn", "value": 0.7}], "weight": 2.0}
+    layers = [(own, "models[0].parameters"), (shared, "parameters")]
+    assert resolve_layers(layers, "layers.0.mlp.w", 0.0)[0] == {"density": 0.1, "weight": 2.0}
+    assert resolve_layers(layers, "layers.0.self_attn.w", 0.0)[0] == {"density": 0.7,
+                                                                       "weight": 2.0}
+    assert resolve_layers(layers, "norm.w", 0.0)[0] == {"weight": 2.0}  # the method's default

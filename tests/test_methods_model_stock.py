@@ -68,8 +68,9 @@ def test_one_model_is_a_clear_error():
     params, models = model_stock.validate({}, [{}, {}])
     with pytest.raises(MethodError, match="at least 2 fine-tuned"):
         merge_model_stock(torch.zeros(2), [torch.ones(2)], params, models[:1], TensorContext())
-    with pytest.raises(MethodError, match="weight"):
-        model_stock(torch.zeros(2), [torch.ones(2)] * 2, weights=[1.0, 2.0])
+    # mergekit accepts and ignores a weight on model_stock: so do we
+    base, experts = torch.zeros(2), [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])]
+    assert torch.equal(model_stock(base, experts, weights=[0.6, 0.4]), model_stock(base, experts))
 
 
 @settings(max_examples=25, deadline=None)

@@ -20,5 +20,15 @@ def test_refuses_two_models_and_weights():
     x = torch.ones(2)
     with pytest.raises(MethodError, match="exactly 1"):
         passthrough(None, [x, x])
-    with pytest.raises(MethodError, match="does not weight"):
-        passthrough(None, [x], weights=[2.0])
+    # mergekit accepts and ignores a weight on passthrough: so do we
+    assert torch.equal(passthrough(None, [x], weights=[2.0]), x)
+
+
+def test_scale_multiplies_the_tensor_and_one_is_the_tensor_itself():
+    """mergekit's passthrough ``scale``: scale * x; 1 returns the very tensor."""
+    x = torch.tensor([1.5, -2.0, 0.25])
+    assert torch.equal(passthrough(None, [x], scale=0.0), torch.zeros(3))
+    assert torch.equal(passthrough(None, [x], scale=-2.0), torch.tensor([-3.0, 4.0, -0.5]))
+    assert torch.equal(passthrough(None, [x], scale=1.0), x)
+    with pytest.raises(MethodError, match="scale"):
+        passthrough(None, [x], scale=float("nan"))

@@ -7,8 +7,13 @@ A parameter value in a recipe is one of:
   layer index (first value at layer 0, last at the last layer);
 - a list of filters: ``t: [{filter: self_attn, value: 0.3}, {filter: mlp, value: 0.7},
   {value: 0.5}]`` — the first entry whose ``filter`` is a substring of the tensor name
-  wins; an entry without ``filter`` matches everything. A filter's value may itself be a
-  gradient.
+  wins; an entry without ``filter`` (or with ``filter: "*"``) matches everything. A filter's
+  value may itself be a gradient. A single ``{filter, value}`` map is a one-entry list.
+  When no entry matches, the parameter is *unset* for that tensor (mergekit's rule): a
+  model's own value falls back to the recipe's ``parameters``, and those to the method's
+  default;
+- a list of strings (or of booleans): the entry at index ``int(position * (n - 1))`` (mergekit's
+  rule for values that cannot be interpolated).
 
 Tensors outside the numbered blocks sit at position 0 when their name says they embed
 (``embed``, ``wte``, ``wpe``) and at position 1 otherwise (final norm, output head).
@@ -16,7 +21,7 @@ Tensors outside the numbered blocks sit at position 0 when their name says they 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from supermerge.errors import Problem
@@ -40,17 +45,35 @@ class LayerPositions:
         return index / (self.num_layers - 1) if self.num_layers > 1 else 0.0
 
 
+class _Unset:
+    """The value of a filter list none of whose filters matches the tensor."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+"""Returned by :func:`resolve` when no filter matches: the parameter is not set here."""
+
+
 def is_tensor_dependent(spec: Any) -> bool:
     """True if the value differs between tensors (a gradient or a filter list)."""
-    return isinstance(spec, list)
+    return isinstance(spec, list) or _is_filter_entry(spec)
+
+
+def _is_filter_entry(spec: Any) -> bool:
+    return isinstance(spec, Mapping) and "value" in spec and set(spec) <= {"filter", "value"}
 
 
 def resolve(spec: Any, name: str, position: float) -> Any:
     """Return the scalar value of ``spec`` for the tensor ``name`` at relative depth ``position``.
 
+    Returns :data:`UNSET` when ``spec`` is a filter list none of whose filters matches.
     Raises ValueError with a readable reason for a malformed spec (the planner turns it into
     a Problem naming the parameter).
     """
+    if _is_filter_entry(spec):
+        spec = [spec]
     if not isinstance(spec, list):
         return spec
     if not spec:
@@ -63,14 +86,16 @@ def resolve(spec: Any, name: str, position: float) -> Any:
                     "each filter entry must be {filter: <substring>, value: <value>} "
                     f"(got keys {sorted(item)})"
                 )
-            if "filter" not in item or str(item["filter"]) in name:
+            pattern = item.get("filter")
+            if pattern is None or pattern == "*" or str(pattern) in name:
                 return resolve(item["value"], name, position)
-        raise ValueError(
-            f"no filter matches tensor {name!r}; add a final entry without `filter` as default"
-        )
+        return UNSET
     if all(isinstance(v, int | float) and not isinstance(v, bool) for v in spec):
         return _interpolate([float(v) for v in spec], position)
-    raise ValueError("a list value must be all numbers (a gradient) or all {filter, value} maps")
+    if all(isinstance(v, str) for v in spec) or all(isinstance(v, bool) for v in spec):
+        return spec[int(position * (len(spec) - 1))]
+    raise ValueError("a list value must be all numbers (a gradient), all strings or all "
+                     "booleans (picked by depth), or all {filter, value} maps")
 
 
 def _interpolate(values: list[float], position: float) -> float:
@@ -85,14 +110,35 @@ def _interpolate(values: list[float], position: float) -> float:
 def resolve_all(
     specs: Mapping[str, Any], name: str, position: float, where: str
 ) -> tuple[dict[str, Any], list[Problem]]:
-    """Resolve every parameter of one mapping for one tensor; malformed specs become Problems."""
+    """Resolve every parameter of one mapping for one tensor; malformed specs become Problems.
+
+    A parameter whose filters all miss the tensor is left out (the method's default, or a
+    fallback layer, applies: see :func:`resolve_layers`).
+    """
     values, problems = {}, []
     for key, spec in specs.items():
         try:
-            values[key] = resolve(spec, name, position)
+            value = resolve(spec, name, position)
+            if value is not UNSET:
+                values[key] = value
         except ValueError as err:
             problems.append(
                 Problem(f"parameter {key!r} in {where}: {err}", tensor=name,
                         fix="see the README's recipe format")
             )
+    return values, problems
+
+
+def resolve_layers(
+    layers: Sequence[tuple[Mapping[str, Any], str]], name: str, position: float
+) -> tuple[dict[str, Any], list[Problem]]:
+    """Resolve stacked parameter mappings, first layer first: a key takes its value from the
+    first layer that sets it for this tensor (a model's own parameters, then the recipe's
+    ``parameters``), as mergekit looks parameters up. Each layer is ``(specs, where)``."""
+    values: dict[str, Any] = {}
+    problems: list[Problem] = []
+    for specs, where in reversed(layers):
+        layer, found = resolve_all(specs, name, position, where)
+        values.update(layer)
+        problems.extend(found)
     return values, problems

@@ -17,7 +17,12 @@ from typing import Any
 
 import torch
 
-from supermerge.engine.params import LayerPositions, is_tensor_dependent, resolve_all
+from supermerge.engine.params import (
+    LayerPositions,
+    is_tensor_dependent,
+    resolve_all,
+    resolve_layers,
+)
 from supermerge.engine.spec import MergeSpec, parse_dtype
 from supermerge.errors import MethodError, OutputError, PlanError, Problem, SupermergeError
 from supermerge.io import Checkpoint, TensorInfo, open_checkpoint, tied_aliases
@@ -176,8 +181,29 @@ def _split(method: Method, spec: MergeSpec, problems: list[Problem]):
             method.check_model_keys(model.parameters, f"models[{i}] ({model.path})")
         except MethodError as err:
             problems.append(Problem(err.message, fix=err.fix))
-        per_model.append({**defaults, **model.parameters})
+        # a model's own value first, then the recipe's `parameters` (mergekit's lookup)
+        per_model.append([(model.parameters, f"models[{i}].parameters"),
+                          (defaults, "parameters")])
+    _log_ignored(method, spec)
     return global_specs, per_model
+
+
+def _log_ignored(method: Method, spec: MergeSpec) -> None:
+    """Log once per key that a mergekit parameter is accepted but changes nothing here
+    (``ignored`` on the method's parameter classes maps the key to the reason)."""
+    given = set(spec.parameters).union(*(m.parameters for m in spec.models))
+    for params in (method.params, method.model_params):
+        for key, why in getattr(params, "ignored", {}).items():
+            if key in given:
+                log.info("method '%s': `%s` changes nothing here: %s", method.name, key, why)
+
+
+def _flat(layers) -> dict[str, Any]:
+    """One model's parameter layers as one mapping (own values over the recipe's)."""
+    merged: dict[str, Any] = {}
+    for specs, _where in reversed(layers):
+        merged.update(specs)
+    return merged
 
 
 def _plan_jobs(plan: MergePlan, global_specs, model_specs, problems) -> list[TensorJob]:
@@ -203,8 +229,8 @@ def _plan_jobs(plan: MergePlan, global_specs, model_specs, problems) -> list[Ten
         position = job.position = positions.position(name)
         glob, p1 = resolve_all(global_specs, name, position, "parameters")
         rows = []
-        for i, model_spec in enumerate(model_specs):
-            values, p2 = resolve_all(model_spec, name, position, f"models[{i}].parameters")
+        for layers in model_specs:
+            values, p2 = resolve_layers(layers, name, position)
             problems.extend(p2)
             rows.append(values)
         problems.extend(p1)
@@ -277,6 +303,7 @@ def _report_extra_tensors(plan: MergePlan, aliases) -> None:
 
 def _statistic_params(method, global_specs, model_specs, problems):
     """Whole-model statistics need one value per model: per-tensor specs are refused."""
+    model_specs = [_flat(layers) for layers in model_specs]
     varying = [k for k, v in global_specs.items() if is_tensor_dependent(v)] + [
         k for m in model_specs for k, v in m.items() if is_tensor_dependent(v)]
     try:

@@ -31,23 +31,36 @@ Differences:
 * like mergekit, when ``gamma + density > 1`` the requested density wins and fewer outliers
   are removed; mergekit's ``density: 1`` skips the outlier removal entirely, ours drops
   nothing either (``top = n - k = 0``);
-* mergekit's optional ``normalize`` and ``rescale`` are absent (use weights summing to 1).
+* mergekit's ``normalize`` (divide by the summed weights) and ``rescale`` (scale each
+  masked task vector back to its L1 norm) mean what they mean there, off by default in
+  both; ``int8_mask`` is accepted and changes nothing.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from pydantic import Field
 
 from supermerge.methods.primitives import (
+    L1_RESCALE_NOTE,
     Density,
-    TaskVectorParams,
     Weight,
+    WeightNormalizeParams,
+    l1_rescaled_,
     magnitude_band_,
+    normalized_weights,
     task_vectors,
     weighted_sum,
 )
 from supermerge.methods.registry import Method, ModelParams, TensorContext, register
+
+
+class BreadcrumbsParams(WeightNormalizeParams):
+    """Global parameters of ``breadcrumbs``."""
+
+    rescale: bool = Field(False, description=L1_RESCALE_NOTE)
 
 
 class BreadcrumbsModelParams(ModelParams):
@@ -67,7 +80,7 @@ class BreadcrumbsModelParams(ModelParams):
 def merge_breadcrumbs(
     base: torch.Tensor,
     experts: list[torch.Tensor],
-    params: TaskVectorParams,
+    params: BreadcrumbsParams,
     models: list[BreadcrumbsModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
@@ -77,8 +90,11 @@ def merge_breadcrumbs(
     the experts' buffers when ``ctx.scratch``.
     """
     pairs = zip(task_vectors(base, experts, in_place=ctx.scratch), models, strict=True)
-    masked = (magnitude_band_(tau, m.density, m.gamma) for tau, m in pairs)
-    total = weighted_sum(masked, [m.weight for m in models], in_place=True)
+    masked = (
+        l1_rescaled_(partial(magnitude_band_, density=m.density, gamma=m.gamma), tau)
+        if params.rescale else magnitude_band_(tau, m.density, m.gamma) for tau, m in pairs)
+    weights = normalized_weights([m.weight for m in models], params.normalize)
+    total = weighted_sum(masked, weights, in_place=True)
     return torch.add(base, total, alpha=params.scale, out=total)
 
 
@@ -86,7 +102,7 @@ breadcrumbs = register(
     Method(
         name="breadcrumbs",
         fn=merge_breadcrumbs,
-        params=TaskVectorParams,
+        params=BreadcrumbsParams,
         model_params=BreadcrumbsModelParams,
         summary="drop each task vector's largest outliers and smallest entries, then add them",
         paper="Davari & Belilovsky 2023, Model Breadcrumbs (arXiv 2312.06795)",

@@ -16,10 +16,14 @@ models survive dropping 90% (even 99%) of their deltas, but smaller models do no
 the conservative middle, close to the 0.53 of mergekit's README example. For large
 decoder models try 0.1 (the paper's drop rate 0.9).
 
+``normalize: true`` divides the weighted sum by the sum of the weights (mergekit's, off by
+default in both); ``rescale: false`` keeps the surviving entries unscaled (as mergekit's
+``rescale: false``); ``int8_mask`` is accepted and changes nothing.
+
 Differences from mergekit's ``dare_linear``: density defaults to 1.0 (no drop) there;
-mergekit draws masks from torch's global generator (not reproducible per tensor), and
-newer versions can rescale to match a norm (``rescale_norm``) instead of ``1/density``;
-mergekit's optional ``normalize`` is absent here (use weights summing to 1).
+mergekit draws masks from torch's global generator (not reproducible per tensor), and its
+``rescale: true`` (the default) scales each dropped task vector back to its L1 norm, ours
+by exactly ``1/density`` (the paper's).
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from pydantic import Field
 
 from supermerge.methods.primitives import (
     Density,
-    TaskVectorParams,
+    DropParams,
     Weight,
     dare_task_vectors,
+    normalized_weights,
     weighted_sum,
 )
 from supermerge.methods.registry import Method, ModelParams, TensorContext, register
@@ -49,7 +54,7 @@ class DareLinearModelParams(ModelParams):
 def merge_dare_linear(
     base: torch.Tensor,
     experts: list[torch.Tensor],
-    params: TaskVectorParams,
+    params: DropParams,
     models: list[DareLinearModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
@@ -59,8 +64,10 @@ def merge_dare_linear(
     tensor at a time besides the sum.
     """
     densities = [m.density for m in models]
-    sparse = dare_task_vectors(base, experts, densities, ctx.seed, in_place=ctx.scratch)
-    total = weighted_sum(sparse, [m.weight for m in models], in_place=True)
+    sparse = dare_task_vectors(base, experts, densities, ctx.seed, in_place=ctx.scratch,
+                               rescale=params.rescale)
+    weights = normalized_weights([m.weight for m in models], params.normalize)
+    total = weighted_sum(sparse, weights, in_place=True)
     return torch.add(base, total, alpha=params.scale, out=total)
 
 
@@ -68,7 +75,7 @@ dare_linear = register(
     Method(
         name="dare_linear",
         fn=merge_dare_linear,
-        params=TaskVectorParams,
+        params=DropParams,
         model_params=DareLinearModelParams,
         summary="randomly drop task-vector entries, rescale the rest, then add them up",
         paper="Yu et al. 2024, Language Models are Super Mario (DARE) (arXiv 2311.03099)",

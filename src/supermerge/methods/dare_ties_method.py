@@ -16,7 +16,8 @@ Differences from mergekit's ``dare_ties``: mergekit's defaults are density 1.0 a
 ``normalize: false`` (a disjoint weighted *sum*); ours are 0.5 and the disjoint *mean*
 (set ``normalize: false`` for mergekit's). mergekit elects signs on weighted deltas
 (``sign_on_weighted: true`` here), turns a zero summed sign into +1, and draws masks from
-the global generator; the rescale notes of ``dare_linear`` apply.
+the global generator; the rescale notes of ``dare_linear`` apply (``rescale: false`` keeps
+the surviving entries unscaled in both). ``int8_mask`` is accepted and changes nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pydantic import Field
 
 from supermerge.methods.primitives import (
     Density,
-    SignConsensusParams,
+    DropSignConsensusParams,
     Weight,
     add_sign_consensus_,
     dare_task_vectors,
@@ -46,7 +47,7 @@ class DareTiesModelParams(ModelParams):
 def merge_dare_ties(
     base: torch.Tensor,
     experts: list[torch.Tensor],
-    params: SignConsensusParams,
+    params: DropSignConsensusParams,
     models: list[DareTiesModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
@@ -56,7 +57,8 @@ def merge_dare_ties(
     when ``ctx.scratch``, else K new task vectors.
     """
     densities = [m.density for m in models]
-    sparse = list(dare_task_vectors(base, experts, densities, ctx.seed, in_place=ctx.scratch))
+    sparse = list(dare_task_vectors(base, experts, densities, ctx.seed, in_place=ctx.scratch,
+                                    rescale=params.rescale))
     return add_sign_consensus_(base, sparse, models, params)
 
 
@@ -64,7 +66,7 @@ dare_ties = register(
     Method(
         name="dare_ties",
         fn=merge_dare_ties,
-        params=SignConsensusParams,
+        params=DropSignConsensusParams,
         model_params=DareTiesModelParams,
         summary="randomly drop and rescale task vectors, then TIES sign election and mean",
         paper="Yu et al. 2024, Language Models are Super Mario (DARE) (arXiv 2311.03099)",

@@ -13,8 +13,8 @@ instead of a uniform one. Seeding, the reading of the paper, the defaults
 
 Differences from mergekit's ``della_linear``: as for ``della`` (epsilon is the full width
 here, twice mergekit's; kept entries are rescaled by ``1 / (1 - p)``; row ranking and a
-per-tensor, per-model generator); mergekit's optional ``normalize`` (divide by the summed
-weights) is absent: use weights summing to 1.
+per-tensor, per-model generator). mergekit's ``normalize`` (divide by the summed weights,
+off by default) and ``rescale: false`` mean what they mean there.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 
 from supermerge.methods.primitives import (
+    DropParams,
     MagPruneModelParams,
-    TaskVectorParams,
     magprune_task_vectors,
+    normalized_weights,
     weighted_sum,
 )
 from supermerge.methods.registry import Method, TensorContext, register
@@ -33,7 +34,7 @@ from supermerge.methods.registry import Method, TensorContext, register
 def merge_della_linear(
     base: torch.Tensor,
     experts: list[torch.Tensor],
-    params: TaskVectorParams,
+    params: DropParams,
     models: list[MagPruneModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
@@ -43,9 +44,10 @@ def merge_della_linear(
     """
     densities, epsilons = [m.density for m in models], [m.epsilon for m in models]
     pruned = magprune_task_vectors(
-        base, experts, densities, epsilons, ctx.seed, in_place=ctx.scratch
+        base, experts, densities, epsilons, ctx.seed, in_place=ctx.scratch, rescale=params.rescale
     )
-    total = weighted_sum(pruned, [m.weight for m in models], in_place=True)
+    weights = normalized_weights([m.weight for m in models], params.normalize)
+    total = weighted_sum(pruned, weights, in_place=True)
     return torch.add(base, total, alpha=params.scale, out=total)
 
 
@@ -53,7 +55,7 @@ della_linear = register(
     Method(
         name="della_linear",
         fn=merge_della_linear,
-        params=TaskVectorParams,
+        params=DropParams,
         model_params=MagPruneModelParams,
         summary="drop task-vector entries with magnitude-ranked probabilities, rescale, "
         "then add them up (no sign election)",

@@ -38,7 +38,8 @@ Differences from mergekit's ``della`` / ``della_linear``:
   epsilon e is our 2e;
 * mergekit (recent versions) does not divide kept entries by their keep probability
   unless asked to match a norm (``rescale_norm``); we rescale by ``1 / (1 - p_r)`` as in
-  the paper;
+  the paper (``rescale: false`` keeps kept entries unscaled in both; mergekit's
+  ``rescale: true`` matches the L1 norm); ``int8_mask`` is accepted and changes nothing;
 * mergekit ranks along dimension 1 of the tensor as stored, draws from the global
   generator, defaults density to 1.0 and turns a zero summed sign into +1 (see ``ties``).
 """
@@ -48,8 +49,8 @@ from __future__ import annotations
 import torch
 
 from supermerge.methods.primitives import (
+    DropSignConsensusParams,
     MagPruneModelParams,
-    SignConsensusParams,
     add_sign_consensus_,
     magprune_task_vectors,
 )
@@ -59,7 +60,7 @@ from supermerge.methods.registry import Method, TensorContext, register
 def merge_della(
     base: torch.Tensor,
     experts: list[torch.Tensor],
-    params: SignConsensusParams,
+    params: DropSignConsensusParams,
     models: list[MagPruneModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
@@ -70,7 +71,8 @@ def merge_della(
     """
     densities, epsilons = [m.density for m in models], [m.epsilon for m in models]
     pruned = list(
-        magprune_task_vectors(base, experts, densities, epsilons, ctx.seed, in_place=ctx.scratch)
+        magprune_task_vectors(base, experts, densities, epsilons, ctx.seed, in_place=ctx.scratch,
+                              rescale=params.rescale)
     )
     return add_sign_consensus_(base, pruned, models, params)
 
@@ -79,7 +81,7 @@ della = register(
     Method(
         name="della",
         fn=merge_della,
-        params=SignConsensusParams,
+        params=DropSignConsensusParams,
         model_params=MagPruneModelParams,
         summary="drop task-vector entries with magnitude-ranked probabilities, rescale, "
         "then TIES sign election and mean",

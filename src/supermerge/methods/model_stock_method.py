@@ -12,7 +12,8 @@ Paper: Jang, Yun & Han 2024, "Model Stock: All we need is just a few fine-tuned 
 (arXiv 2403.19522), eq. for ``t`` with the angle ``theta`` between fine-tuned models
 (their Figure/derivation assumes every pair meets at the same angle). The paper merges per
 layer (per tensor here) and states the formula with one angle; for ``K > 2`` we average the
-pairwise cosines (mergekit's reading). Unweighted: ``t`` is derived from the geometry.
+pairwise cosines (mergekit's reading). Unweighted: ``t`` is derived from the geometry; a
+``weight`` given to a model is accepted and ignored, as mergekit does.
 
 Degenerate inputs: a task vector of zero norm makes its pairs' cosine 0; ``cos = 0`` gives
 ``t = 0`` (the base). Copies of one expert give ``cos = 1``, ``t = 1``: that expert.
@@ -38,7 +39,7 @@ from pydantic import Field
 from supermerge.errors import MethodError
 from supermerge.methods.primitives import (
     BLOCK,
-    UnweightedModelParams,
+    IgnoredWeightModelParams,
     task_vectors,
     weighted_sum,
 )
@@ -94,7 +95,7 @@ def merge_model_stock(
     base: torch.Tensor,
     experts: list[torch.Tensor],
     params: ModelStockParams,
-    models: list[UnweightedModelParams],
+    models: list[IgnoredWeightModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
     """Return ``base + t * mean_i(tau_i)``.
@@ -124,7 +125,7 @@ model_stock = register(
         name="model_stock",
         fn=merge_model_stock,
         params=ModelStockParams,
-        model_params=UnweightedModelParams,
+        model_params=IgnoredWeightModelParams,
         summary="interpolate from the base toward the experts' average by a ratio set by "
         "the angle between their task vectors",
         paper="Jang et al. 2024, Model Stock (arXiv 2403.19522)",

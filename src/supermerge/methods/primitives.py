@@ -36,7 +36,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Self
+from typing import Annotated, ClassVar, Self
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -63,7 +63,59 @@ class TaskVectorParams(Params):
     )
 
 
-class SignConsensusParams(TaskVectorParams):
+INT8_MASK_NOTE = (
+    "mergekit stores its sign masks as int8 to save memory; here masks are boolean and the "
+    "computation is float32 (compute_dtype), so the merge is the same either way"
+)
+
+
+class GtaParams(TaskVectorParams):
+    """Global parameters of the methods mergekit implements as generalized task arithmetic
+    (task_arithmetic, ties, dare_*, breadcrumbs, della*): mergekit's ``int8_mask`` is
+    accepted and changes nothing (the planner logs why, from ``ignored``)."""
+
+    ignored: ClassVar[dict[str, str]] = {"int8_mask": INT8_MASK_NOTE}
+
+    int8_mask: bool = Field(
+        False, description="accepted for mergekit recipes; changes nothing (boolean masks, "
+        "float32 compute)"
+    )
+
+
+class WeightNormalizeParams(GtaParams):
+    """GTA parameters with mergekit's ``normalize`` for methods without a sign election."""
+
+    normalize: bool = Field(
+        False,
+        description="divide the weighted sum of task vectors by the sum of the weights "
+        "(mergekit's; skipped when the weights sum to less than 1e-8 in magnitude)",
+    )
+
+
+def normalized_weights(weights: Sequence[float], normalize: bool) -> list[float]:
+    """Return ``w_i / sum(w)`` when ``normalize`` (mergekit's ``normalize`` of task
+    arithmetic: the weighted sum divided by the summed weight, skipped when
+    ``|sum(w)| < 1e-8``), else the weights unchanged. Cost: nothing."""
+    total = math.fsum(weights)
+    if not normalize or abs(total) < 1e-8:
+        return list(weights)
+    return [w / total for w in weights]
+
+
+def l1_rescaled_(trim: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Return ``trim(x)`` (which may overwrite ``x``) scaled so that its L1 norm equals
+    ``x``'s before the trim: mergekit's ``rescale: true`` for magnitude trims (TIES,
+    Breadcrumbs). Left unscaled when either norm is below 1e-7, as mergekit does.
+    Cost: two L1 norms in float64."""
+    before = float(torch.linalg.vector_norm(x, 1, dtype=torch.float64))
+    out = trim(x)
+    after = float(torch.linalg.vector_norm(out, 1, dtype=torch.float64))
+    if before >= 1e-7 and after >= 1e-7:
+        out.mul_(before / after)
+    return out
+
+
+class SignConsensusParams(GtaParams):
     """Global parameters of the TIES sign election and disjoint mean (ties, dare_ties)."""
 
     normalize: bool = Field(
@@ -76,6 +128,26 @@ class SignConsensusParams(TaskVectorParams):
         description="elect signs on weight * task vector (mergekit) instead of the "
         "unweighted task vectors (the TIES paper)",
     )
+
+
+DROP_RESCALE_NOTE = ("divide each kept entry by its keep probability (the paper's); false: "
+                     "keep it as it is (mergekit's rescale: false)")
+
+
+class DropParams(WeightNormalizeParams):
+    """Global parameters of the random drops without election (dare_linear, della_linear)."""
+
+    rescale: bool = Field(True, description=DROP_RESCALE_NOTE)
+
+
+class DropSignConsensusParams(SignConsensusParams):
+    """Global parameters of the random drops with TIES's election (dare_ties, della)."""
+
+    rescale: bool = Field(True, description=DROP_RESCALE_NOTE)
+
+
+L1_RESCALE_NOTE = ("scale each trimmed task vector back to its L1 norm before the trim "
+                   "(mergekit's rescale)")
 
 
 class InterpolationParams(Params):
@@ -109,6 +181,16 @@ class UnweightedModelParams(ModelParams):
         if value != 1.0:
             raise ValueError("this method does not weight its models; remove `weight`")
         return value
+
+
+class IgnoredWeightModelParams(ModelParams):
+    """Per-model parameters of methods that do not weight their models but accept a
+    ``weight`` and ignore it, as mergekit does (slerp, model_stock, passthrough)."""
+
+    ignored: ClassVar[dict[str, str]] = {
+        "weight": "this method does not weight its models (mergekit ignores it too)"}
+
+    weight: Weight = Field(1.0, description="accepted for mergekit recipes and ignored")
 
 
 class MagPruneModelParams(ModelParams):
@@ -684,11 +766,14 @@ def _with_noise(
         yield part, noise[: part.numel()].view(part.shape).uniform_(generator=generator)
 
 
-def dare_(x: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+def dare_(
+    x: torch.Tensor, density: float, generator: torch.Generator, *, rescale: bool = True
+) -> torch.Tensor:
     """Apply DARE to ``x`` in place: keep each entry with probability ``density``, rescaled.
 
     That is, drop probability ``p = 1 - density`` and rescale kept entries by exactly
-    ``1 / (1 - p)``, so the expectation equals ``x``. Returns ``x``; density 1 changes and
+    ``1 / (1 - p)``, so the expectation equals ``x`` (``rescale=False``: kept entries stay
+    as they are; the same entries are kept). Returns ``x``; density 1 changes and
     draws nothing, density 0 zeros ``x`` (drawing nothing). Cost: one float uniform draw
     per entry, made ``BLOCK`` entries at a time into one reused buffer.
     """
@@ -702,7 +787,8 @@ def dare_(x: torch.Tensor, density: float, generator: torch.Generator) -> torch.
         # compares): for non-negative floats the bit patterns compare as the values do
         threshold = int(draw.new_tensor(density).view(_INTEGER_OF[draw.dtype]))
         keep_where_(part, draw.view(_INTEGER_OF[draw.dtype]), threshold, at_least=False)
-        part.div_(density)
+        if rescale:
+            part.div_(density)
     return x
 
 
@@ -713,19 +799,25 @@ def dare_task_vectors(
     seed: int,
     *,
     in_place: bool = False,
+    rescale: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Yield ``dare_(x_i - base, density_i)`` lazily, model i drawing from its own generator.
 
-    ``in_place`` as in :func:`task_vectors`. Cost per item: one subtraction and one
-    :func:`dare_`.
+    ``in_place`` as in :func:`task_vectors`; ``rescale`` as in :func:`dare_`. Cost per
+    item: one subtraction and one :func:`dare_`.
     """
     taus = task_vectors(base, experts, in_place=in_place)
     for i, (tau, density) in enumerate(zip(taus, densities, strict=True)):
-        yield dare_(tau, density, dare_generator(seed, i, tau.device))
+        yield dare_(tau, density, dare_generator(seed, i, tau.device), rescale=rescale)
 
 
 def magprune_(
-    x: torch.Tensor, density: float, epsilon: float, generator: torch.Generator
+    x: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+    *,
+    rescale: bool = True,
 ) -> torch.Tensor:
     """Apply DELLA's MagPrune to ``x`` in place: magnitude-ranked random drop, rescaled.
 
@@ -736,7 +828,8 @@ def magprune_(
     i.e. drop probabilities ``p_r = 1 - q_r`` linearly spaced over
     ``[p - epsilon/2, p + epsilon/2]``, ``p = 1 - density``, the largest magnitude least
     likely dropped; a kept entry is divided by ``q_r`` (``1 / (1 - p_r)``), so each entry's
-    expectation is itself. Callers ensure ``epsilon / 2 <= min(density, 1 - density)``;
+    expectation is itself (``rescale=False``: kept entries stay as they are). Callers
+    ensure ``epsilon / 2 <= min(density, 1 - density)``;
     an entry with ``q_r = 0`` is always dropped. Returns ``x``; density 1 with epsilon 0
     changes nothing and density 0 zeros ``x`` (both drawing nothing). Cost: one stable sort
     per row; rows are processed about ``BLOCK`` entries at a time, so the sort's indices,
@@ -760,7 +853,9 @@ def magprune_(
         else:
             keep_prob.fill_(density)
         drop = draw >= keep_prob
-        part.div_(keep_prob.clamp_min_(tiny)).masked_fill_(drop, 0.0)
+        if rescale:
+            part.div_(keep_prob.clamp_min_(tiny))
+        part.masked_fill_(drop, 0.0)
     return x
 
 
@@ -772,15 +867,18 @@ def magprune_task_vectors(
     seed: int,
     *,
     in_place: bool = False,
+    rescale: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Yield ``magprune_(x_i - base)`` lazily, model i drawing from its own generator.
 
     The generator is :func:`dare_generator` of (tensor seed, model index); ``in_place`` as
-    in :func:`task_vectors`. Cost per model: one subtraction and one :func:`magprune_`.
+    in :func:`task_vectors`, ``rescale`` as in :func:`magprune_`. Cost per model: one
+    subtraction and one :func:`magprune_`.
     """
     taus = task_vectors(base, experts, in_place=in_place)
     for i, (tau, density, epsilon) in enumerate(zip(taus, densities, epsilons, strict=True)):
-        yield magprune_(tau, density, epsilon, dare_generator(seed, i, tau.device))
+        yield magprune_(tau, density, epsilon, dare_generator(seed, i, tau.device),
+                        rescale=rescale)
 
 
 # -- TALL masks and consensus -------------------------------------------------------------

@@ -8,7 +8,8 @@ Formula, per tensor, with ``a``, ``b`` the two experts flattened and
 
 Paper: Shoemake 1985, "Animating Rotation with Quaternion Curves" (SIGGRAPH '85), applied
 to weights as in mergekit (Goddard et al. 2024, arXiv 2403.13257). t = 0 returns the first
-model exactly, t = 1 the second. Weights are not used (``t`` is the position).
+model exactly, t = 1 the second. Weights are not used (``t`` is the position); a ``weight``
+given to a model is accepted and ignored, as mergekit does.
 
 Differences from mergekit's ``slerp``: mergekit interpolates between the *base* model and
 one other model; here the two models are the two entries of ``models`` (no base). The
@@ -22,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from supermerge.methods.primitives import (
+    IgnoredWeightModelParams,
     InterpolationParams,
-    UnweightedModelParams,
     slerp_,
     writable,
 )
@@ -34,7 +35,7 @@ def merge_slerp(
     base: torch.Tensor | None,
     experts: list[torch.Tensor],
     params: InterpolationParams,
-    models: list[UnweightedModelParams],
+    models: list[IgnoredWeightModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
     """Return the slerp from the first expert to the second.
@@ -51,7 +52,7 @@ slerp = register(
         name="slerp",
         fn=merge_slerp,
         params=InterpolationParams,
-        model_params=UnweightedModelParams,
+        model_params=IgnoredWeightModelParams,
         summary="spherical interpolation between two models",
         paper="Shoemake 1985, Animating Rotation with Quaternion Curves (SIGGRAPH); "
         "as in mergekit (arXiv 2403.13257)",

@@ -7,9 +7,11 @@ Formula, per tensor, with ``tau_i = x_i - base``::
 Paper: Ilharco et al. 2023, "Editing Models with Task Arithmetic" (arXiv 2212.04089).
 Negative weights subtract a task (the paper's "forgetting via negation").
 
-Differences from mergekit's ``task_arithmetic``: none by default. mergekit also accepts
-``normalize: true`` (divide by the sum of the weights); here use weights that sum to 1,
-or ``linear``, which is the same merge when the weights are normalised.
+``normalize: true`` divides the weighted sum by the sum of the weights (mergekit's option
+of the same name, off by default in both; skipped when the weights sum to less than 1e-8
+in magnitude, as mergekit does); ``int8_mask`` is accepted and changes nothing.
+
+Differences from mergekit's ``task_arithmetic``: none.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from supermerge.methods.primitives import TaskVectorParams, Weight, task_vectors, weighted_sum
+from supermerge.methods.primitives import (
+    Weight,
+    WeightNormalizeParams,
+    normalized_weights,
+    task_vectors,
+    weighted_sum,
+)
 from supermerge.methods.registry import Method, ModelParams, TensorContext, register
 
 
@@ -32,17 +40,19 @@ class TaskArithmeticModelParams(ModelParams):
 def merge_task_arithmetic(
     base: torch.Tensor,
     experts: list[torch.Tensor],
-    params: TaskVectorParams,
+    params: WeightNormalizeParams,
     models: list[TaskArithmeticModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
-    """Return ``base + lambda * sum_i w_i (x_i - base)``.
+    """Return ``base + lambda * sum_i w_i (x_i - base)`` (divided by ``sum_i w_i`` when
+    ``normalize``).
 
     Cost: 2K + 1 passes; in the first expert's buffer when ``ctx.scratch``, else one new
     tensor at a time besides the sum.
     """
     taus = task_vectors(base, experts, in_place=ctx.scratch)
-    total = weighted_sum(taus, [m.weight for m in models], in_place=True)
+    weights = normalized_weights([m.weight for m in models], params.normalize)
+    total = weighted_sum(taus, weights, in_place=True)
     return torch.add(base, total, alpha=params.scale, out=total)
 
 
@@ -50,7 +60,7 @@ task_arithmetic = register(
     Method(
         name="task_arithmetic",
         fn=merge_task_arithmetic,
-        params=TaskVectorParams,
+        params=WeightNormalizeParams,
         model_params=TaskArithmeticModelParams,
         summary="base + lambda * weighted sum of task vectors",
         paper="Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv 2212.04089)",

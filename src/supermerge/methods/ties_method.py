@@ -27,11 +27,14 @@ Differences from mergekit's ``ties``:
 * mergekit turns a zero summed sign into +1; we leave it at 0;
 * mergekit keeps ``int(density * n)`` entries (floor, and refuses to keep none), ties in
   argsort order; we round and keep ties lowest index first;
-* ``normalize`` defaults to true in both (the disjoint weighted mean).
+* ``normalize`` defaults to true in both (the disjoint weighted mean); ``rescale: true``
+  scales each trimmed task vector back to its L1 norm in both (off by default);
+  ``int8_mask`` is accepted and changes nothing.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import torch
@@ -39,12 +42,14 @@ from pydantic import Field
 
 from supermerge.errors import MethodError
 from supermerge.methods.primitives import (
+    L1_RESCALE_NOTE,
     Density,
     GlobalMagnitudeThreshold,
     MagnitudeThresholds,
     SignConsensusParams,
     Weight,
     add_sign_consensus_,
+    l1_rescaled_,
     magnitude_trim_,
     task_vectors,
     threshold_trim_,
@@ -60,6 +65,7 @@ class TiesParams(SignConsensusParams):
         description="trim each tensor to its own top-k (tensor) or each model's whole task "
         "vector to one global top-k (model, the paper's; costs two extra reading passes)",
     )
+    rescale: bool = Field(False, description=L1_RESCALE_NOTE)
 
 
 class TiesModelParams(ModelParams):
@@ -86,10 +92,14 @@ def merge_ties(
     """
     taus = task_vectors(base, experts, in_place=ctx.scratch)
     if params.trim_scope == "model":
-        pairs = zip(taus, _thresholds(ctx, len(experts)), strict=True)
-        trimmed = [threshold_trim_(tau, t) for tau, t in pairs]
+        trims = [partial(threshold_trim_, threshold=t) for t in _thresholds(ctx, len(experts))]
     else:
-        trimmed = [magnitude_trim_(tau, m.density) for tau, m in zip(taus, models, strict=True)]
+        trims = [partial(magnitude_trim_, density=m.density) for m in models]
+    pairs = zip(taus, trims, strict=True)
+    if params.rescale:
+        trimmed = [l1_rescaled_(trim, tau) for tau, trim in pairs]
+    else:
+        trimmed = [trim(tau) for tau, trim in pairs]
     return add_sign_consensus_(base, trimmed, models, params)
 
 
