@@ -12,13 +12,14 @@ from supermerge.methods import Method, available_methods, get_method
 NAMES = [
     "arcee_fusion", "breadcrumbs", "consensus", "dare_linear", "dare_ties", "della", "della_linear",
     "doge", "iso_c", "iso_cts", "karcher", "linear", "lines", "magmax", "model_stock",
-    "multislerp", "nearswap", "nuslerp", "passthrough", "pcb", "ram", "ramplus_tl", "slerp",
+    "multislerp", "nearswap", "nuslerp", "passthrough", "pcb", "ram", "ramplus_tl", "sce", "slerp",
     "task_arithmetic", "ties", "tsv", "widen", "wudi",
 ]
 PER_TASK = ["emr", "tall_masks"]  # return a TaskSpecific: tested in test_task_specific_*.py
 # methods that normalise their weights or take none: all-zero weights are not a no-op there
 UNWEIGHTED = {"linear", "slerp", "nuslerp", "passthrough", "model_stock", "nearswap", "ram",
-              "ramplus_tl", "karcher", "multislerp", "arcee_fusion"}
+              "ramplus_tl", "karcher", "multislerp", "arcee_fusion",
+              "sce"}
 
 
 def count_for(method: Method) -> int:

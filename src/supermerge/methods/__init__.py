@@ -45,6 +45,7 @@ from supermerge.methods.registry import (
     get_method,
     register,
 )
+from supermerge.methods.sce_method import sce
 from supermerge.methods.slerp_method import slerp
 from supermerge.methods.tall_masks_method import tall_masks
 from supermerge.methods.task_arithmetic_method import task_arithmetic
@@ -85,6 +86,7 @@ __all__ = [
     "ram",
     "ramplus_tl",
     "register",
+    "sce",
     "slerp",
     "tall_masks",
     "task_arithmetic",
