@@ -50,6 +50,8 @@ def test_degenerate_inputs():
     base = T([[1.0, -2.0], [0.5, 3.0]])
     assert torch.equal(arcee_fusion(base, [base.clone()]), base)
     assert torch.equal(arcee_fusion(T(1.0), [T(3.0)]), T(3.0))  # equal importances: all kept
+    expert = base + T([[1.0, 0.0], [0.0, 5.0]])
+    assert torch.equal(arcee_fusion(base, [expert], weights=[0.5]), arcee_fusion(base, [expert]))
     with pytest.raises(MethodError, match="exactly 1"):
         arcee_fusion(base, [base, base])
 

@@ -35,6 +35,7 @@ def test_t_zero_is_the_base_and_a_large_t_the_expert():
     assert torch.equal(nearswap(T(2.0), [T(2.0)]), T(2.0))
     with pytest.raises(MethodError, match="t"):
         nearswap(base, [expert], t=-1.0)
+    assert torch.equal(nearswap(base, [expert], weights=[3.0]), nearswap(base, [expert]))
 
 
 @settings(max_examples=25, deadline=None)

@@ -42,8 +42,8 @@ def test_degenerate_inputs():
     for method in (ram, ramplus_tl):
         assert torch.equal(method(base, [base.clone(), base.clone()]), base)
         assert torch.equal(method(T(1.0), [T(3.0)]), T(3.0))
-        with pytest.raises(MethodError, match="weight"):
-            method(base, [base], weights=[0.5])
+        experts = [base + T([1.0, 0.0]), base + T([3.0, 2.0])]
+        assert torch.equal(method(base, experts, weights=[0.5, 2.0]), method(base, experts))
     with pytest.raises(MethodError, match="alpha"):
         ramplus_tl(base, [base], alpha=-1.0)
 

@@ -21,7 +21,7 @@ mergekit: it estimates the quartiles of tensors above 10^6 entries from a random
 10^6 (so its result varies from run to run); we take the exact order statistics
 (:func:`~supermerge.methods.primitives.kthvalue`, linear time). mergekit takes the
 softmax of a 0-d tensor along its only "dimension" and broadcasts to shape ``(1,)``; we
-keep the tensor's shape. A ``weight`` other than 1 is refused (mergekit has none).
+keep the tensor's shape. A ``weight`` is accepted and ignored, as in mergekit.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from supermerge.methods.primitives import UnweightedModelParams, kthvalue
+from supermerge.methods.primitives import IgnoredWeightModelParams, kthvalue
 from supermerge.methods.registry import Method, Params, TensorContext, register
 
 _EPS = 1e-8  # mergekit's: added to both softmaxes before the logarithm
@@ -67,7 +67,7 @@ def merge_arcee_fusion(
     base: torch.Tensor,
     experts: list[torch.Tensor],
     params: Params,
-    models: list[UnweightedModelParams],
+    models: list[IgnoredWeightModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
     """Return ``base + tau * [importance >= median + 1.5 IQR]``.
@@ -85,7 +85,7 @@ arcee_fusion = register(
         name="arcee_fusion",
         fn=merge_arcee_fusion,
         params=Params,
-        model_params=UnweightedModelParams,
+        model_params=IgnoredWeightModelParams,
         summary="take one model's changes only where |change| x the row's softmax KL "
         "divergence is above median + 1.5 IQR",
         paper="mergekit's arcee_fusion (Arcee, Meet mergekit v0.1: Arcee Fusion; no paper)",

@@ -29,7 +29,7 @@ averaged points, as in mergekit (whose planner adds the base to the merged model
 Differences from mergekit: angles and step sizes are computed in float64 from float32 dot
 products (mergekit: in the tensors' dtype); a point antipodal to the current mean
 (``sin(theta) = 0``, where the logarithmic map is undefined) is skipped, where mergekit
-divides by a rounded ``sin(pi)``; a ``weight`` other than 1 is refused.
+divides by a rounded ``sin(pi)``. A ``weight`` is accepted and ignored, as in mergekit.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import math
 import torch
 from pydantic import Field
 
-from supermerge.methods.primitives import UnweightedModelParams, weighted_sum, writable
+from supermerge.methods.primitives import IgnoredWeightModelParams, weighted_sum, writable
 from supermerge.methods.registry import Method, Params, TensorContext, register
 
 
@@ -101,7 +101,7 @@ def merge_karcher(
     base: torch.Tensor | None,
     experts: list[torch.Tensor],
     params: KarcherParams,
-    models: list[UnweightedModelParams],
+    models: list[IgnoredWeightModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
     """Return the mean length times the Karcher mean direction of the experts (and the base).
@@ -125,7 +125,7 @@ karcher = register(
         name="karcher",
         fn=merge_karcher,
         params=KarcherParams,
-        model_params=UnweightedModelParams,
+        model_params=IgnoredWeightModelParams,
         summary="Karcher (Riemannian) mean of the models' directions on the sphere, times "
         "their mean norm",
         paper="Karcher 1977, Riemannian center of mass (Comm. Pure Appl. Math. 30); as in "

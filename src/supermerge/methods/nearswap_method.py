@@ -16,7 +16,8 @@ The parameter name ``t``, the 1e-6 floor on ``d`` and the formula are mergekit's
 
 Differences from mergekit: mergekit requires ``t``; ours defaults to 1e-4 (the value of
 the model the method is named after and of mergekit's own test). mergekit clamps a
-negative ``t`` to the base; we refuse it. Weights are not used (mergekit has none).
+negative ``t`` to the base; we refuse it. A ``weight`` is accepted and ignored, as in
+mergekit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from supermerge.methods.primitives import UnweightedModelParams
+from supermerge.methods.primitives import IgnoredWeightModelParams
 from supermerge.methods.registry import Method, Params, TensorContext, register
 
 _FLOOR = 1e-6  # mergekit's floor on |x - base| (w = t / 1e-6 where the models agree)
@@ -46,7 +47,7 @@ def merge_nearswap(
     base: torch.Tensor,
     experts: list[torch.Tensor],
     params: NearswapParams,
-    models: list[UnweightedModelParams],
+    models: list[IgnoredWeightModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
     """Return ``lerp(base, x, clamp(t / max(|x - base|, 1e-6), 0, 1))``.
@@ -64,7 +65,7 @@ nearswap = register(
         name="nearswap",
         fn=merge_nearswap,
         params=NearswapParams,
-        model_params=UnweightedModelParams,
+        model_params=IgnoredWeightModelParams,
         summary="take one model's entries where they lie within t of the base, "
         "move toward it by t elsewhere",
         paper="mergekit's nearswap, after alchemonaut's QuartetAnemoi-70B-t0.0001 (no paper)",

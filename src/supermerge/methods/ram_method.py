@@ -18,8 +18,8 @@ parameter name and default (``epsilon`` 1e-5) are used. :func:`ram_delta_` also 
 ``ramplus_tl`` (which rescales the unique entries).
 
 Differences from mergekit: none in the formula. mergekit divides each shared entry by ``c``
-before summing, we sum and then divide (rounding differs in the last bit). mergekit has no
-weights; a ``weight`` other than 1 is refused.
+before summing, we sum and then divide (rounding differs in the last bit). Neither weights
+its models: a ``weight`` is accepted and ignored, as in mergekit.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from supermerge.methods.primitives import UnweightedModelParams, task_vectors
+from supermerge.methods.primitives import IgnoredWeightModelParams, task_vectors
 from supermerge.methods.registry import Method, Params, TensorContext, register
 
 
@@ -81,7 +81,7 @@ def merge_ram(
     base: torch.Tensor,
     experts: list[torch.Tensor],
     params: RamParams,
-    models: list[UnweightedModelParams],
+    models: list[IgnoredWeightModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
     """Return ``base + ram_delta_(tau)``.
@@ -99,7 +99,7 @@ ram = register(
         name="ram",
         fn=merge_ram,
         params=RamParams,
-        model_params=UnweightedModelParams,
+        model_params=IgnoredWeightModelParams,
         summary="keep entries one model changed whole, average those several models changed",
         paper="Reinforced Agent Merging (arXiv 2601.13572), as in mergekit's ram",
         needs="none",

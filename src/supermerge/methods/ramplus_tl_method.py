@@ -19,7 +19,7 @@ tensor, not over the whole model as the paper's RAM+ does. Parameter names and d
 are mergekit's: ``epsilon`` 1e-5, ``r`` 0.1, ``alpha`` 0.2.
 
 Differences from mergekit: none in the formula (rounding as noted in ``ram``); a
-``weight`` other than 1 is refused (mergekit has none).
+``weight`` is accepted and ignored, as in mergekit.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from supermerge.methods.primitives import UnweightedModelParams, task_vectors
+from supermerge.methods.primitives import IgnoredWeightModelParams, task_vectors
 from supermerge.methods.ram_method import RamParams, ram_delta_
 from supermerge.methods.registry import Method, TensorContext, register
 
@@ -54,7 +54,7 @@ def merge_ramplus_tl(
     base: torch.Tensor,
     experts: list[torch.Tensor],
     params: RamPlusParams,
-    models: list[UnweightedModelParams],
+    models: list[IgnoredWeightModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
     """Return ``base + ram_delta_(tau, r, alpha)``.
@@ -71,7 +71,7 @@ ramplus_tl = register(
         name="ramplus_tl",
         fn=merge_ramplus_tl,
         params=RamPlusParams,
-        model_params=UnweightedModelParams,
+        model_params=IgnoredWeightModelParams,
         summary="RAM with each model's unique entries scaled up by its shared-to-unique ratio",
         paper="Reinforced Agent Merging, RAM+ (arXiv 2601.13572), tensor-local as in "
         "mergekit's ramplus_tl",

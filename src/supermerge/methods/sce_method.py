@@ -31,19 +31,21 @@ Differences from mergekit:
 * mergekit turns a zero summed sign into +1; we leave it 0 (the entry merges to 0), as
   ``ties`` does; mergekit keeps ``int(select_topk * m)`` positions (floor), ties in
   ``torch.topk`` order; we round and keep ties lowest index first;
-* a ``weight`` other than 1 is refused (mergekit's ``sce`` has none).
+* a ``weight`` is accepted and ignored, as in mergekit (whose ``sce`` has none).
 """
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from pydantic import Field
 
 from supermerge.methods.primitives import (
+    INT8_MASK_NOTE,
     Density,
-    UnweightedModelParams,
+    IgnoredWeightModelParams,
     keep_count,
     sign_consensus_,
     task_vectors,
@@ -60,6 +62,8 @@ class SceParams(Params):
         description="fraction of the positions of non-zero variance across the models kept "
         "(largest variance first); 1: no selection",
     )
+    ignored: ClassVar[dict[str, str]] = {"int8_mask": INT8_MASK_NOTE}
+
     int8_mask: bool = Field(
         False,
         description="accepted for mergekit recipes; changes nothing (boolean masks, float32 "
@@ -95,7 +99,7 @@ def merge_sce(
     base: torch.Tensor,
     experts: list[torch.Tensor],
     params: SceParams,
-    models: list[UnweightedModelParams],
+    models: list[IgnoredWeightModelParams],
     ctx: TensorContext,
 ) -> torch.Tensor:
     """Return the SCE merge.
@@ -122,7 +126,7 @@ sce = register(
         name="sce",
         fn=merge_sce,
         params=SceParams,
-        model_params=UnweightedModelParams,
+        model_params=IgnoredWeightModelParams,
         summary="select high-variance positions, weight each model by its squared task "
         "vector's share, erase sign conflicts (TIES), average",
         paper="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models (SCE, "
