@@ -313,7 +313,8 @@ def test_model_card(tmp_path):
     assert meta["base_model_relation"] == "merge"
     assert meta["library_name"] == "transformers"
     assert {"merge", "supermerge"} <= set(meta["tags"])
-    assert "**ties**" in body and "`org/code`" in body and "## Results" in body
+    assert "**ties**" in body and "[org/code](https://huggingface.co/org/code)" in body
+    assert "## Results" in body
     block = body.split("```yaml\n", 1)[1].split("```", 1)[0]
     assert yaml.safe_load(block) == yaml.safe_load(recipe)
 

@@ -144,8 +144,8 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
         if task_state is not None:
             task_state.finish(writer)
         writer.write_model_card(
-            base_models=[str(plan.spec.base_model or plan.spec.models[0].path)]
-            + [m.path for m in plan.spec.models if m.path != plan.spec.base_model],
+            base_models=[*([plan.spec.base_model] if plan.spec.base_model else []),
+                         *(m.path for m in plan.spec.models)],
             method=plan.method.name,
             recipe_yaml=recipe_yaml,
             extra_markdown=task_state.model_card_note() if task_state else "",

@@ -203,22 +203,25 @@ class CheckpointWriter:
     def write_model_card(
         self, *, base_models: list[str], method: str, recipe_yaml: str, extra_markdown: str = ""
     ) -> None:
-        """Write README.md: YAML front matter (base_model list, base_model_relation: merge,
-        library_name, tags) and a body naming the models, the method and the recipe.
+        """Write README.md: YAML front matter (``base_model``: the models that are Hugging
+        Face hub ids, each once, left out when there is none; ``base_model_relation:
+        merge``, library_name, tags) and a
+        body naming every model (hub ids linked, local paths as they were given, as
+        mergekit's card does), the method and the recipe. Local paths never go in
+        ``base_model``: the Hub rejects a card whose ``base_model`` is not a repo id.
         """
-        front = {
-            "base_model": list(base_models),
-            "base_model_relation": "merge",
-            "library_name": "transformers",
-            "tags": ["merge", "supermerge"],
-        }
-        models = "\n".join(f"- `{m}`" for m in base_models) or "- (none named)"
+        models = list(dict.fromkeys(str(m) for m in base_models))  # each once, in order
+        hub = [m for m in models if is_hub_id(m)]
+        front = {**({"base_model": hub} if hub else {}), "base_model_relation": "merge",
+                 "library_name": "transformers", "tags": ["merge", "supermerge"]}
+        listed = "\n".join(f"- [{m}](https://huggingface.co/{m})" if m in hub else f"- `{m}`"
+                           for m in models) or "- (none named)"
         card = (
             f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
             f"# {self.out.name}\n\n"
-            f"This model is a merge of {len(base_models)} model(s) made with supermerge "
+            f"This model is a merge of {len(models)} model(s) made with supermerge "
             f"using the **{method}** method.\n\n"
-            f"## Models merged\n\n{models}\n\n"
+            f"## Models merged\n\n{listed}\n\n"
             f"## Recipe\n\n```yaml\n{recipe_yaml.strip()}\n```\n"
         )
         if extra_markdown.strip():
@@ -543,6 +546,21 @@ class _Shard:
             _pwrite_all(fd, data, len(self._header) + self._offsets[name])
         finally:
             os.close(fd)
+
+
+_REPO_ID = re.compile(r"(?:[A-Za-z0-9_.-]+/)?[A-Za-z0-9_.-]+")
+
+
+def is_hub_id(name: str) -> bool:
+    """True if ``name`` is a Hugging Face hub model id (``name`` or ``org/name`` by the
+    Hub's rules: letters, digits, ``-``, ``_``, ``.``; no ``--`` or ``..``; not starting
+    or ending with ``-`` or ``.``; at most 96 characters) and no file or folder of that
+    name exists here (then it is a local path, as in mergekit). Cost: one stat."""
+    if not _REPO_ID.fullmatch(name) or len(name) > 96 or "--" in name or ".." in name:
+        return False
+    if any(part.startswith(("-", ".")) or part.endswith(("-", ".")) for part in name.split("/")):
+        return False
+    return not Path(name).exists()
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
