@@ -12,9 +12,11 @@ from supermerge.engine.params import LayerPositions
 from supermerge.engine.plan import tensor_seed
 from supermerge.methods import get_method
 
-ZOO = ["breadcrumbs", "consensus", "della", "della_linear", "doge", "iso_c", "iso_cts", "karcher",
-       "magmax", "model_stock", "multislerp", "pcb", "ram", "ramplus_tl", "sce", "tsv", "widen",
-       "wudi"]
+ZOO = [
+    "breadcrumbs", "breadcrumbs_ties", "consensus", "della", "della_linear", "doge", "iso_c",
+    "iso_cts", "karcher", "magmax", "model_stock", "multislerp", "pcb", "ram", "ramplus_tl",
+    "sce", "tsv", "widen", "wudi",
+]
 ONE_EXPERT = ["arcee_fusion", "nearswap"]  # the base and one other model
 
 

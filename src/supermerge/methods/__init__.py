@@ -14,6 +14,7 @@ method object without shadowing a submodule.
 
 from supermerge.methods.arcee_fusion_method import arcee_fusion
 from supermerge.methods.breadcrumbs_method import breadcrumbs
+from supermerge.methods.breadcrumbs_ties_method import breadcrumbs_ties
 from supermerge.methods.consensus_method import consensus
 from supermerge.methods.dare_linear_method import dare_linear
 from supermerge.methods.dare_ties_method import dare_ties
@@ -23,8 +24,8 @@ from supermerge.methods.doge_method import doge
 from supermerge.methods.emr_method import emr
 from supermerge.methods.iso_c_method import iso_c
 from supermerge.methods.iso_cts_method import iso_cts
-from supermerge.methods.linear_method import linear
 from supermerge.methods.karcher_method import karcher
+from supermerge.methods.linear_method import linear
 from supermerge.methods.lines_method import lines
 from supermerge.methods.magmax_method import magmax
 from supermerge.methods.model_stock_method import model_stock
@@ -63,6 +64,7 @@ __all__ = [
     "arcee_fusion",
     "available_methods",
     "breadcrumbs",
+    "breadcrumbs_ties",
     "consensus",
     "dare_linear",
     "dare_ties",
