@@ -59,6 +59,22 @@ def test_unknown_method_lists_the_valid_names():
     assert ", ".join(sorted(NAMES + PER_TASK)) in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [("tie", "'ties'"), ("karcher_mean", "'karcher'"), ("multi_slerp", "'multislerp'"),
+     ("breadcrumb_ties", "'breadcrumbs_ties'"), ("ramplus", "'ramplus_tl'")],
+)
+def test_unknown_method_suggests_the_closest_names(typo, meant):
+    with pytest.raises(MethodError, match=r"did you mean .*" + meant):
+        get_method(typo)
+
+
+def test_an_unknown_method_unlike_any_gets_no_suggestion():
+    with pytest.raises(MethodError) as err:
+        get_method("qqqqqqqq")
+    assert "did you mean" not in str(err.value)
+
+
 def test_unknown_parameter_lists_the_valid_ones():
     x = torch.ones(2)
     with pytest.raises(MethodError, match="'dentsity'") as err:

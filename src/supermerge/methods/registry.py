@@ -22,6 +22,7 @@ Adding a method is adding one module under ``supermerge.methods`` that calls
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import UnionType
@@ -319,12 +320,15 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
-    """Return the registered method; MethodError listing the valid names if unknown."""
+    """Return the registered method; MethodError listing the valid names if unknown, led by
+    the closest ones ("did you mean ...?", :func:`difflib.get_close_matches`)."""
     try:
         return _REGISTRY[name]
     except KeyError:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
+        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
         raise MethodError(
-            f"unknown merge method {name!r}",
+            f"unknown merge method {name!r}{hint}",
             fix=f"use one of: {', '.join(sorted(_REGISTRY))}",
         ) from None
 
