@@ -18,7 +18,7 @@ NAMES = [
 PER_TASK = ["emr", "tall_masks"]  # return a TaskSpecific: tested in test_task_specific_*.py
 # methods that normalise their weights or take none: all-zero weights are not a no-op there
 UNWEIGHTED = {"linear", "slerp", "nuslerp", "passthrough", "model_stock", "nearswap", "ram",
-              "ramplus_tl", "karcher", "multislerp", "arcee_fusion",
+              "ramplus_tl", "karcher", "arcee_fusion",
               "sce"}
 
 

@@ -29,7 +29,8 @@ Differences from mergekit:
   back to the weighted sum of the tensors for two models and raises an error for more; we
   fall back to the weighted sum for any number, so an unchanged tensor stays the base's;
 * mergekit requires a ``weight`` per model; ours defaults to 1 (equal weights);
-* ``normalize_weights`` with weights summing to 0 is an error here (mergekit divides by 0);
+* ``normalize_weights`` leaves weights summing to less than 1e-8 in magnitude as they are
+  (as ``normalize`` does for task arithmetic); mergekit divides by that sum (inf or NaN);
 * a base given is subtracted, as in mergekit; mergekit also drops the base from the
   models when it is listed among them, which the recipe layer decides, not this function.
 """
@@ -41,8 +42,13 @@ import math
 import torch
 from pydantic import Field
 
-from supermerge.errors import MethodError
-from supermerge.methods.primitives import Weight, task_vectors, weighted_sum, writable
+from supermerge.methods.primitives import (
+    Weight,
+    normalized_weights,
+    task_vectors,
+    weighted_sum,
+    writable,
+)
 from supermerge.methods.registry import Method, ModelParams, Params, TensorContext, register
 
 
@@ -81,16 +87,7 @@ def merge_multislerp(
     """
     if len(experts) == 1:
         return experts[0]
-    weights = [m.weight for m in models]
-    if params.normalize_weights:
-        total = math.fsum(weights)
-        if total == 0:
-            raise MethodError(
-                "multislerp's weights sum to 0, so they cannot be normalised",
-                tensor=ctx.name or None,
-                fix="change the weights, or set normalize_weights: false",
-            )
-        weights = [w / total for w in weights]
+    weights = normalized_weights([m.weight for m in models], params.normalize_weights)
     ys = (
         list(task_vectors(base, experts, in_place=ctx.scratch))
         if base is not None
