@@ -37,18 +37,20 @@ def test_the_package_ships_its_typed_marker():
     assert "py.typed" in pyproject()["tool"]["setuptools"]["package-data"]["supermerge"]
 
 
-def test_matplotlib_is_an_extra_and_dev_pulls_it_and_huggingface_hub_is_gone():
+def test_matplotlib_is_an_extra_and_dev_pulls_it_and_huggingface_hub_is_in_hf():
     project = pyproject()["project"]
     names = [d.split(">")[0].split("=")[0].strip() for d in project["dependencies"]]
-    assert "matplotlib" not in names
+    assert "matplotlib" not in names and "huggingface_hub" not in names
     extras = project["optional-dependencies"]
     assert any(d.startswith("matplotlib") for d in extras["plot"])
     assert "plot" in extras["dev"][0] and "hf" in extras["dev"][0]
-    declared = str(project)
-    assert "huggingface_hub" not in declared
-    # never imported by the library either (transformers brings its own)
-    sources = "\n".join(p.read_text() for p in Path(supermerge.__file__).parent.rglob("*.py"))
-    assert "import huggingface_hub" not in sources and "from huggingface_hub" not in sources
+    # hub ids are opened from the local cache (supermerge.io.hub), imported only there
+    assert any(d.startswith("huggingface_hub") for d in extras["hf"])
+    root = Path(supermerge.__file__).parent
+    importers = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
+                       if "from huggingface_hub" in p.read_text()
+                       or "import huggingface_hub" in p.read_text())
+    assert importers == ["io/hub.py"]
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import torch
 
 from supermerge.errors import CheckpointError
+from supermerge.io.hub import resolve_cached
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +212,17 @@ class Checkpoint:
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint; reads only headers (and a torch file's pickle, memory-mapped).
 
+    A name that is no local path but a Hugging Face hub id (``org/name``) opens the
+    model's snapshot in the local hub cache, offline (:mod:`supermerge.io.hub`).
+
     Raises CheckpointError naming the file and the fix when the path is missing, is not a
     model, or its files are truncated, corrupt or inconsistent.
     """
-    path = Path(path)
+    given, path = str(path), Path(path)
     if not path.exists():
+        cached = resolve_cached(given)  # None unless `given` is spelled as a hub id
+        if cached is not None:
+            return open_checkpoint(cached)
         raise CheckpointError(
             "checkpoint not found", file=path, fix=f"check the path; expected {_SUPPORTED}"
         )

@@ -40,6 +40,7 @@ from supermerge.io.guard import (
     check_output,
     check_replaceable,
 )
+from supermerge.io.hub import looks_like_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -548,19 +549,11 @@ class _Shard:
             os.close(fd)
 
 
-_REPO_ID = re.compile(r"(?:[A-Za-z0-9_.-]+/)?[A-Za-z0-9_.-]+")
-
-
 def is_hub_id(name: str) -> bool:
-    """True if ``name`` is a Hugging Face hub model id (``name`` or ``org/name`` by the
-    Hub's rules: letters, digits, ``-``, ``_``, ``.``; no ``--`` or ``..``; not starting
-    or ending with ``-`` or ``.``; at most 96 characters) and no file or folder of that
-    name exists here (then it is a local path, as in mergekit). Cost: one stat."""
-    if not _REPO_ID.fullmatch(name) or len(name) > 96 or "--" in name or ".." in name:
-        return False
-    if any(part.startswith(("-", ".")) or part.endswith(("-", ".")) for part in name.split("/")):
-        return False
-    return not Path(name).exists()
+    """True if ``name`` is spelled as a Hugging Face hub model id
+    (:func:`~supermerge.io.hub.looks_like_hub_id`) and no file or folder of that name exists
+    here (then it is a local path, as in mergekit). Cost: one stat."""
+    return looks_like_hub_id(name) and not Path(name).exists()
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
