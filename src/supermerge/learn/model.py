@@ -447,9 +447,12 @@ class MergedModel(nn.Module):
             self.names, self._base, self._vectors, self._group_of, strict=True
         ):
             c = coefficients[:, group].to(vectors.dtype)
-            if isinstance(group, slice):  # a coefficient per row: a batched product per row
+            if isinstance(group, slice):  # a coefficient per row: K row-scaled additions
                 rows = c.shape[1]
-                delta = torch.einsum("kr,krc->rc", c, vectors.reshape(len(c), rows, -1))
+                delta = torch.zeros((rows, base.numel() // rows), dtype=vectors.dtype,
+                                    device=base.device)
+                for row_scale, vector in zip(c, vectors.reshape(len(c), rows, -1), strict=True):
+                    delta.addcmul_(row_scale.unsqueeze(-1), vector)
                 merged[name] = (base.reshape(rows, -1) + delta.to(base.dtype)).reshape(base.shape)
                 continue
             flat = vectors.reshape(len(c), -1)
