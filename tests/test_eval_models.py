@@ -210,13 +210,16 @@ def test_benchmark_smoke(built, tiny_base, tasks, tmp_path):
         assert 0 <= row["average"] <= 1 and row["normalized"] > 0, name
         assert row["seconds"] > 0 and row["needs"] in ("none", "task id", "unlabelled", "labelled")
     assert on_disk["methods"]["task_arithmetic"]["params"]["lambda"] in (0.5, 1.0)
-    assert on_disk["methods"]["supermerge"]["needs"] == "labelled"
+    assert on_disk["methods"]["supermerge"]["needs"] == "unlabelled"  # distills the experts
+    assert on_disk["methods"]["supermerge_paper"]["needs"] == "labelled"
+    assert on_disk["methods"]["supermerge_paper"]["non_default"]["objective"] == ["labels",
+                                                                                "distill"]
     assert on_disk["methods"]["adamerging"]["needs"] == "unlabelled"
     assert on_disk["methods"]["fisher"]["needs"] == on_disk["methods"]["regmean"]["needs"]
     assert on_disk["methods"]["regmean"]["peak_rss_mib"] >= 0
-    assert on_disk["methods"]["supermerge"]["non_default"] == {"steps": [2, 200]}
+    assert on_disk["methods"]["supermerge"]["non_default"] == {"steps": [2, 40]}
     markdown = (tmp_path / "demo" / "results.md").read_text()
-    assert "supermerge ran with steps 2 (default 200)." in markdown
+    assert "supermerge ran with steps 2 (default 40)." in markdown
     assert "| ties (lambda " in markdown and "Not run: passthrough" in markdown
     assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 1000
     assert not (tmp_path / "demo" / ".work").exists()

@@ -323,7 +323,8 @@ def test_distill_learns_from_unlabelled_inputs_and_labels_refuses_them(learn_set
     (root / "more.jsonl").write_text("\n".join(
         json.dumps({"input": r["input"]}) for r in examples("apple", 16, seed=7)))
     experts = [{**e, "unlabelled": "more.jsonl"} for e in recipe["experts"]]
-    labels_only = {**recipe, "experts": experts}
+    labels_only = {**recipe, "experts": experts,
+                   "parameters": {**recipe["parameters"], "objective": "labels"}}
     result = CliRunner().invoke(cli, ["learn", write(root, labels_only), "-o", str(tmp_path / "a")])
     assert result.exit_code == 1 and "labels objective cannot use" in result.output
     assert not (tmp_path / "a").exists()

@@ -78,6 +78,10 @@ def test_feature_distance_by_hand_masks_padding() -> None:
     # ||(1,0) - (3,4)||^2 / ||(3,4)||^2 = (4 + 16) / 25
     assert feature_distance(student, teacher, mask).item() == pytest.approx(20 / 25)
     assert feature_distance(student, teacher, None).item() == pytest.approx((20 + 162) / 25)
+    # two examples: the mean of their relative distances (1/1 and 0/4)
+    student = [torch.tensor([[[2.0, 0.0]], [[0.0, 2.0]]])]
+    teacher = [torch.tensor([[[1.0, 0.0]], [[0.0, 2.0]]])]
+    assert feature_distance(student, teacher, torch.ones(2, 1)).item() == pytest.approx(0.5)
 
 
 def test_kl_to_teacher_by_hand() -> None:

@@ -81,10 +81,15 @@ def test_learned_methods_are_listed_with_parameters_and_data_needs() -> None:
     methods = {m.name: m for m in LEARNED_METHODS}
     assert {n: m.needs for n, m in methods.items()} == {
         "adamerging": "unlabelled", "fisher": "unlabelled", "regmean": "unlabelled",
-        "supermerge": "labelled"}
+        "supermerge": "unlabelled"}
+    supermerge = methods["supermerge"]
+    assert supermerge.data_needed(supermerge.validate({})) == "unlabelled"  # distill
+    assert supermerge.data_needed(supermerge.validate({"objective": "labels+distill"})
+                                  ) == "labelled"
     rows = {p.name: p for p in methods["supermerge"].describe()}
     assert rows["fan_in"].default == 2 and rows["hierarchical"].default is False
-    assert rows["steps"].default == 200 and rows["lr"].default == 1e-2
+    assert rows["steps"].default == 40 and rows["lr"].default == 5e-2
+    assert rows["objective"].default == "distill" and rows["basis"].default == "tsv"
     assert all(p.description and not p.per_model for p in rows.values())
     assert {"ties", "density"} <= {p.name for p in methods["adamerging"].describe()}
     with pytest.raises(MethodError, match="fan_in"):

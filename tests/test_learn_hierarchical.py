@@ -9,10 +9,8 @@ import torch
 
 from supermerge.learn import (
     LearnError,
-    MergedModel,
     PeakRSS,
     cluster_experts,
-    learn_coefficients,
     supermerge,
 )
 from test_learn_toys import (
@@ -36,8 +34,8 @@ def four_task_toy():
 
 def test_fan_in_at_least_k_equals_flat_supermerge() -> None:
     toy = two_task_toy()
-    flat = MergedModel.from_experts(toy.module, toy.base_state, toy.experts, head_prefix="head.")
-    flat_fit = learn_coefficients(flat, toy.tasks(), steps=20, eval_every=5)
+    flat_merge = supermerge(toy.module, toy.base_state, toy.experts, toy.tasks(), **OPTIONS)
+    flat, flat_fit = flat_merge.model, flat_merge.fits["root"]
     for fan_in in (2, 3):
         tree = supermerge(toy.module, toy.base_state, toy.experts, toy.tasks(), hierarchical=True,
                           fan_in=fan_in, **OPTIONS)

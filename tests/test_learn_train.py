@@ -23,6 +23,10 @@ from test_learn_toys import (
     two_task_toy,
 )
 
+PAPER = {"objective": "labels", "basis": "task_vectors", "steps": 200, "lr": 1e-2,
+         "batch_size": 16}
+"""SuperMerge as its paper configures it (the library's defaults before distillation)."""
+
 
 def test_supermerge_reaches_task_arithmetic_with_the_best_lambda() -> None:
     toy = two_task_toy()
@@ -35,7 +39,8 @@ def test_supermerge_reaches_task_arithmetic_with_the_best_lambda() -> None:
         )
         for lam in grid
     )
-    result = supermerge(toy.module, toy.base_state, toy.experts, toy.tasks(), head_prefix="head.")
+    result = supermerge(toy.module, toy.base_state, toy.experts, toy.tasks(), head_prefix="head.",
+                        **PAPER)
     assert mean_accuracy(result.model, toy) >= arithmetic
 
 
@@ -46,6 +51,7 @@ def test_a_harmful_expert_gets_a_near_zero_weight_where_adamerging_cannot_subtra
     harm = {k: base[k] - 2 * sum(e[k] - base[k] for e in toy.experts.values()) for k in base}
     experts = {**toy.experts, "harm": harm}
     options = {"head_prefix": "head.", "granularity": "task", "steps": 150}
+    paper = {k: v for k, v in PAPER.items() if k != "steps"}
     without, with_harm = (
         MergedModel.from_experts(toy.module, base, pool, head_prefix="head.",
                                  granularity="task", coefficient_map="identity")
@@ -53,7 +59,7 @@ def test_a_harmful_expert_gets_a_near_zero_weight_where_adamerging_cannot_subtra
     )
     for task, data in toy.test.items():  # at lambda 0.3 it hurts every task
         assert accuracy(with_harm, task, data) < accuracy(without, task, data) - 0.2
-    learned = supermerge(toy.module, base, experts, toy.tasks(), **options)
+    learned = supermerge(toy.module, base, experts, toy.tasks(), **options, **paper)
     adaptive = adamerging(toy.module, base, experts, toy.tasks(), lr=1e-2, **options)
     assert learned.fits["root"].coefficients[2, 0].item() < 0.05
     assert adaptive.fits["root"].coefficients.min() >= 0  # the clamp cannot subtract

@@ -66,11 +66,11 @@ def attach_teachers(
 
     Task t's teacher is the expert named t, run with t's head: its logits and (with
     ``hidden``) its blocks' states, kept in float32 on the CPU (for a language model the
-    logits of every position: examples x tokens x vocabulary floats). Raises
-    LearnError if a task has no expert of its name, or ``hidden`` is asked of a module with
-    no numbered blocks. Costs one forward pass of each expert over its task's examples and
-    one expert weight set resident at a time; the states take examples x tokens x width x
-    blocks floats per task.
+    logits of every position: examples x tokens x vocabulary floats). Raises LearnError
+    if a task has no expert of its name; a module with no numbered blocks gets no states
+    (logged), so the objective matches the predictions only. Costs one forward pass of
+    each expert over its task's examples and one expert weight set resident at a time; the
+    states take examples x tokens x width x blocks floats per task.
     """
     orphans = [t.name for t in tasks if t.name not in experts]
     if orphans:
@@ -80,11 +80,9 @@ def attach_teachers(
             fix="name each task like the expert fine-tuned on it, or use objective: labels",
         )
     if hidden and not block_modules(module):
-        raise LearnError(
-            f"{type(module).__name__} has no numbered blocks (layers.N, layer.N, h.N, "
-            "blocks.N, block.N) whose states distillation could match",
-            fix="set feature_weight: 0 to distil the predictions only",
-        )
+        log.warning("%s has no numbered blocks (layers.N, layer.N, h.N, blocks.N, block.N): "
+                    "distillation matches the experts' predictions only", type(module).__name__)
+        hidden = False
     taught = []
     for task in tasks:
         expert = experts[task.name]

@@ -187,14 +187,14 @@ def merge_tree(
     fit.
     """
     names, all_heads = prepare_experts(module, base_state, experts, head_prefix, heads)
+    flat = fan_in is None or fan_in >= len(experts)
+    if not flat:
+        _check_owners(experts, tasks)
     fit_options = dict(fit_options or {})
     objective = fit_options["objective"] = as_objective(fit_options.get("objective", "labels"))
     if objective.needs_teacher:
         tasks = attach_teachers(module, experts, names, all_heads, tasks,
                                 hidden=objective.needs_hidden)
-    flat = fan_in is None or fan_in >= len(experts)
-    if not flat:
-        _check_owners(experts, tasks)
     task_names = {t.name for t in tasks}
     nodes = [MergeNode(name, [name] if name in task_names else []) for name in experts]
     sources: dict[str, State] = dict(experts)

@@ -97,17 +97,19 @@ def kl_to_teacher(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 def feature_distance(hidden: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
                      mask: torch.Tensor | None) -> torch.Tensor:
-    """Return the mean over blocks of ``||h - h_expert||^2 / ||h_expert||^2`` summed over the
-    real tokens (``mask`` ``[B, T]``; states ``[B, T, H]`` or ``[B, H]``)."""
-    distances = []
+    """Return the mean over blocks and examples of ``||h - h_expert||^2 / ||h_expert||^2``,
+    each example summed over its real tokens (``mask`` ``[B, T]``; states ``[B, T, H]`` or
+    ``[B, H]``). A mean over examples, so shards of a batch average to the whole batch's."""
+    distances = [torch.zeros(())]  # a module without numbered blocks: nothing to match
     for student, target in zip(hidden, teacher, strict=True):
         student, target = wide_float(student), wide_float(target)
         weight = (mask.to(student.dtype).unsqueeze(-1) if mask is not None and student.dim() == 3
                   else torch.ones((), dtype=student.dtype))
-        error = ((student - target).square() * weight).sum()
-        scale = (target.square() * weight).sum().clamp_min(torch.finfo(student.dtype).tiny)
-        distances.append(error / scale)
-    return torch.stack(distances).mean()
+        dims = tuple(range(1, student.dim()))
+        error = ((student - target).square() * weight).sum(dims)
+        scale = (target.square() * weight).sum(dims).clamp_min(torch.finfo(student.dtype).tiny)
+        distances.append((error / scale).mean())
+    return torch.stack(distances[1:]).mean() if len(distances) > 1 else distances[0]
 
 
 @dataclass(frozen=True)
