@@ -94,3 +94,20 @@ def test_exact_fisher_is_refused_for_language_models_before_loading(lm_setup, tm
     result = CliRunner().invoke(cli, ["learn", str(path), "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and "labels: sampled" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_prompts_that_fill_max_length_leave_nothing_to_score_and_stop_training(lm_setup,
+                                                                                tmp_path):
+    root, recipe = lm_setup
+    (root / "long.jsonl").write_text("\n".join(
+        json.dumps({"input": " ".join(WORDS[:8]), "label": " cat"}) for _ in range(8)))
+    experts = [{**e, "data": "long.jsonl"} for e in recipe["experts"]]
+    path = root / "short.yaml"
+    path.write_text(yaml.safe_dump({**recipe, "merge_method": "supermerge", "max_length": 4,
+                                    "experts": experts,
+                                    "parameters": {"steps": 2, "objective": "labels"}}))
+    out = tmp_path / "o"
+    result = CliRunner().invoke(cli, ["learn", str(path), "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "loss of task" in result.output and "max_length" in result.output
+    assert not out.exists()
