@@ -175,3 +175,14 @@ def test_patience_stops_early_and_keeps_the_best_step(setup) -> None:
     assert last < 200 and calls[-1][:2] == (200, 200)
     best = min(fit.history, key=lambda e: e.heldout_loss)
     assert fit.best_step == best.step and last - best.step == 2
+
+
+def test_reg_pulls_the_coefficients_toward_their_start(setup) -> None:
+    module, base, experts, heads, tasks = setup
+    drift = {}
+    for reg in (0.0, 100.0):
+        model = MergedModel.from_experts(module, base, experts, heads=heads)
+        start = model.coefficients().detach().clone()
+        learn_coefficients(model, tasks, steps=15, eval_every=15, lr=0.1, holdout=0, reg=reg)
+        drift[reg] = (model.coefficients() - start).abs().max().item()
+    assert drift[100.0] < 0.2 * drift[0.0]
