@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from supermerge.learn.data import Task
-from supermerge.learn.errors import LearnError
-from supermerge.learn.model import Head, run_with_head, wide_float
+from supermerge.learn.model import Head, check_task_experts, run_with_head, wide_float
 from supermerge.learn.objectives import logits_of
 from supermerge.names import block_of
 
@@ -72,13 +71,9 @@ def attach_teachers(
     each expert over its task's examples and one expert weight set resident at a time; the
     states take examples x tokens x width x blocks floats per task.
     """
-    orphans = [t.name for t in tasks if t.name not in experts]
-    if orphans:
-        raise LearnError(
-            f"distillation learns each task from the expert of the same name, but no expert "
-            f"is named like task(s) {orphans}",
-            fix="name each task like the expert fine-tuned on it, or use objective: labels",
-        )
+    check_task_experts(
+        experts, tasks, "distillation learns each task from the expert of the same name",
+        fix="name each task like the expert fine-tuned on it, or use objective: labels")
     if hidden and not block_modules(module):
         log.warning("%s has no numbered blocks (layers.N, layer.N, h.N, blocks.N, block.N): "
                     "distillation matches the experts' predictions only", type(module).__name__)

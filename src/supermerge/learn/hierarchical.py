@@ -36,6 +36,7 @@ from supermerge.learn.model import (
     Head,
     MergedModel,
     TaskVectors,
+    check_task_experts,
     prepare_experts,
     wide_float,
 )
@@ -252,13 +253,9 @@ def merge_tree(
 
 
 def _check_owners(experts: Mapping[str, State], tasks: Sequence[Task]) -> None:
-    orphans = [t.name for t in tasks if t.name not in experts]
-    if orphans:
-        raise LearnError(
-            f"hierarchical merging learns each node on the tasks of the experts below it, "
-            f"but no expert is named like task(s) {orphans}",
-            fix="name each task like the expert fine-tuned on it",
-        )
+    check_task_experts(
+        experts, tasks, "hierarchical merging learns each node on the tasks of the experts "
+        "below it", fix="name each task like the expert fine-tuned on it")
     idle = [name for name in experts if name not in {t.name for t in tasks}]
     if idle:
         raise LearnError(

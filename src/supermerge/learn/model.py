@@ -187,6 +187,14 @@ def prepare_experts(
     return list(reference), dict(heads or {})
 
 
+def check_task_experts(experts: Mapping[str, object], tasks: Sequence[Any], purpose: str,
+                       fix: str) -> None:
+    """Raise LearnError, saying ``purpose``, unless every task has an expert of its name."""
+    orphans = [t.name for t in tasks if t.name not in experts]
+    if orphans:
+        raise LearnError(f"{purpose}, but no expert is named like task(s) {orphans}", fix=fix)
+
+
 def expert_heads(
     experts: Mapping[str, Mapping[str, torch.Tensor]], head_prefix: str,
 ) -> dict[str, dict[str, torch.Tensor]]:
