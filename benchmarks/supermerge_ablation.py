@@ -74,6 +74,7 @@ def main() -> None:
         row["wall_s"], row["cpu_s"] = time.perf_counter() - started, cpu_seconds() - cpu
         rows[name] = row
         print(f"{name}: normalised {row['normalized']:.4f}, average {row['average']:.4f}, "
+              f"held-out {row.get('objective')} loss {row.get('heldout_loss')}, "
               f"merge {row['seconds']:.0f} s, peak {row['peak_rss_mib']:.0f} MiB, "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
         if args.json:

@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
+
+from supermerge.learn import Task, TaskData
 
 SHAPES = {
     "model.embed_tokens.weight": (16, 8),
@@ -57,3 +60,41 @@ def recipe(method: str, base_path, expert_paths, parameters=None, models=None, *
         "parameters": parameters or {},
         **extra,
     }
+
+
+def tiny_encoder(seed: int = 0) -> nn.Module:
+    """A 2-block BERT whose output is its mean-pooled states, as the benchmark's encoders."""
+    import transformers
+
+    from supermerge.eval.model import MeanPooledEncoder
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=16)
+    return MeanPooledEncoder(transformers.BertModel(config)).eval()
+
+
+def inputs(n: int, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 40, (n, 7), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[: n // 2, 5:] = 0  # padding in half of the examples
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_tasks():
+    """A base encoder, two experts (perturbed copies) and a 3-class head per task."""
+    module = tiny_encoder()
+    base = {k: v.clone() for k, v in module.state_dict().items()}
+    experts, heads, tasks = {}, {}, []
+    for index, name in enumerate(["a", "b"]):
+        generator = torch.Generator().manual_seed(10 + index)
+        experts[name] = {k: v + 0.05 * torch.randn(v.shape, generator=generator)
+                         if v.is_floating_point() else v for k, v in base.items()}
+        torch.manual_seed(20 + index)
+        heads[name] = nn.Linear(16, 3)
+        data = inputs(12, index)
+        tasks.append(Task(name, TaskData(data, torch.randint(0, 3, (12,)), f"{name}.jsonl")))
+    return module, base, experts, heads, tasks

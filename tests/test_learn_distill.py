@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import inputs
 from supermerge.learn import LearnError, MergedModel, Task, TaskData, learn_coefficients
 from supermerge.learn.bases import tsv_basis
 from supermerge.learn.distill import attach_teachers, block_modules, captured_blocks
@@ -24,44 +25,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_encoder(seed: int = 0) -> nn.Module:
-    """A 2-block BERT whose output is its mean-pooled states, as the benchmark's encoders."""
-    from supermerge.eval.model import MeanPooledEncoder
-
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=32,
-                                     max_position_embeddings=16)
-    return MeanPooledEncoder(transformers.BertModel(config)).eval()
-
-
-def inputs(n: int, seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 40, (n, 7), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[: n // 2, 5:] = 0  # padding in half of the examples
-    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
-
-
-@pytest.fixture(scope="module")
-def setup():
-    """A base encoder, two experts (perturbed copies) and a 3-class head per task."""
-    module = tiny_encoder()
-    base = {k: v.clone() for k, v in module.state_dict().items()}
-    experts, heads, tasks = {}, {}, []
-    for index, name in enumerate(["a", "b"]):
-        generator = torch.Generator().manual_seed(10 + index)
-        experts[name] = {k: v + 0.05 * torch.randn(v.shape, generator=generator)
-                         if v.is_floating_point() else v for k, v in base.items()}
-        torch.manual_seed(20 + index)
-        heads[name] = nn.Linear(16, 3)
-        data = inputs(12, index)
-        tasks.append(Task(name, TaskData(data, torch.randint(0, 3, (12,)), f"{name}.jsonl")))
-    return module, base, experts, heads, tasks
-
-
-def test_block_modules_and_capture_find_every_bert_layer(setup) -> None:
-    module = setup[0]
+def test_block_modules_and_capture_find_every_bert_layer(tiny_bert_tasks) -> None:
+    module = tiny_bert_tasks[0]
     assert len(block_modules(module)) == 2
     with captured_blocks(module) as states:
         module(**inputs(3, 0))
@@ -92,8 +57,8 @@ def test_kl_to_teacher_by_hand() -> None:
     assert kl_to_teacher(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
 
 
-def test_distilling_an_expert_from_itself_costs_nothing(setup) -> None:
-    module, base, experts, heads, tasks = setup
+def test_distilling_an_expert_from_itself_costs_nothing(tiny_bert_tasks) -> None:
+    module, base, experts, heads, tasks = tiny_bert_tasks
     names = [n for n in base if base[n].is_floating_point()]
     taught = attach_teachers(module, {"a": experts["a"]}, names, heads, tasks[:1])
     model = MergedModel.from_experts(module, base, {"a": experts["a"]}, heads={"a": heads["a"]},
@@ -109,8 +74,8 @@ def test_distilling_an_expert_from_itself_costs_nothing(setup) -> None:
     assert objective(output, batch, "classification", states).item() > 1e-4
 
 
-def test_tsv_basis_at_a_uniform_coefficient_is_tsv_m(setup) -> None:
-    module, base, experts, heads, _ = setup
+def test_tsv_basis_at_a_uniform_coefficient_is_tsv_m(tiny_bert_tasks) -> None:
+    module, base, experts, heads, _ = tiny_bert_tasks
     model = MergedModel.from_experts(module, base, experts, heads=heads, init=0.6,
                                      prepare=tsv_basis)
     merged = model.merged_state_dict()
@@ -123,8 +88,8 @@ def test_tsv_basis_at_a_uniform_coefficient_is_tsv_m(setup) -> None:
         torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_distilled_tsv_supermerge_lowers_the_held_out_distance(setup) -> None:
-    module, base, experts, heads, tasks = setup
+def test_distilled_tsv_supermerge_lowers_the_held_out_distance(tiny_bert_tasks) -> None:
+    module, base, experts, heads, tasks = tiny_bert_tasks
     result = supermerge(module, base, experts, tasks, heads=heads, objective="distill",
                         basis="tsv", steps=20, eval_every=5, lr=0.05)
     fit = result.fits["root"]
@@ -133,8 +98,8 @@ def test_distilled_tsv_supermerge_lowers_the_held_out_distance(setup) -> None:
     assert fit.heldout_accuracy is not None
 
 
-def test_distill_needs_no_labels_but_an_expert_per_task(setup) -> None:
-    module, base, experts, heads, tasks = setup
+def test_distill_needs_no_labels_but_an_expert_per_task(tiny_bert_tasks) -> None:
+    module, base, experts, heads, tasks = tiny_bert_tasks
     unlabelled = [Task(t.name, TaskData(t.data.inputs, None, t.data.source)) for t in tasks]
     result = adamerging(module, base, experts, unlabelled, heads=heads, objective="distill",
                         steps=2, eval_every=1)
@@ -145,8 +110,9 @@ def test_distill_needs_no_labels_but_an_expert_per_task(setup) -> None:
                    objective="distill", steps=2)
 
 
-def test_hierarchical_distillation_learns_every_node_from_the_original_experts(setup) -> None:
-    module, base, experts, heads, tasks = setup
+def test_hierarchical_distillation_learns_every_node_from_the_original_experts(
+        tiny_bert_tasks) -> None:
+    module, base, experts, heads, tasks = tiny_bert_tasks
     three = {**experts, "c": {k: v * 1.01 if v.is_floating_point() else v
                               for k, v in experts["a"].items()}}
     torch.manual_seed(3)
@@ -157,16 +123,16 @@ def test_hierarchical_distillation_learns_every_node_from_the_original_experts(s
     assert len(result.fits) == 2 and all(f.objective == "distill" for f in result.fits.values())
 
 
-def test_a_non_finite_loss_stops_training_and_names_the_task(setup) -> None:
-    module, base, experts, heads, tasks = setup
+def test_a_non_finite_loss_stops_training_and_names_the_task(tiny_bert_tasks) -> None:
+    module, base, experts, heads, tasks = tiny_bert_tasks
     huge = {k: v * 1e30 if v.is_floating_point() else v for k, v in experts["b"].items()}
     model = MergedModel.from_experts(module, base, {"a": experts["a"], "b": huge}, heads=heads)
     with pytest.raises(LearnError, match="loss of task 'a' is (nan|inf)"):
         learn_coefficients(model, tasks, steps=2)
 
 
-def test_patience_stops_early_and_keeps_the_best_step(setup) -> None:
-    module, base, experts, heads, tasks = setup
+def test_patience_stops_early_and_keeps_the_best_step(tiny_bert_tasks) -> None:
+    module, base, experts, heads, tasks = tiny_bert_tasks
     model = MergedModel.from_experts(module, base, experts, heads=heads)
     calls = []
     fit = learn_coefficients(model, tasks, steps=200, eval_every=1, lr=5.0, patience=2,
@@ -177,8 +143,8 @@ def test_patience_stops_early_and_keeps_the_best_step(setup) -> None:
     assert fit.best_step == best.step and last - best.step == 2
 
 
-def test_reg_pulls_the_coefficients_toward_their_start(setup) -> None:
-    module, base, experts, heads, tasks = setup
+def test_reg_pulls_the_coefficients_toward_their_start(tiny_bert_tasks) -> None:
+    module, base, experts, heads, tasks = tiny_bert_tasks
     drift = {}
     for reg in (0.0, 100.0):
         model = MergedModel.from_experts(module, base, experts, heads=heads)

@@ -362,6 +362,7 @@ class _Bench:
             experts = {n: CheckpointState(stack.enter_context(open_checkpoint(e.path)))
                        for n, e in self.experts.items()}
             started = time.perf_counter()
+            extra: dict[str, Any] = {}
             if method in CLOSED_FORM:
                 with PeakRSS() as memory:
                     state = run(module, experts, data, heads=self.heads, **params,
@@ -372,6 +373,8 @@ class _Bench:
                              progress=lambda s, t, _loss: progress(f"learn {name}", s, t),
                              **params)
                 state, peak = result.model.merged_state_dict(), result.peak_rss
+                fit = result.fits["root"]
+                extra = {"heldout_loss": fit.heldout_loss, "objective": fit.objective}
             seconds = time.perf_counter() - started
         if self.config.keep_models:
             written = {"method": method, "overwrite": True, "model_dir": self.base,
@@ -388,4 +391,4 @@ class _Bench:
         changed = {k: [v, getattr(defaults, k)] for k, v in params.items()
                    if v != getattr(defaults, k)}
         return self.entry(report, needs=needs, seconds=seconds, params=params,
-                          non_default=changed, peak_rss_mib=peak / 2**20)
+                          non_default=changed, peak_rss_mib=peak / 2**20, **extra)

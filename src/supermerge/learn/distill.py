@@ -18,16 +18,29 @@ import torch
 from torch import nn
 
 from supermerge.learn.data import Task
-from supermerge.learn.model import Head, check_task_experts, run_with_head, wide_float
+from supermerge.learn.model import (
+    Head,
+    check_task_experts,
+    eval_mode,
+    run_with_head,
+    wide_float,
+)
 from supermerge.learn.objectives import logits_of
 from supermerge.names import block_of
 
 log = logging.getLogger(__name__)
 
 
+def named_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Return the module's numbered transformer blocks with their names, in order of
+    definition."""
+    return [(name, m) for name, m in module.named_modules()
+            if name and block_of(name + ".") == name]
+
+
 def block_modules(module: nn.Module) -> list[nn.Module]:
     """Return the module's numbered transformer blocks, in order of definition."""
-    return [m for name, m in module.named_modules() if name and block_of(name + ".") == name]
+    return [m for _, m in named_blocks(module)]
 
 
 @contextmanager
@@ -78,19 +91,22 @@ def attach_teachers(
         log.warning("%s has no numbered blocks (layers.N, layer.N, h.N, blocks.N, block.N): "
                     "distillation matches the experts' predictions only", type(module).__name__)
         hidden = False
-    taught = []
-    for task in tasks:
-        expert = experts[task.name]
-        weights = {name: expert[name] for name in names}
-        outputs: list[list[torch.Tensor]] = []
-        for start in range(0, len(task.data), batch_size):
-            batch = task.data.select(torch.arange(start, min(start + batch_size, len(task.data))))
-            args, kwargs = batch.call_args()
-            with captured_blocks(module, hidden) as states:
-                output = run_with_head(module, weights, heads.get(task.name), args, kwargs)
-            outputs.append([wide_float(logits_of(output)), *(wide_float(s) for s in states)])
-        teacher = tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
-        taught.append(replace(task, data=replace(task.data, teacher=teacher)))
-        del weights
-        log.info("cached the outputs of expert %r on %d examples", task.name, len(task.data))
-    return taught
+    with eval_mode(module):
+        return [_taught(module, experts[task.name], names, heads.get(task.name), task, hidden,
+                        batch_size) for task in tasks]
+
+
+def _taught(module: nn.Module, expert: Mapping[str, torch.Tensor], names: Sequence[str],
+            head: Head | None, task: Task, hidden: bool, batch_size: int) -> Task:
+    """Return ``task`` with its expert's outputs attached (see :func:`attach_teachers`)."""
+    weights = {name: expert[name] for name in names}
+    outputs: list[list[torch.Tensor]] = []
+    for start in range(0, len(task.data), batch_size):
+        batch = task.data.select(torch.arange(start, min(start + batch_size, len(task.data))))
+        args, kwargs = batch.call_args()
+        with captured_blocks(module, hidden) as states:
+            output = run_with_head(module, weights, head, args, kwargs)
+        outputs.append([wide_float(logits_of(output)), *(wide_float(s) for s in states)])
+    teacher = tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+    log.info("cached the outputs of expert %r on %d examples", task.name, len(task.data))
+    return replace(task, data=replace(task.data, teacher=teacher))

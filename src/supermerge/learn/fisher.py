@@ -17,7 +17,7 @@ from torch import nn
 
 from supermerge.learn.data import IGNORE_INDEX, Task, TaskData
 from supermerge.learn.errors import LearnError
-from supermerge.learn.model import Head, wide_float
+from supermerge.learn.model import Head, eval_mode, wide_float
 from supermerge.learn.statistics import (
     DEFAULT_EXAMPLES,
     ExampleCounter,
@@ -25,7 +25,6 @@ from supermerge.learn.statistics import (
     State,
     Weights,
     attention_mask_of,
-    eval_mode,
     expert_weights,
     finish_state,
     prepare_pairs,

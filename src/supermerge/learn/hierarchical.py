@@ -30,6 +30,7 @@ from supermerge.io import open_checkpoint
 from supermerge.learn.data import Task
 from supermerge.learn.distill import attach_teachers
 from supermerge.learn.errors import LearnError
+from supermerge.learn.layerwise import learn_layerwise
 from supermerge.learn.memory import PeakRSS
 from supermerge.learn.model import (
     CheckpointState,
@@ -192,6 +193,7 @@ def merge_tree(
     if not flat:
         _check_owners(experts, tasks)
     fit_options = dict(fit_options or {})
+    fit = learn_layerwise if fit_options.pop("layerwise", False) else learn_coefficients
     objective = fit_options["objective"] = as_objective(fit_options.get("objective", "labels"))
     if objective.needs_teacher:
         tasks = attach_teachers(module, experts, names, all_heads, tasks,
@@ -213,11 +215,9 @@ def merge_tree(
                 heads={t.name: all_heads[t.name] for t in node_tasks if t.name in all_heads},
                 **dict(model_options or {}),
             )
-            fit = learn_coefficients(
-                model, node_tasks, progress=counter.callback(), **fit_options
-            )
+            result = fit(model, node_tasks, progress=counter.callback(), **fit_options)
         log.info("learned node %s over %s", name, ", ".join(c.name for c in group))
-        node = MergeNode(name, [t.name for t in node_tasks], group, fit, level, rss.peak)
+        node = MergeNode(name, [t.name for t in node_tasks], group, result, level, rss.peak)
         return node, model
 
     with PeakRSS() as total, ExitStack() as stack:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import partial
 from itertools import chain
 from typing import Any, Literal
@@ -47,6 +48,18 @@ _MAPS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[float],
     "clamp": (lambda w: w.clamp(0.0, 1.0), float),
     "identity": (lambda w: w, float),
 }
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run with dropout off; restores every submodule's training flag as it was."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
 
 
 def wide_float(t: torch.Tensor) -> torch.Tensor:
@@ -442,18 +455,32 @@ class MergedModel(nn.Module):
         """Overwrite W (K x J) in place, e.g. with the best W found while training."""
         self.weight.copy_(raw)
 
-    # -- forward ------------------------------------------------------------------------
-    def merged_parameters(self) -> dict[str, torch.Tensor]:
-        """Return the merged tensors (differentiable w.r.t. W): one full weight set.
+    def groups_of(self, names: Sequence[str]) -> list[int]:
+        """Return the indices of W's columns (groups) that the tensors ``names`` use."""
+        index = {name: i for i, name in enumerate(self.names)}
+        columns: set[int] = set()
+        for name in names:
+            group = self._group_of[index[name]]
+            columns.update(range(group.start, group.stop) if isinstance(group, slice)
+                           else (group,))
+        return sorted(columns)
 
-        Costs one read of every stacked task vector (a K-row matrix-vector product per
-        tensor).
+    # -- forward ------------------------------------------------------------------------
+    def merged_parameters(self, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Return the merged tensors (differentiable w.r.t. W): one full weight set, or
+        only the tensors in ``names``.
+
+        Costs one read of every stacked task vector it merges (a K-row matrix-vector
+        product per tensor).
         """
         coefficients = self.coefficients()
+        wanted = None if names is None else set(names)
         merged = {}
         for name, base, vectors, group in zip(
             self.names, self._base, self._vectors, self._group_of, strict=True
         ):
+            if wanted is not None and name not in wanted:
+                continue
             c = coefficients[:, group].to(vectors.dtype)
             if isinstance(group, slice):  # a coefficient per row: K row-scaled additions
                 rows = c.shape[1]

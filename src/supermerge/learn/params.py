@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from supermerge.errors import MethodError
 from supermerge.learn.bases import PREPARE, Basis
@@ -107,8 +107,24 @@ class SuperMergeParams(LearnParams):
         "paper), or per matrix each task's part of the TSV-M merge (starts from TSV-M)",
     )
 
+    layerwise: bool = Field(
+        False, description="fit one transformer block at a time to the experts' block "
+        "states on cached inputs (ProDistill's schedule; needs objective distill with "
+        "feature_weight > 0); steps then count per block",
+    )
+
+    @model_validator(mode="after")
+    def _layerwise_distils(self) -> SuperMergeParams:
+        if self.layerwise and (self.objective != "distill" or self.feature_weight <= 0):
+            raise ValueError("layerwise fits the experts' block states: it needs objective "
+                             "distill with feature_weight > 0")
+        return self
+
     def model_options(self) -> dict[str, Any]:
         return {**super().model_options(), "prepare": PREPARE[self.basis]}
+
+    def fit_options(self) -> dict[str, Any]:
+        return {**super().fit_options(), "layerwise": self.layerwise}
 
     hierarchical: bool = Field(
         False, description="merge groups of similar experts first, level by level, to bound "

@@ -14,7 +14,7 @@ from torch import nn
 
 from supermerge.learn.data import Task
 from supermerge.learn.errors import LearnError
-from supermerge.learn.model import Head, wide_float
+from supermerge.learn.model import Head, eval_mode, wide_float
 from supermerge.learn.statistics import (
     BATCH,
     DEFAULT_EXAMPLES,
@@ -22,7 +22,6 @@ from supermerge.learn.statistics import (
     Progress,
     State,
     attention_mask_of,
-    eval_mode,
     finish_state,
     prepare_pairs,
     run_logits,

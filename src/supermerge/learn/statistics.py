@@ -20,7 +20,6 @@ examples over all experts.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -98,17 +97,6 @@ def expert_weights(weights: Weights | None, names: list[str]) -> dict[str, float
     if any(not v > 0 for v in values.values()):
         raise LearnError("expert weights must be positive", fix="use weights > 0")
     return values
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Run with dropout off; restores the module's training flag."""
-    training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(training)
 
 
 class ExampleCounter:

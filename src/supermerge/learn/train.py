@@ -26,7 +26,7 @@ import torch
 from supermerge.learn.data import IGNORE_INDEX, Task, TaskData
 from supermerge.learn.distill import captured_blocks
 from supermerge.learn.errors import LearnError
-from supermerge.learn.model import MergedModel
+from supermerge.learn.model import MergedModel, eval_mode
 from supermerge.learn.objectives import LabelLoss, Objective, as_objective, logits_of
 
 log = logging.getLogger(__name__)
@@ -115,12 +115,22 @@ def learn_coefficients(
     check_tasks(model, tasks, needs_labels=objective_fn.needs_labels,
                 needs_teacher=objective_fn.needs_teacher)
     generator = torch.Generator().manual_seed(seed)
-    splits = [_split(task.data, holdout, generator) for task in tasks]
-    batches = [_batches(len(train), batch_size, generator) for train, _ in splits]
+    splits = [split_heldout(task.data, holdout, generator) for task in tasks]
+    batches = [endless_batches(len(train), batch_size, generator) for train, _ in splits]
+    with eval_mode(model):
+        return _fit(model, tasks, splits, batches, objective_fn, steps=steps, lr=lr,
+                    eval_every=eval_every, progress=progress, parallel=parallel,
+                    stream_gradients=stream_gradients, reg=reg, patience=patience)
+
+
+def _fit(model: MergedModel, tasks: Sequence[Task],
+         splits: Sequence[tuple[TaskData, TaskData | None]],
+         batches: Sequence[Iterator[torch.Tensor]], objective_fn: Objective, *, steps: int,
+         lr: float, eval_every: int, progress: Progress | None,
+         parallel: DataParallel | None, stream_gradients: bool, reg: float, patience: int,
+         ) -> LearnResult:
     optimizer = torch.optim.Adam([model.weight], lr=lr)
-    was_training = model.training
-    model.eval()
-    history = [_evaluate(model, tasks, splits, objective_fn, 0, parallel)]
+    history = [evaluate(model, tasks, splits, objective_fn, 0, parallel)]
     best, best_raw = history[0], model.weight.detach().clone()
     start = model.coefficients().detach().clone()
     stale = 0  # evaluations since the best one
@@ -134,7 +144,7 @@ def learn_coefficients(
         if progress is not None:
             progress(step, steps, loss)
         if step % eval_every == 0 or step == steps:
-            history.append(_evaluate(model, tasks, splits, objective_fn, step, parallel))
+            history.append(evaluate(model, tasks, splits, objective_fn, step, parallel))
             if _score(history[-1]) < _score(best):
                 best, best_raw, stale = history[-1], model.weight.detach().clone(), 0
             else:
@@ -146,7 +156,6 @@ def learn_coefficients(
                     progress(steps, steps, loss)  # this fit is done
                 break
     model.set_weight(best_raw)
-    model.train(was_training)
     log.info(
         "learned %s coefficients (%s): best step %d, train loss %.4f, held-out loss %s, "
         "held-out accuracy %s", "x".join(map(str, best_raw.shape)), objective_fn.name,
@@ -215,9 +224,11 @@ def check_tasks(model: MergedModel, tasks: Sequence[Task], *, needs_labels: bool
             )
 
 
-def _split(
+def split_heldout(
     data: TaskData, holdout: float, generator: torch.Generator
 ) -> tuple[TaskData, TaskData | None]:
+    """Return (training part, held-out part or None) of ``data``: a ``holdout`` share of
+    its examples, drawn with ``generator``, is held out unless that leaves a part empty."""
     order = torch.randperm(len(data), generator=generator)
     held = int(len(data) * holdout)
     if held == 0 or held == len(data):
@@ -225,7 +236,8 @@ def _split(
     return data.select(order[held:]), data.select(order[:held])
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+def endless_batches(n: int, batch_size: int, generator: torch.Generator
+                    ) -> Iterator[torch.Tensor]:
     """Endless batches of indices below ``n``: a fresh permutation each epoch."""
     while True:
         order = torch.randperm(n, generator=generator)
@@ -318,9 +330,11 @@ def _loss(model: MergedModel, tasks: Sequence[Task], data: Sequence[TaskData | N
 
 
 @torch.no_grad()
-def _evaluate(model: MergedModel, tasks: Sequence[Task],
+def evaluate(model: MergedModel, tasks: Sequence[Task],
               splits: Sequence[tuple[TaskData, TaskData | None]], objective: Objective,
               step: int, parallel: DataParallel | None = None) -> Evaluation:
+    """Return the objective's losses on the training and held-out parts at ``step`` (and
+    the held-out accuracy). Costs one merge and a forward pass over every example."""
     weights = model.merged_parameters()
     train, _ = _loss(model, tasks, [t for t, _ in splits], objective, weights, parallel)
     heldout = accuracy = None
