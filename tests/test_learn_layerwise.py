@@ -39,7 +39,8 @@ def test_a_block_replayed_on_its_captured_inputs_gives_the_full_pass_state(tiny_
     with torch.no_grad(), captured_blocks(module) as states:
         model(**tasks[0].data.inputs, task="a", weights=weights)
     for position, (prefix, block) in enumerate(named_blocks(module)):
-        args, kwargs = block_inputs(model, tasks[0], tasks[0].data, block, weights)
+        captured = block_inputs(model, tasks[0], tasks[0].data, block, weights)
+        args, kwargs = captured.args, captured.kwargs
         local = {n[len(prefix) + 1:]: t for n, t in weights.items() if n.startswith(prefix + ".")}
         with torch.no_grad():
             output = functional_call(block, local, args, kwargs)
@@ -83,7 +84,7 @@ def test_progress_counts_every_block_step(tiny_bert_tasks) -> None:
     module, base, experts, heads, tasks = tiny_bert_tasks
     calls = []
     supermerge(module, base, experts, tasks, heads=heads, layerwise=True, steps=3,
-               progress=lambda *a: calls.append(a[:2]))
+               select="off", progress=lambda *a: calls.append(a[:2]))
     assert calls == [(step, 6) for step in range(1, 7)]
 
 
@@ -111,3 +112,44 @@ def test_a_module_without_blocks_is_refused() -> None:
     task = Task("a", TaskData(torch.randn(8, 4), None, "a.jsonl"))
     with pytest.raises(LearnError, match="no numbered blocks"):
         supermerge(mlp, base, {"a": expert}, [task], layerwise=True, steps=1)
+
+
+def test_configurations_keep_what_the_user_set() -> None:
+    from supermerge.learn.params import SUPERMERGE
+
+    def labels(**params):
+        return list(SUPERMERGE.validate(params).configurations())
+
+    assert labels() == ["basis tsv, end to end, granularity tensor",
+                        "basis task_vectors, layerwise, granularity row"]
+    # the paper's configuration pins both options: one fit, nothing to choose
+    assert labels(objective="labels", basis="task_vectors") == [
+        "basis task_vectors, end to end, granularity tensor"]
+    # layerwise needs distillation: dropped with labels
+    assert labels(objective="labels") == ["basis tsv, end to end, granularity tensor"]
+    assert labels(basis="tsv") == ["basis tsv, end to end, granularity tensor",
+                                   "basis tsv, layerwise, granularity row"]
+    assert labels(select="off") == ["basis tsv, end to end, granularity tensor"]
+
+
+def test_selection_keeps_the_lowest_held_out_prediction_loss(tiny_bert_tasks) -> None:
+    from supermerge.learn.objectives import make_objective
+    from supermerge.learn.train import prediction_loss
+
+    module, base, experts, heads, tasks = tiny_bert_tasks
+    calls = []
+    merge = supermerge(module, base, experts, tasks, heads=heads, steps=6, eval_every=3,
+                       progress=lambda *a: calls.append(a[:2]))
+    assert len(merge.selection) == 2 and merge.chosen in merge.selection
+    assert merge.selection[merge.chosen] == min(merge.selection.values())
+    assert calls[-1] == (2000, 2000) and calls == sorted(calls)
+    # the reported loss is the kept model's: predictions only, on the held-out part
+    taught_tasks = taught(tiny_bert_tasks)
+    kl_only = make_objective("distill", feature_weight=0.0)
+    loss = prediction_loss(merge.model, taught_tasks, kl_only, holdout=0.25, seed=0)
+    assert loss == pytest.approx(merge.selection[merge.chosen], rel=1e-6)
+    with_states = prediction_loss(merge.model, taught_tasks, make_objective("distill"),
+                                  holdout=0.25, seed=0)
+    assert with_states == pytest.approx(loss, rel=1e-6)  # the state term is dropped
+    single = supermerge(module, base, experts, tasks, heads=heads, steps=2, select="off")
+    assert single.selection == {} and single.chosen == "basis tsv, end to end, granularity tensor"

@@ -187,6 +187,9 @@ def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int,
                         else f", held-out accuracy {fit.heldout_accuracy:.3f}")
             click.echo(f"{node}: kept step {fit.best_step} by the held-out {fit.objective} loss, "
                        f"train loss {fit.train_loss:.4f}, held-out loss {heldout}{accuracy}")
+        for label, loss in outcome.merge.selection.items():
+            kept = " (kept)" if label == outcome.merge.chosen else ""
+            click.echo(f"configuration {label}: held-out prediction loss {loss:.4f}{kept}")
     click.echo(f"{outcome.method} merge -> {outcome.out}")
 
 

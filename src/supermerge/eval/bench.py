@@ -374,7 +374,8 @@ class _Bench:
                              **params)
                 state, peak = result.model.merged_state_dict(), result.peak_rss
                 fit = result.fits["root"]
-                extra = {"heldout_loss": fit.heldout_loss, "objective": fit.objective}
+                extra = {"heldout_loss": fit.heldout_loss, "objective": fit.objective,
+                         "configuration": result.chosen, "selection": result.selection}
             seconds = time.perf_counter() - started
         if self.config.keep_models:
             written = {"method": method, "overwrite": True, "model_dir": self.base,

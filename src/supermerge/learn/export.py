@@ -32,8 +32,11 @@ from supermerge.learn.train import LearnResult
 Fits = Mapping[str, LearnResult]
 
 
-def coefficients_json(fits: Fits) -> str:
-    """Return the readable JSON of every node's coefficients and losses."""
+def coefficients_json(fits: Fits, selection: Mapping[str, float] | None = None,
+                      chosen: str | None = None) -> str:
+    """Return the readable JSON of every node's coefficients and losses, and of the
+    configurations compared (``selection``: label -> held-out prediction loss) with the
+    one kept."""
     nodes = {
         name: {
             "map": fit.coefficient_map,
@@ -48,7 +51,8 @@ def coefficients_json(fits: Fits) -> str:
         }
         for name, fit in fits.items()
     }
-    return json.dumps({"nodes": nodes}, indent=2) + "\n"
+    chosen_part = {"selection": dict(selection), "configuration": chosen} if selection else {}
+    return json.dumps({"nodes": nodes, **chosen_part}, indent=2) + "\n"
 
 
 def coefficients_csv(fits: Fits) -> str:
@@ -182,7 +186,7 @@ def export_learned(
 
     fits = merge.fits
     files: dict[str, str | bytes] = {
-        "coefficients.json": coefficients_json(fits),
+        "coefficients.json": coefficients_json(fits, merge.selection, merge.chosen),
         "coefficients.csv": coefficients_csv(fits),
         "coefficients.safetensors": coefficient_tensors(fits),
     }
@@ -212,4 +216,14 @@ def _card_notes(merge: LearnedMerge) -> str:
         "|---|---|---|---|---|---|\n"
         + "\n".join(rows)
         + f"\n\nMerge tree:\n\n```\n{merge.tree.render()}\n```\n"
+        + _selection_notes(merge)
     )
+
+
+def _selection_notes(merge: LearnedMerge) -> str:
+    if not merge.selection:
+        return ""
+    rows = "\n".join(f"| {label}{' (kept)' if label == merge.chosen else ''} | {loss:.4f} |"
+                     for label, loss in merge.selection.items())
+    return ("\nConfigurations fitted; the one with the lowest held-out prediction loss was "
+            "kept:\n\n| configuration | held-out prediction loss |\n|---|---|\n" + rows + "\n")

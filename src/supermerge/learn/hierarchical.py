@@ -90,6 +90,10 @@ class LearnedMerge:
     model: MergedModel
     tree: MergeNode
     peak_rss: int
+    selection: dict[str, float] = field(default_factory=dict)
+    """Each configuration fitted and its held-out prediction loss, when several were (the
+    kept one has the lowest; see :func:`~supermerge.learn.merge.supermerge`)."""
+    chosen: str | None = None
 
     @property
     def fits(self) -> dict[str, LearnResult]:
@@ -164,6 +168,12 @@ def cluster_experts(similarity: torch.Tensor, fan_in: int) -> list[list[int]]:
         del clusters[j]
 
 
+MERGED_CHILD_INIT = 0.9
+"""Starting coefficient of a child that is itself a learned merge: its task vector already
+carries its subtree's coefficients, so an upper node starts near their sum (tanh cannot
+reach 1) instead of shrinking them again by ``init`` at every level."""
+
+
 def merge_tree(
     module: nn.Module,
     base_state: State,
@@ -195,7 +205,7 @@ def merge_tree(
     fit_options = dict(fit_options or {})
     fit = learn_layerwise if fit_options.pop("layerwise", False) else learn_coefficients
     objective = fit_options["objective"] = as_objective(fit_options.get("objective", "labels"))
-    if objective.needs_teacher:
+    if objective.needs_teacher and any(t.data.teacher is None for t in tasks):
         tasks = attach_teachers(module, experts, names, all_heads, tasks,
                                 hidden=objective.needs_hidden)
     task_names = {t.name for t in tasks}
@@ -206,6 +216,10 @@ def merge_tree(
     def learn(group: list[MergeNode], name: str, level: int) -> tuple[MergeNode, MergedModel]:
         below = {t for child in group for t in child.tasks}
         node_tasks = list(tasks) if flat else [t for t in tasks if t.name in below]
+        options = dict(model_options or {})
+        if any(c.children for c in group):
+            start = options.get("init", 0.3)
+            options["init"] = [MERGED_CHILD_INIT if c.children else start for c in group]
         with PeakRSS() as rss:
             model = MergedModel(
                 module,
@@ -213,7 +227,7 @@ def merge_tree(
                 [TaskVectors(base_state, sources[c.name], names) for c in group],
                 expert_names=[c.name for c in group],
                 heads={t.name: all_heads[t.name] for t in node_tasks if t.name in all_heads},
-                **dict(model_options or {}),
+                **options,
             )
             result = fit(model, node_tasks, progress=counter.callback(), **fit_options)
         log.info("learned node %s over %s", name, ", ".join(c.name for c in group))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,8 +43,20 @@ from supermerge.learn.train import (
 
 log = logging.getLogger(__name__)
 
-Captured = tuple[tuple[Any, ...], dict[str, Any]]
-"""A block's positional and keyword arguments, as the model called it on a set of examples."""
+@dataclass(frozen=True)
+class Captured:
+    """A block's positional and keyword arguments as the model called it on a set of
+    examples; ``per_example`` has the same structure, True at each tensor that holds one
+    row per example (found by comparing with a call on fewer examples)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    per_example: tuple[Any, Any]
+
+    def select(self, index: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Return (args, kwargs) for the examples at ``index``."""
+        return (_rows(self.args, self.per_example[0], index),
+                _rows(self.kwargs, self.per_example[1], index))
 
 
 class _Stop(Exception):
@@ -54,8 +67,20 @@ class _Stop(Exception):
 def block_inputs(model: MergedModel, task: Task, data: TaskData, block: nn.Module,
                  weights: dict[str, torch.Tensor]) -> Captured:
     """Return the arguments ``block`` receives when the model, on merged ``weights``, runs
-    ``task`` on all of ``data`` at once. Costs the forward pass up to that block."""
-    captured: list[Captured] = []
+    ``task`` on all of ``data`` at once. Costs the forward pass up to that block, twice
+    (the second on one example, to tell per-example tensors from shared ones)."""
+    args, kwargs = _call_block(model, task, data, block, weights)
+    if len(data) == 1:
+        return Captured(args, kwargs, (_same(args, False), _same(kwargs, False)))
+    one_args, one_kwargs = _call_block(model, task, data.select(torch.arange(1)), block, weights)
+    n = len(data)
+    return Captured(args, kwargs,
+                    (_per_example(args, one_args, n), _per_example(kwargs, one_kwargs, n)))
+
+
+def _call_block(model: MergedModel, task: Task, data: TaskData, block: nn.Module,
+                weights: dict[str, torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
     def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         captured.append((args, kwargs))
@@ -72,16 +97,54 @@ def block_inputs(model: MergedModel, task: Task, data: TaskData, block: nn.Modul
     if not captured:
         raise LearnError(f"block {type(block).__name__} was not run for task {task.name!r}",
                          fix="layerwise fitting needs a model that runs all its blocks")
-    return captured[0]
+    args, kwargs = captured[0]
+    # a replayed block must not append to the key/value cache of the captured call
+    return args, {k: _uncached(k, v) for k, v in kwargs.items()}
 
 
-def _rows(value: Any, index: torch.Tensor, n: int) -> Any:
-    """``value`` with every tensor whose first dimension counts the ``n`` examples
-    narrowed to ``index`` (tuples and lists recursively); anything else as it is."""
-    if isinstance(value, torch.Tensor):
-        return value[index] if value.dim() and value.shape[0] == n else value
+def _uncached(name: str, value: Any) -> Any:
+    """A keyword argument as a replayed block gets it: no key/value cache (a replay must
+    not append to the captured call's), ``use_cache`` off."""
+    if name == "use_cache":
+        return False
+    if name in {"cache", "past_key_values", "past_key_value", "layer_past"} or \
+            type(value).__name__.endswith("Cache"):
+        return None
+    return value
+
+
+def _per_example(full: Any, one: Any, n: int) -> Any:
+    """``full``'s structure with True at each tensor that holds one row per example: its
+    first dimension is the ``n`` examples and the same tensor in ``one`` (the call on one
+    example) does not keep that size; False elsewhere."""
+    if isinstance(full, torch.Tensor):
+        kept = isinstance(one, torch.Tensor) and one.dim() and one.shape[0] == n
+        return bool(full.dim() and full.shape[0] == n and not kept)
+    if isinstance(full, tuple | list):
+        ones = one if isinstance(one, tuple | list) else [None] * len(full)
+        return type(full)(_per_example(f, o, n) for f, o in zip(full, ones, strict=False))
+    if isinstance(full, dict):
+        return {k: _per_example(v, one.get(k) if isinstance(one, dict) else None, n)
+                for k, v in full.items()}
+    return False
+
+
+def _same(value: Any, flag: bool) -> Any:
     if isinstance(value, tuple | list):
-        return type(value)(_rows(v, index, n) for v in value)
+        return type(value)(_same(v, flag) for v in value)
+    if isinstance(value, dict):
+        return {k: _same(v, flag) for k, v in value.items()}
+    return flag
+
+
+def _rows(value: Any, per_example: Any, index: torch.Tensor) -> Any:
+    """``value`` with every per-example tensor narrowed to ``index`` (recursively)."""
+    if isinstance(value, torch.Tensor):
+        return value[index] if per_example else value
+    if isinstance(value, tuple | list):
+        return type(value)(_rows(v, p, index) for v, p in zip(value, per_example, strict=True))
+    if isinstance(value, dict):
+        return {k: _rows(v, per_example[k], index) for k, v in value.items()}
     return value
 
 
@@ -105,10 +168,10 @@ class _BlockFit:
         merged = self.model.merged_parameters(self.names)
         weights = {self.local[n]: t for n, t in merged.items()}
         total = torch.zeros((), dtype=torch.float32)
-        for (args, kwargs), examples, chosen in zip(inputs, data, index, strict=True):
+        for captured, examples, chosen in zip(inputs, data, index, strict=True):
+            args, kwargs = captured.args, captured.kwargs
             if chosen is not None:
-                n = len(examples)
-                args, kwargs = _rows(args, chosen, n), _rows(kwargs, chosen, n)
+                args, kwargs = captured.select(chosen)
                 examples = examples.select(chosen)
             output = _state(functional_call(self.block, weights, args, kwargs))
             target = examples.teacher[1 + self.position]

@@ -9,6 +9,7 @@ parameters by their recipe names (see :mod:`supermerge.learn.params`). Both retu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -18,16 +19,19 @@ import torch
 from torch import nn
 
 from supermerge.learn.data import Task
+from supermerge.learn.distill import attach_teachers, named_blocks
 from supermerge.learn.hierarchical import LearnedMerge, State, merge_tree
 from supermerge.learn.model import Head, TaskVectors, prepare_experts
 from supermerge.learn.params import ADAMERGING, SUPERMERGE
-from supermerge.learn.train import DataParallel, Progress
+from supermerge.learn.train import DataParallel, Progress, prediction_loss
 from supermerge.methods.primitives import (
     GlobalMagnitudeThreshold,
     elect_sign,
     magnitude_trim,
     threshold_trim_,
 )
+
+log = logging.getLogger(__name__)
 
 
 def supermerge(
@@ -47,18 +51,62 @@ def supermerge(
 
     ``params`` are :class:`~supermerge.learn.params.SuperMergeParams` (``hierarchical``,
     ``fan_in``, ``steps``, ...); ``parallel`` shares each batch among torch.distributed
-    ranks (see :mod:`supermerge.learn.distributed`). Costs ``steps`` training steps over K
-    task vectors (flat), or per tree node over its ``fan_in`` children (hierarchical).
+    ranks (see :mod:`supermerge.learn.distributed`). With ``select: auto`` (the default)
+    each configuration the parameters leave open is fitted and the one whose merged model
+    has the lowest held-out prediction loss (the objective without its block-state term,
+    :func:`~supermerge.learn.train.prediction_loss`) is returned, every configuration's
+    loss in ``selection``. Costs per configuration
+    ``steps`` training steps over K task vectors (flat; per block with ``layerwise``), or
+    per tree node over its ``fan_in`` children (hierarchical); the experts' outputs are
+    computed once for all; two configurations' models are held at a time.
     """
-    p = SUPERMERGE.validate(params)
-    return merge_tree(
-        module, base_state, experts, tasks,
-        fan_in=p.fan_in if p.hierarchical else None,
-        head_prefix=head_prefix, heads=heads,
-        model_options={"coefficient_map": "tanh", **p.model_options()},
-        fit_options={**p.fit_options(), "parallel": parallel},
-        progress=progress, workdir=workdir,
-    )
+    configurations = SUPERMERGE.validate(params).configurations()
+    if parallel is not None or not named_blocks(module):
+        # layerwise fitting runs in one process, on numbered blocks: among several
+        # configurations it is left out (alone, it raises the error that says why)
+        configurations = {k: c for k, c in configurations.items() if not c.layerwise} or \
+            configurations
+    if len(configurations) > 1 and any(c.fit_options()["objective"].needs_teacher
+                                       for c in configurations.values()):
+        names, all_heads = prepare_experts(module, base_state, experts, head_prefix, heads)
+        tasks = attach_teachers(module, experts, names, all_heads, tasks)
+    best: LearnedMerge | None = None
+    selection: dict[str, float] = {}
+    for index, (label, p) in enumerate(configurations.items()):
+        if len(configurations) > 1:
+            log.info("fitting configuration %d of %d: %s", index + 1, len(configurations), label)
+        merge = merge_tree(
+            module, base_state, experts, tasks,
+            fan_in=p.fan_in if p.hierarchical else None,
+            head_prefix=head_prefix, heads=heads,
+            model_options={"coefficient_map": "tanh", **p.model_options()},
+            fit_options={**p.fit_options(), "parallel": parallel},
+            progress=_share(progress, index, len(configurations)), workdir=workdir,
+        )
+        merge.chosen = label
+        if len(configurations) == 1:
+            return merge
+        loss = prediction_loss(merge.model, tasks, p.fit_options()["objective"],
+                               holdout=p.holdout, seed=p.seed)
+        if best is None or loss < min(selection.values()):
+            best = merge
+        selection[label] = loss
+        del merge  # a worse configuration's model is freed before the next is built
+    assert best is not None
+    if len(configurations) > 1:
+        best.selection = selection
+        log.info("kept %s: held-out loss %s", best.chosen,
+                 ", ".join(f"{k} {v:.4f}" for k, v in selection.items()))
+    return best
+
+
+def _share(progress: Progress | None, index: int, parts: int) -> Progress | None:
+    """Report one of ``parts`` runs' progress as its share of the whole (in thousandths
+    per part), so the whole counts up once."""
+    if progress is None or parts == 1:
+        return progress
+    return lambda step, steps, loss: progress(
+        index * 1000 + step * 1000 // max(steps, 1), parts * 1000, loss)
 
 
 def adamerging(

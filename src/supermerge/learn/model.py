@@ -62,6 +62,21 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             submodule.training = training
 
 
+def _start(coefficient_map: str, init: float) -> float:
+    """Return the raw W whose mapped value is ``init``; LearnError outside the map's range."""
+    forward, inverse = _MAPS[coefficient_map]
+    try:
+        start = inverse(init)
+    except ValueError:  # atanh outside (-1, 1)
+        start = math.nan
+    if not math.isclose(float(forward(torch.tensor(start, dtype=torch.float64))), init):
+        raise LearnError(
+            f"init {init} is outside the range of the {coefficient_map!r} map",
+            fix="tanh takes -1 < init < 1, clamp 0 <= init <= 1",
+        )
+    return start
+
+
 def wide_float(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32, or float64 if it already is."""
     return t if t.dtype == torch.float64 else t.float()
@@ -290,7 +305,8 @@ class MergedModel(nn.Module):
     ``task_vectors`` are K mappings name -> ``expert - base`` with the same names (lazy
     ones such as :class:`TaskVectors` are read one tensor at a time). ``heads`` maps a
     task name to its head. ``prepare`` is applied once to each tensor's stacked task
-    vectors ``[K, *shape]`` (AdaMerging++ trims them here). Construction reads every task
+    vectors ``[K, *shape]`` (AdaMerging++ trims them here). ``init`` is the starting
+    map(W), one value for every expert or one per expert. Construction reads every task
     vector once and holds K stacked copies in ``vector_dtype``, on the base's device: build
     it where it will run (``.to()`` moves W and the module, not the stacked vectors).
     """
@@ -305,7 +321,7 @@ class MergedModel(nn.Module):
         heads: Mapping[str, Head] | None = None,
         granularity: Granularity = "tensor",
         coefficient_map: CoefficientMap = "tanh",
-        init: float = 0.3,
+        init: float | Sequence[float] = 0.3,
         vector_dtype: torch.dtype = torch.float32,
         prepare: Prepare | None = None,
     ) -> None:
@@ -316,17 +332,11 @@ class MergedModel(nn.Module):
             raise LearnError(
                 f"unknown coefficient map {coefficient_map!r}", fix=f"use one of {list(_MAPS)}"
             )
-        forward, inverse = _MAPS[coefficient_map]
-        try:
-            start = inverse(init)
-        except ValueError:  # atanh outside (-1, 1)
-            start = math.nan
-        if not math.isclose(float(forward(torch.tensor(start, dtype=torch.float64))), init):
-            raise LearnError(
-                f"init {init} is outside the range of the {coefficient_map!r} map",
-                fix="tanh takes -1 < init < 1, clamp 0 <= init <= 1",
-            )
         k = len(task_vectors)
+        inits = [float(init)] * k if isinstance(init, int | float) else [float(i) for i in init]
+        if len(inits) != k:
+            raise LearnError(f"{len(inits)} initial coefficients for {k} task vectors")
+        starts = [_start(coefficient_map, value) for value in inits]
         self.expert_names = list(expert_names or (f"expert{i}" for i in range(k)))
         if len(self.expert_names) != k:
             raise LearnError(f"{len(self.expert_names)} expert names for {k} task vectors")
@@ -342,8 +352,9 @@ class MergedModel(nn.Module):
             for name, base in zip(self.names, self._base, strict=True)
         ]
         w_dtype = torch.promote_types(torch.float32, vector_dtype)
-        self.weight = nn.Parameter(torch.full((k, len(self.group_names)), start, dtype=w_dtype,
-                                              device=self._base[0].device))
+        self.weight = nn.Parameter(
+            torch.tensor(starts, dtype=w_dtype, device=self._base[0].device)
+            .unsqueeze(1).repeat(1, len(self.group_names)))
         self._tensor_heads: dict[str, dict[str, torch.Tensor]] = {}
         self.head_modules = nn.ModuleDict()
         for task, head in (heads or {}).items():

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -222,6 +222,23 @@ def check_tasks(model: MergedModel, tasks: Sequence[Task], *, needs_labels: bool
                 file=source,
                 fix=f"labels must lie in 0..{classes - 1}; check the labels or the head",
             )
+
+
+def prediction_loss(model: MergedModel, tasks: Sequence[Task], objective: Objective, *,
+                    holdout: float, seed: int) -> float:
+    """Return ``objective``'s prediction terms (its block-state term dropped) summed over the
+    tasks on the held-out part that :func:`learn_coefficients` with ``holdout`` and ``seed``
+    holds out (the training part where nothing is held out), under the model's current W.
+
+    Comparable across fits of different coefficients, bases or schedules on the same
+    tasks. Costs one merge and a forward pass over the held-out examples.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    parts = [held if held is not None else train
+             for train, held in (split_heldout(t.data, holdout, generator) for t in tasks)]
+    predictions = replace(as_objective(objective), feature_weight=0.0)
+    with eval_mode(model), torch.no_grad():
+        return _loss(model, tasks, parts, predictions, model.merged_parameters())[0]
 
 
 def split_heldout(
