@@ -115,7 +115,9 @@ def test_a_module_without_blocks_is_refused() -> None:
 
 
 def test_configurations_keep_what_the_user_set() -> None:
-    from supermerge.learn.params import SUPERMERGE
+    from supermerge.learn import get_learned_method
+
+    SUPERMERGE = get_learned_method("supermerge")
 
     def labels(**params):
         return list(SUPERMERGE.validate(params).configurations())

@@ -21,7 +21,7 @@ import datetime
 import logging
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -48,8 +48,12 @@ LEARNED_RUNS = ("adamerging", "fisher", "regmean", "supermerge", "supermerge_pap
                 "supermerge_hierarchical")
 PAPER = {"objective": "labels", "basis": "task_vectors"}
 """SuperMerge as its paper configures it (cross-entropy on labels, raw task vectors)."""
-CLOSED_FORM = ("fisher", "regmean")
 Row = dict[str, Any]
+
+
+def learned_method_name(run: str) -> str:
+    """The learned method a benchmark run uses (``supermerge_paper`` -> ``supermerge``)."""
+    return "supermerge" if run.startswith("supermerge") else run
 
 
 @dataclass(frozen=True)
@@ -83,14 +87,16 @@ class BenchmarkConfig:
     methods: tuple[str, ...] = ()
 
     def learned_params(self, name: str) -> dict[str, Any]:
-        """The parameters the benchmark gives a data-driven run (none for closed forms)."""
-        if name in CLOSED_FORM:
-            return {}
+        """The parameters the benchmark gives a data-driven run (``learned_steps`` only to
+        methods that take steps)."""
+        from supermerge.learn import get_learned_method
+
+        method = get_learned_method(learned_method_name(name))
         params: dict[str, Any] = {}
         if name == "adamerging":
             params = {"steps": self.adamerging_steps, "lr": self.adamerging_lr,
                       "batch_size": self.adamerging_batch_size}
-        if self.learned_steps is not None:
+        if self.learned_steps is not None and "steps" in method.params.model_fields:
             params["steps"] = self.learned_steps
         if name == "supermerge_paper":
             params |= PAPER
@@ -332,24 +338,13 @@ class _Bench:
 
         ``params`` replace the configuration's for this run (ablations)."""
         from supermerge.io import open_checkpoint
-        from supermerge.learn import CLOSED_FORM as CLOSED_FORM_MERGES
-        from supermerge.learn import (
-            LEARNED_METHODS,
-            TRAINED,
-            CheckpointState,
-            PeakRSS,
-            TaskData,
-            export_learned,
-            export_model,
-        )
+        from supermerge.learn import CheckpointState, TaskData, export_outcome, get_learned_method
         from supermerge.learn import Task as LearnTask
 
-        method = "supermerge" if name.startswith("supermerge") else name
-        run: Callable[..., Any] = {**TRAINED, **CLOSED_FORM_MERGES}[method]
+        method = get_learned_method(learned_method_name(name))
         params = dict(self.config.learned_params(name) if params is None else params)
-        described = next(m for m in LEARNED_METHODS if m.name == method)
-        defaults = described.validate({})
-        needs = described.data_needed(described.validate(params))
+        defaults = method.validate({})
+        needs = method.data_needed(method.validate(params))
         data = []
         for task in self.tasks:
             texts, labels = task.examples("validation")
@@ -362,30 +357,20 @@ class _Bench:
             experts = {n: CheckpointState(stack.enter_context(open_checkpoint(e.path)))
                        for n, e in self.experts.items()}
             started = time.perf_counter()
-            extra: dict[str, Any] = {}
-            if method in CLOSED_FORM:
-                with PeakRSS() as memory:
-                    state = run(module, experts, data, heads=self.heads, **params,
-                                progress=lambda d, t: progress(f"{name} statistics", d, t))
-                peak = memory.peak
-            else:
-                result = run(module, module.state_dict(), experts, data, heads=self.heads,
-                             progress=lambda s, t, _loss: progress(f"learn {name}", s, t),
-                             **params)
-                state, peak = result.model.merged_state_dict(), result.peak_rss
-                fit = result.fits["root"]
-                extra = {"heldout_loss": fit.heldout_loss, "objective": fit.objective,
-                         "configuration": result.chosen, "selection": result.selection}
+            outcome = method.run(module, experts, data, heads=self.heads, progress=lambda d, t, _:
+                                 progress(f"{'learn' if method.trains else 'statistics'} {name}",
+                                          d, t), **params)
             seconds = time.perf_counter() - started
+        extra: dict[str, Any] = {}
+        if outcome.merge is not None:
+            fit = outcome.merge.fits["root"]
+            extra = {"heldout_loss": fit.heldout_loss, "objective": fit.objective,
+                     "configuration": outcome.merge.chosen, "selection": outcome.merge.selection}
         if self.config.keep_models:
-            written = {"method": method, "overwrite": True, "model_dir": self.base,
-                       "base_models": [str(e.path) for e in self.experts.values()]}
-            if method in CLOSED_FORM:
-                heads = {task: dict(head.state_dict()) for task, head in self.heads.items()}
-                export_model(self.target(name), {**module.state_dict(), **state}, heads,
-                             **written)
-            else:
-                export_learned(self.target(name), result, **written)
+            export_outcome(self.target(name), outcome, method=method.name, overwrite=True,
+                           model_dir=self.base,
+                           base_models=[str(e.path) for e in self.experts.values()])
+        state, peak = outcome.state, outcome.peak_rss
         merged = load_encoder(self.base)
         merged.load_weights(state)
         report = self.score(merged, name, progress)

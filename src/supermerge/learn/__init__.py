@@ -6,7 +6,9 @@ Layers inside the package: ``groups`` (merge groups) -> ``model`` (:class:`Merge
 (the merge tree) -> ``merge`` (:func:`supermerge`, :func:`adamerging`) -> ``export``;
 ``fisher`` (:func:`fisher_merge`) and ``regmean`` (:func:`regmean_merge`) are the closed-form
 data-informed merges, on what ``statistics`` gives them both.
-:data:`LEARNED_METHODS` lists the methods for `supermerge methods`.
+Every learned method describes and registers itself in its own module
+(:class:`~supermerge.learn.method.LearnedMethod`, one ``run`` signature for all);
+:data:`LEARNED_METHODS` and :func:`get_learned_method` (``registry``) find them by name.
 """
 
 from supermerge.learn.data import Task, TaskData, load_task_data
@@ -17,6 +19,7 @@ from supermerge.learn.export import (
     coefficients_json,
     export_learned,
     export_model,
+    export_outcome,
     head_files,
     plot_coefficients,
 )
@@ -30,27 +33,22 @@ from supermerge.learn.hierarchical import (
     merge_tree,
 )
 from supermerge.learn.memory import PeakRSS
-from supermerge.learn.merge import TRAINED, adamerging, model_thresholds, supermerge, ties_prepare
+from supermerge.learn.merge import adamerging, model_thresholds, supermerge, ties_prepare
+from supermerge.learn.method import LearnedMethod, LearnedOutcome
 from supermerge.learn.model import CheckpointState, MergedModel, TaskVectors, expert_heads
 from supermerge.learn.objectives import entropy_loss, supervised_loss
 from supermerge.learn.params import (
-    LEARNED_METHODS,
     AdaMergingParams,
     FisherParams,
-    LearnedMethod,
     RegMeanParams,
     SuperMergeParams,
 )
+from supermerge.learn.registry import LEARNED_METHODS, get_learned_method
 from supermerge.learn.regmean import regmean_merge
 from supermerge.learn.train import LearnResult, learn_coefficients
 
-CLOSED_FORM = {"fisher": fisher_merge, "regmean": regmean_merge}
-"""The closed-form data-informed merges, by recipe name (both return a state dict)."""
-
 __all__ = [
-    "CLOSED_FORM",
     "LEARNED_METHODS",
-    "TRAINED",
     "AdaMergingParams",
     "CheckpointState",
     "FisherParams",
@@ -58,6 +56,7 @@ __all__ = [
     "LearnResult",
     "LearnedMerge",
     "LearnedMethod",
+    "LearnedOutcome",
     "MergeNode",
     "MergedModel",
     "PeakRSS",
@@ -77,7 +76,9 @@ __all__ = [
     "expert_heads",
     "export_learned",
     "export_model",
+    "export_outcome",
     "fisher_merge",
+    "get_learned_method",
     "learn_coefficients",
     "load_task_data",
     "merge_tree",

@@ -45,8 +45,8 @@ from torch import nn
 from supermerge.learn.data import Task, TaskData
 from supermerge.learn.errors import LearnError
 from supermerge.learn.hierarchical import LearnedMerge, State
-from supermerge.learn.merge import TRAINED
 from supermerge.learn.model import Head
+from supermerge.learn.registry import get_learned_method
 from supermerge.learn.train import Progress
 
 
@@ -103,7 +103,7 @@ def init_from_env(backend: Literal["gloo", "nccl"] | None = None) -> TorchDataPa
 
 
 def learn_data_parallel(
-    method: Literal["supermerge", "adamerging"],
+    method: str,
     module: nn.Module,
     base_state: State,
     experts: Mapping[str, State],
@@ -123,7 +123,11 @@ def learn_data_parallel(
     single-process run's steps, each divided among the ranks, plus two all-reduces of
     K x J numbers and two of a scalar per step.
     """
-    if method not in TRAINED:
-        raise LearnError(f"unknown learned method {method!r}", fix="use supermerge or adamerging")
-    return TRAINED[method](module, base_state, experts, tasks, head_prefix=head_prefix,
-                           heads=heads, progress=progress, parallel=parallel, **params)
+    chosen = get_learned_method(method)
+    if not chosen.parallel:
+        raise LearnError(f"{method} has no data-parallel mode", fix="run it in one process")
+    outcome = chosen.run(module, experts, tasks, base_state=base_state,
+                         head_prefix=head_prefix, heads=heads, progress=progress,
+                         parallel=parallel, **params)
+    assert outcome.merge is not None  # data-parallel methods train
+    return outcome.merge

@@ -20,6 +20,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save
@@ -27,6 +28,7 @@ from safetensors.torch import save
 from supermerge.io import CheckpointWriter
 from supermerge.learn.errors import LearnError
 from supermerge.learn.hierarchical import LearnedMerge
+from supermerge.learn.method import LearnedOutcome
 from supermerge.learn.train import LearnResult
 
 Fits = Mapping[str, LearnResult]
@@ -227,3 +229,12 @@ def _selection_notes(merge: LearnedMerge) -> str:
                      for label, loss in merge.selection.items())
     return ("\nConfigurations fitted; the one with the lowest held-out prediction loss was "
             "kept:\n\n| configuration | held-out prediction loss |\n|---|---|\n" + rows + "\n")
+
+
+def export_outcome(out: str | Path, outcome: LearnedOutcome, **written: Any) -> Path:
+    """Write a learned method's outcome; returns ``out``: with its coefficients
+    (:func:`export_learned`) when the method trained them, else the merged weights and
+    heads (:func:`export_model`). ``written`` are those functions' keywords."""
+    if outcome.merge is not None:
+        return export_learned(out, outcome.merge, **written)
+    return export_model(out, outcome.state, outcome.heads, **written)

@@ -17,7 +17,9 @@ from torch import nn
 
 from supermerge.learn.data import IGNORE_INDEX, Task, TaskData
 from supermerge.learn.errors import LearnError
+from supermerge.learn.method import LearnedMethod, closed_form_run, register
 from supermerge.learn.model import Head, eval_mode, wide_float
+from supermerge.learn.params import FisherModelParams, FisherParams
 from supermerge.learn.statistics import (
     DEFAULT_EXAMPLES,
     ExampleCounter,
@@ -176,3 +178,17 @@ def _sampled_log_likelihood(
     probs = log_p.detach().exp().cpu().double()
     sampled = torch.multinomial(probs, 1, generator=generator).to(log_p.device)
     return log_p.gather(-1, sampled).sum()
+
+
+FISHER = register(LearnedMethod(
+    name="fisher",
+    summary="average weighted element-wise by each expert's diagonal Fisher on unlabelled data",
+    paper="Matena, Raffel 2022, Merging Models with Fisher-Weighted Averaging "
+    "(arXiv 2111.09832)",
+    needs="unlabelled",
+    params=FisherParams,
+    run=closed_form_run(fisher_merge),
+    trains=False,
+    model_params=FisherModelParams,
+    needs_base=False,
+))

@@ -10,7 +10,7 @@ parameters by their recipe names (see :mod:`supermerge.learn.params`). Both retu
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,9 @@ from torch import nn
 from supermerge.learn.data import Task
 from supermerge.learn.distill import attach_teachers, named_blocks
 from supermerge.learn.hierarchical import LearnedMerge, State, merge_tree
+from supermerge.learn.method import LearnedMethod, register, trained_run
 from supermerge.learn.model import Head, TaskVectors, prepare_experts
-from supermerge.learn.params import ADAMERGING, SUPERMERGE
+from supermerge.learn.params import AdaMergingParams, SuperMergeParams
 from supermerge.learn.train import DataParallel, Progress, prediction_loss
 from supermerge.methods.primitives import (
     GlobalMagnitudeThreshold,
@@ -118,6 +119,7 @@ def adamerging(
     head_prefix: str | None = None,
     heads: Mapping[str, Head] | None = None,
     progress: Progress | None = None,
+    workdir: str | Path | None = None,
     parallel: DataParallel | None = None,
     **params: Any,
 ) -> LearnedMerge:
@@ -141,7 +143,7 @@ def adamerging(
         head_prefix=head_prefix, heads=heads,
         model_options={"coefficient_map": "clamp", "prepare": prepare, **p.model_options()},
         fit_options={**p.fit_options(), "parallel": parallel},
-        progress=progress,
+        progress=progress, workdir=workdir,
     )
 
 
@@ -181,6 +183,25 @@ def model_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], density: flo
     return statistic.result().thresholds
 
 
-TRAINED: dict[str, Callable[..., LearnedMerge]] = {"supermerge": supermerge,
-                                                    "adamerging": adamerging}
-"""The methods that train coefficients, by recipe name (all share one signature)."""
+SUPERMERGE = register(LearnedMethod(
+    name="supermerge",
+    summary="learn a tanh coefficient per expert and tensor over TSV-M's decorrelated task "
+    "vectors (or per row, block by block, over the task vectors: the held-out loss "
+    "chooses), distilling each expert on its task's inputs (objective: labels reads labels)",
+    paper="Yang, Zhang, Sathe 2024, SuperMerge: An Approach For Gradient-Based Model "
+    "Merging (arXiv 2412.10416)",
+    needs="unlabelled",
+    params=SuperMergeParams,
+    run=trained_run(supermerge),
+    parallel=True,
+))
+ADAMERGING = register(LearnedMethod(
+    name="adamerging",
+    summary="learn coefficients in [0, 1] by minimising prediction entropy on unlabelled data",
+    paper="Yang et al. 2024, AdaMerging: Adaptive Model Merging for Multi-Task Learning "
+    "(arXiv 2310.02575)",
+    needs="unlabelled",
+    params=AdaMergingParams,
+    run=trained_run(adamerging),
+    parallel=True,
+))

@@ -1,25 +1,22 @@
-"""Parameters of the learned methods and their entries for `supermerge methods`.
+"""Parameters of the learned methods (typed, validated; `supermerge methods` lists them).
 
-The method registry (:mod:`supermerge.methods.registry`) holds per-tensor functions;
-learned methods need the whole model and data, so they are listed here instead, in
-:data:`LEARNED_METHODS`, with the attributes the listing reads from a registered method.
+Each method's description and run live in its own module (:mod:`supermerge.learn.method`,
+:mod:`supermerge.learn.registry`); the parameter types are here, shared options in
+:class:`LearnParams`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, ValidationError, model_validator
 
-from supermerge.errors import MethodError
 from supermerge.learn.bases import PREPARE, Basis
 from supermerge.learn.groups import Granularity
 from supermerge.learn.objectives import make_objective
 from supermerge.methods.primitives import Density
-from supermerge.methods.registry import DataNeed, Method, Params
+from supermerge.methods.registry import Params
 
 VECTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -194,67 +191,6 @@ class AdaMergingParams(LearnParams):
     )
 
 
-class _NoModelParams(Params):
-    """Learned methods take no per-model parameters."""
-
-
-@dataclass(frozen=True)
-class LearnedMethod:
-    """A data-driven method as `supermerge methods` lists it."""
-
-    name: str
-    summary: str
-    paper: str
-    needs: DataNeed
-    params: type[Params]
-    model_params: type[Params] = _NoModelParams
-    needs_base: bool = True
-    min_models: int = 1
-    max_models: int | None = None
-
-    describe = Method.describe  # the registry's listing: it reads params and model_params
-
-    def data_needed(self, params: Params) -> DataNeed:
-        """The data a run with these (validated) parameters reads: labelled when its
-        objective reads labels, else the method's ``needs``."""
-        objective = getattr(params, "objective", None)
-        if objective is not None and make_objective(objective).needs_labels:
-            return "labelled"
-        return self.needs
-
-    def validate(self, raw: Mapping[str, Any]) -> Any:
-        """Return the typed parameters; MethodError naming every invalid value."""
-        try:
-            return self.params.model_validate(dict(raw))
-        except ValidationError as err:
-            details = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or '(all)'}: {e['msg']}" for e in err.errors()
-            )
-            raise MethodError(
-                f"invalid parameters for method '{self.name}': {details}",
-                fix=f"see `supermerge methods {self.name}` for valid values",
-            ) from None
-
-
-SUPERMERGE = LearnedMethod(
-    name="supermerge",
-    summary="learn a tanh coefficient per expert and tensor over TSV-M's decorrelated task "
-    "vectors, distilling each expert on its task's inputs (objective: labels reads labels)",
-    paper="Yang, Zhang, Sathe 2024, SuperMerge: An Approach For Gradient-Based Model "
-    "Merging (arXiv 2412.10416)",
-    needs="unlabelled",
-    params=SuperMergeParams,
-)
-ADAMERGING = LearnedMethod(
-    name="adamerging",
-    summary="learn coefficients in [0, 1] by minimising prediction entropy on unlabelled data",
-    paper="Yang et al. 2024, AdaMerging: Adaptive Model Merging for Multi-Task Learning "
-    "(arXiv 2310.02575)",
-    needs="unlabelled",
-    params=AdaMergingParams,
-)
-
-
 class FisherParams(Params):
     """Parameters of ``fisher`` (Fisher-weighted averaging, no training); named like
     :func:`~supermerge.learn.fisher.fisher_merge`'s keywords."""
@@ -289,25 +225,3 @@ class FisherModelParams(Params):
     """Per-expert parameter of ``fisher`` (an expert's ``weight`` in a learn recipe)."""
 
     weight: float = Field(1.0, gt=0, description="the expert's weight in the average")
-
-
-FISHER = LearnedMethod(
-    name="fisher",
-    summary="average weighted element-wise by each expert's diagonal Fisher on unlabelled data",
-    paper="Matena, Raffel 2022, Merging Models with Fisher-Weighted Averaging "
-    "(arXiv 2111.09832)",
-    needs="unlabelled",
-    params=FisherParams,
-    model_params=FisherModelParams,
-    needs_base=False,
-)
-REGMEAN = LearnedMethod(
-    name="regmean",
-    summary="per linear layer, closed-form merge from each expert's input Gram matrix",
-    paper="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language "
-    "Models (arXiv 2212.09849)",
-    needs="unlabelled",
-    params=RegMeanParams,
-    needs_base=False,
-)
-LEARNED_METHODS: list[LearnedMethod] = [ADAMERGING, FISHER, REGMEAN, SUPERMERGE]

@@ -14,7 +14,9 @@ from torch import nn
 
 from supermerge.learn.data import Task
 from supermerge.learn.errors import LearnError
+from supermerge.learn.method import LearnedMethod, closed_form_run, register
 from supermerge.learn.model import Head, eval_mode, wide_float
+from supermerge.learn.params import RegMeanParams
 from supermerge.learn.statistics import (
     BATCH,
     DEFAULT_EXAMPLES,
@@ -200,3 +202,16 @@ def _solve(name: str, gram: torch.Tensor, rhs: torch.Tensor,
     if int(info) != 0 or not bool(torch.isfinite(solution).all()):
         solution = torch.linalg.lstsq(gram, rhs).solution
     return solution
+
+
+REGMEAN = register(LearnedMethod(
+    name="regmean",
+    summary="per linear layer, closed-form merge from each expert's input Gram matrix",
+    paper="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language "
+    "Models (arXiv 2212.09849)",
+    needs="unlabelled",
+    params=RegMeanParams,
+    run=closed_form_run(regmean_merge),
+    trains=False,
+    needs_base=False,
+))

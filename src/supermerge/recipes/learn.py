@@ -31,7 +31,6 @@ nothing: they merge in closed form from statistics of the data. An expert's ``we
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,30 +38,25 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from supermerge.errors import RecipeError
+from supermerge.errors import MethodError, RecipeError
 from supermerge.io import Checkpoint, open_checkpoint
 from supermerge.io.guard import check_output
 from supermerge.learn import (
-    CLOSED_FORM,
-    LEARNED_METHODS,
-    TRAINED,
     CheckpointState,
     LearnedMerge,
+    LearnedMethod,
     Task,
-    expert_heads,
-    export_learned,
-    export_model,
+    export_outcome,
+    get_learned_method,
     load_task_data,
 )
 from supermerge.learn.distributed import TorchDataParallel
+from supermerge.learn.method import TRAINED_EXAMPLES, Progress
+from supermerge.learn.registry import LEARNED_METHODS
 from supermerge.recipes.recipe import check_file_name, warn_repeated_models
 
 log = logging.getLogger(__name__)
 
-TRAINED_EXAMPLES = 32
-Progress = Callable[[int, int, float | None], None]
-"""(done, total, loss): steps of a trained method with its loss, or examples of a closed-form
-one with None."""
 _AUTO_CLASSES = {"sequence_classification": "AutoModelForSequenceClassification",
                  "causal_lm": "AutoModelForCausalLM"}
 
@@ -100,7 +94,7 @@ class LearnRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    merge_method: Literal["supermerge", "adamerging", "fisher", "regmean"]
+    merge_method: str = Field(description="a learned method (`supermerge methods`)")
     base_model: str
     experts: list[LearnExpert] = Field(min_length=1)
     head_prefix: str | None = None
@@ -115,10 +109,18 @@ class LearnRecipe(BaseModel):
         """The recipe as YAML (saved beside the merged model)."""
         return yaml.safe_dump(self.model_dump(exclude_defaults=True), sort_keys=False)
 
+    @model_validator(mode="after")
+    def _known_method(self) -> LearnRecipe:
+        try:
+            get_learned_method(self.merge_method)
+        except MethodError as err:
+            raise ValueError(f"{err.message}; {err.fix}") from None
+        return self
+
     @property
-    def closed_form(self) -> bool:
-        """Whether the method merges from data statistics (fisher, regmean), learning nothing."""
-        return self.merge_method in CLOSED_FORM
+    def method(self) -> LearnedMethod:
+        """The learned method the recipe names."""
+        return get_learned_method(self.merge_method)
 
 
 def load_learn_recipe(source: str | Path | dict[str, Any]) -> tuple[LearnRecipe, Path | None]:
@@ -154,23 +156,24 @@ def load_learn_recipe(source: str | Path | dict[str, Any]) -> tuple[LearnRecipe,
                           "labels objective cannot use", file=path,
                           fix="use objective: distill or labels+distill, or remove `unlabelled`")
     weighted = [e.task_name for e in recipe.experts if e.weight is not None]
-    if weighted and recipe.merge_method != "fisher":
-        raise RecipeError(f"experts {weighted} have a `weight`, which only fisher uses",
+    if weighted and "weight" not in recipe.method.model_params.model_fields:
+        users = " or ".join(m.name for m in LEARNED_METHODS
+                            if "weight" in m.model_params.model_fields)
+        raise RecipeError(f"experts {weighted} have a `weight`, which only {users} uses",
                           file=path, fix="remove the experts' `weight`")
     return recipe, root
 
 
 def _method_params(recipe: LearnRecipe) -> dict[str, Any]:
     """The method's parameters, validated, with its defaults filled in."""
-    method = next(m for m in LEARNED_METHODS if m.name == recipe.merge_method)
-    return method.validate(recipe.parameters).model_dump()
+    return recipe.method.validate(recipe.parameters).model_dump()
 
 
 def _examples(recipe: LearnRecipe) -> int:
     """Examples read per task: the recipe's, else the method's default."""
     if recipe.examples is not None:
         return recipe.examples
-    return _method_params(recipe)["examples"] if recipe.closed_form else TRAINED_EXAMPLES
+    return TRAINED_EXAMPLES if recipe.method.trains else _method_params(recipe)["examples"]
 
 
 @dataclass
@@ -205,10 +208,11 @@ def run_learn_recipe(
     every batch; rank 0 alone writes ``out``, and every rank returns the same merge.
     """
     recipe, root = load_learn_recipe(source)
-    if parallel is not None and recipe.closed_form:
+    method = recipe.method
+    if parallel is not None and not method.parallel:
         raise RecipeError(f"{recipe.merge_method} has no data-parallel mode",
-                          fix="run it in one process; data parallelism is for supermerge and "
-                          "adamerging")
+                          fix="run it in one process; data parallelism is for " + ", ".join(
+                              m.name for m in LEARNED_METHODS if m.parallel))
     transformers = _transformers()
     locate = lambda p: str(root / p) if root and (root / p).exists() else p  # noqa: E731
     base_dir = Path(locate(recipe.base_model))
@@ -231,7 +235,7 @@ def run_learn_recipe(
         Task(e.task_name, load_task_data(
             locate(e.data), kind=kind, tokenizer=tokenizer, input_key=e.input_key,
             label_key=e.label_key, label_names=e.labels, max_length=recipe.max_length,
-            limit=limit, class_labels=not recipe.closed_form,
+            limit=limit, class_labels=method.trains,
             unlabelled=locate(e.unlabelled) if e.unlabelled else None), kind)
         for e in recipe.experts]
     auto = getattr(transformers, _AUTO_CLASSES[recipe.architecture])
@@ -242,23 +246,15 @@ def run_learn_recipe(
                "base_models": [str(base_dir), *map(str, expert_dirs.values())],
                "model_dir": first_dir, "overwrite": overwrite, "shard_size": shard_size,
                "inputs": inputs}
-    if not recipe.closed_form:
-        merge = TRAINED[recipe.merge_method](
-            module, module.state_dict(), experts, tasks, head_prefix=recipe.head_prefix,
-            progress=progress, parallel=parallel, **recipe.parameters)
-        if parallel is not None and parallel.rank != 0:
-            return LearnOutcome(Path(out), recipe.merge_method, merge)
-        return LearnOutcome(export_learned(out, merge, **written), recipe.merge_method, merge)
-    options = _method_params(recipe)
-    if recipe.merge_method == "fisher":
+    options = dict(recipe.parameters)  # as given: a method may read which were set
+    if "weight" in method.model_params.model_fields:
         options["weights"] = {e.task_name: e.weight or 1.0 for e in recipe.experts}
-    merged = CLOSED_FORM[recipe.merge_method](
-        module, experts, tasks, head_prefix=recipe.head_prefix,
-        progress=None if progress is None else lambda done, total: progress(done, total, None),
-        **options)
-    state = {**module.state_dict(), **merged}  # heads in the weights stay the base's
-    heads = expert_heads(experts, recipe.head_prefix) if recipe.head_prefix else {}
-    return LearnOutcome(export_model(out, state, heads, **written), recipe.merge_method, None)
+    outcome = method.run(module, experts, tasks, head_prefix=recipe.head_prefix,
+                         progress=progress, parallel=parallel, **options)
+    if parallel is not None and parallel.rank != 0:
+        return LearnOutcome(Path(out), recipe.merge_method, outcome.merge)
+    return LearnOutcome(export_outcome(out, outcome, **written), recipe.merge_method,
+                        outcome.merge)
 
 
 def _check_head_prefix(prefix: str, checkpoints: dict[str, Checkpoint]) -> None:

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from supermerge.engine import MergeSpec, ModelSpec
 from supermerge.errors import RecipeError
-from supermerge.learn.params import LEARNED_METHODS
+from supermerge.learn.registry import LEARNED_METHODS
 from supermerge.methods import get_method
 
 log = logging.getLogger(__name__)
