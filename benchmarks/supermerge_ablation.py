@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from supermerge.eval import default_base, resolve_tasks
-from supermerge.eval.bench import BenchmarkConfig, _Bench
 from supermerge.eval.experts import ExpertCache, get_experts
+from supermerge.run.bench import BenchmarkConfig, _Bench
 
 VARIANTS: dict[str, dict] = {
     "paper (labels, task_vectors)": {"objective": "labels", "basis": "task_vectors"},

@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from supermerge import merge
 from supermerge.engine import load_task_model
 from supermerge.eval import (
-    BenchmarkConfig,
     ExpertCache,
     ExpertConfig,
     SplitSizes,
@@ -27,11 +26,11 @@ from supermerge.eval import (
     TaskError,
     evaluate,
     get_experts,
-    run_benchmark,
 )
 from supermerge.eval.experts import expert_key, model_fingerprint
 from supermerge.eval.model import load_encoder
 from supermerge.methods import available_methods
+from supermerge.run import BenchmarkConfig, run_benchmark
 
 transformers = pytest.importorskip("transformers")
 
@@ -262,7 +261,7 @@ def test_cli_demo_and_evaluate(built, tiny_base, tmp_path):
 
 
 def test_methods_the_library_lacks_are_listed_as_not_run(monkeypatch):
-    from supermerge.eval import bench
+    from supermerge.run import bench
 
     monkeypatch.setattr(bench, "_learn_missing", lambda: "not in the library yet")
     plan = bench._plan(4, BenchmarkConfig(hierarchical=True))

@@ -216,7 +216,7 @@ def test_search_and_map_refuse_an_output_among_their_inputs(tmp_path, command, o
 
 
 def test_bench_refuses_an_output_inside_its_base_model(tmp_path):
-    from supermerge.eval import run_benchmark
+    from supermerge.run import run_benchmark
 
     base = write_model_dir(tmp_path / "base", sample_state_dict())
     with pytest.raises(OutputError, match="inside the input folder"):

@@ -127,14 +127,8 @@ def _prepare(tasks: tuple[str, ...], base: Path | None,
 def _run_demo(tasks: tuple[str, ...], out: Path, base: Path | None, cache: Path | None,
               workers: int, threads: int, steps: int, keep_models: bool,
               hierarchical: bool | None, methods: str, default: str) -> None:
-    from supermerge.eval import (
-        BenchmarkConfig,
-        ExpertCache,
-        benchmark_notes,
-        benchmark_rows,
-        run_benchmark,
-        text_table,
-    )
+    from supermerge.eval import ExpertCache, benchmark_notes, benchmark_rows, text_table
+    from supermerge.run import BenchmarkConfig, run_benchmark
 
     resolved, skipped, base = _prepare(tasks, base, default)
     if hierarchical is None:
@@ -157,9 +151,14 @@ def _run_demo(tasks: tuple[str, ...], out: Path, base: Path | None, cache: Path 
     click.echo("\nwrote " + ", ".join(map(str, written)))
 
 
+HELP = {"help_option_names": ["-h", "--help"]}
+"""`-h` on these commands wherever they are registered (click caches a command's help
+option from the first group that runs it)."""
+
+
 def _demo_command(name: str, default_tasks: str, default_out: str,
                   summary: str) -> click.Command:
-    @click.command(name=name, help=summary)
+    @click.command(name=name, help=summary, context_settings=HELP)
     @_common
     @click.option("--out", default=default_out, show_default=True,
                   type=click.Path(path_type=Path),
@@ -191,7 +190,7 @@ bench = _demo_command(
     "The demo on every task whose data is installed, with hierarchical SuperMerge.")
 
 
-@click.command()
+@click.command(context_settings=HELP)
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_common
 @click.option("--split", type=click.Choice(["test", "validation"]), default="test",

@@ -2,11 +2,10 @@
 
 Layers inside the package: ``tasks`` (Task, splits, metrics, file tasks) -> ``sources``
 (the tasks whose data ships in packages) -> ``model`` (mean-pooled encoders and heads) ->
-``experts`` (fine-tuning and the cache) -> ``evaluate`` -> ``report`` -> ``bench``
-(`supermerge demo`).
+``experts`` (fine-tuning and the cache) -> ``evaluate`` -> ``report``. The benchmark that
+uses them all is :mod:`supermerge.run.bench`.
 """
 
-from supermerge.eval.bench import BenchmarkConfig, run_benchmark
 from supermerge.eval.evaluate import EvalReport, TaskScore, evaluate
 from supermerge.eval.experts import (
     Expert,
@@ -50,7 +49,6 @@ __all__ = [
     "ALL_TASKS",
     "DEFAULT_TASKS",
     "SOURCES",
-    "BenchmarkConfig",
     "EvalReport",
     "Expert",
     "ExpertCache",
@@ -78,7 +76,6 @@ __all__ = [
     "plot_accuracy",
     "report_rows",
     "resolve_tasks",
-    "run_benchmark",
     "task_from_file",
     "text_table",
     "train_expert",

@@ -1,6 +1,6 @@
 """Reports of scores: a terminal table, Markdown, JSON and a grouped bar chart.
 
-Benchmark results (the dict :func:`supermerge.eval.bench.run_benchmark` returns) and
+Benchmark results (the dict :func:`supermerge.run.bench.run_benchmark` returns) and
 single-model :class:`~supermerge.eval.evaluate.EvalReport` s are both rendered from one
 list of rows, so the terminal and Markdown tables always agree.
 """
