@@ -75,7 +75,10 @@ def test_methods_lists_every_registered_method_and_describes_one():
 
 
 # A `supermerge merge` whose writer stalls after its first tensor, so that a signal lands
-# while the temporary folder holds part of the model.
+# while the temporary folder holds part of the model. The stall is many short sleeps: a
+# signal that the kernel hands to one of torch's threads only wakes the main thread's
+# handler at its next bytecode, which one long sleep would put 60 s away (under load this
+# raced the 60 s wait below).
 _STALLED_MERGE = """
 import sys, time
 from supermerge.io import writer
@@ -83,7 +86,8 @@ real_add = writer.CheckpointWriter.add
 def add_then_stall(self, name, tensor):
     real_add(self, name, tensor)
     print("writing", flush=True)
-    time.sleep(60)
+    for _ in range(600):
+        time.sleep(0.1)
 writer.CheckpointWriter.add = add_then_stall
 from supermerge.cli.main import main
 sys.argv = ["supermerge", "merge", *sys.argv[1:]]
