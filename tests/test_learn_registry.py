@@ -38,10 +38,10 @@ def test_a_new_learned_method_is_one_registration(tiny_bert_tasks, monkeypatch) 
 
     monkeypatch.setitem(method_module._REGISTRY, "toy_mean", LearnedMethod(
         name="toy_mean", summary="the plain mean", paper="-", needs="unlabelled",
-        params=MeanParams, run=closed_form_run(mean_merge), trains=False))
+        params=MeanParams, run=closed_form_run("toy_mean", mean_merge, MeanParams),
+        trains=False))
     found = get_learned_method("toy_mean")
-    outcome = found.run(module, experts, tasks, heads=heads, **found.validate({"scale": 1.0})
-                        .model_dump())
+    outcome = found.run(module, experts, tasks, heads=heads, scale="1.0")  # typed by MeanParams
     name = next(n for n in outcome.state if n.endswith("layer.0.attention.self.query.weight"))
     torch.testing.assert_close(outcome.state[name], (experts["a"][name] + experts["b"][name]) / 2)
     assert outcome.merge is None and set(outcome.heads) == {"a", "b"}
@@ -60,5 +60,7 @@ def test_trained_and_closed_form_outcomes_carry_the_merged_state(tiny_bert_tasks
     merged = trained.merge.model.merged_state_dict()
     assert all(torch.equal(trained.state[n], merged[n]) for n in merged)
     closed = get_learned_method("regmean").run(module, experts, tasks, heads=heads, examples=4)
+    with pytest.raises(MethodError, match="invalid parameters for method 'regmean'"):
+        get_learned_method("regmean").run(module, experts, tasks, heads=heads, alpha=2.0)
     assert closed.merge is None and set(closed.heads) == {"a", "b"}
     assert set(closed.state) == set(module.state_dict())

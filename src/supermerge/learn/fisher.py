@@ -187,7 +187,7 @@ FISHER = register(LearnedMethod(
     "(arXiv 2111.09832)",
     needs="unlabelled",
     params=FisherParams,
-    run=closed_form_run(fisher_merge),
+    run=closed_form_run("fisher", fisher_merge, FisherParams),
     trains=False,
     model_params=FisherModelParams,
     needs_base=False,

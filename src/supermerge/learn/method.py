@@ -97,16 +97,22 @@ class LearnedMethod:
 
     def validate(self, raw: Mapping[str, Any]) -> Any:
         """Return the typed parameters; MethodError naming every invalid value."""
-        try:
-            return self.params.model_validate(dict(raw))
-        except ValidationError as err:
-            details = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or '(all)'}: {e['msg']}" for e in err.errors()
-            )
-            raise MethodError(
-                f"invalid parameters for method '{self.name}': {details}",
-                fix=f"see `supermerge methods {self.name}` for valid values",
-            ) from None
+        return typed_params(self.name, self.params, raw)
+
+
+def typed_params(name: str, params_type: type[Params], raw: Mapping[str, Any]) -> Any:
+    """Return ``raw`` validated as ``params_type`` (values coerced, defaults filled in);
+    MethodError naming method ``name`` and every invalid value."""
+    try:
+        return params_type.model_validate(dict(raw))
+    except ValidationError as err:
+        details = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(all)'}: {e['msg']}" for e in err.errors()
+        )
+        raise MethodError(
+            f"invalid parameters for method '{name}': {details}",
+            fix=f"see `supermerge methods {name}` for valid values",
+        ) from None
 
 
 TRAINED_EXAMPLES = 32
@@ -160,11 +166,13 @@ def trained_run(train: Callable[..., LearnedMerge]) -> Run:
     return run
 
 
-def closed_form_run(merge: Callable[..., dict[str, torch.Tensor]]) -> Run:
-    """Return the :data:`Run` of a closed-form method (``merge(module, experts, tasks, ...)
-    -> merged tensors``): the module's other tensors and the experts' heads (under
-    ``head_prefix``, or ``heads`` as given) complete the outcome; the peak RSS rise is
-    measured around the merge."""
+def closed_form_run(name: str, merge: Callable[..., dict[str, torch.Tensor]],
+                    params_type: type[Params]) -> Run:
+    """Return the :data:`Run` of closed-form method ``name`` (``merge(module, experts, tasks,
+    ...) -> merged tensors``): its parameters are typed by ``params_type`` first (keywords
+    it does not declare, such as fisher's per-expert ``weights``, pass through); the
+    module's other tensors and the experts' heads (under ``head_prefix``, or ``heads`` as
+    given) complete the outcome; the peak RSS rise is measured around the merge."""
 
     def run(module: nn.Module, experts: Mapping[str, State], tasks: Sequence[Task], *,
             head_prefix: str | None = None, heads: Mapping[str, Head] | None = None,
@@ -174,9 +182,11 @@ def closed_form_run(merge: Callable[..., dict[str, torch.Tensor]]) -> Run:
             raise MethodError("this method has no data-parallel mode",
                               fix="run it in one process")
         report = None if progress is None else (lambda done, total: progress(done, total, None))
+        declared = {k: v for k, v in params.items() if k in params_type.model_fields}
+        options = {**params, **typed_params(name, params_type, declared).model_dump()}
         with PeakRSS() as memory:
             merged = merge(module, experts, tasks, head_prefix=head_prefix, heads=heads,
-                           progress=report, **params)
+                           progress=report, **options)
         tensor_heads = expert_heads(experts, head_prefix) if head_prefix else {
             task: dict(head.state_dict()) if isinstance(head, nn.Module) else dict(head)
             for task, head in (heads or {}).items()}

@@ -211,7 +211,7 @@ REGMEAN = register(LearnedMethod(
     "Models (arXiv 2212.09849)",
     needs="unlabelled",
     params=RegMeanParams,
-    run=closed_form_run(regmean_merge),
+    run=closed_form_run("regmean", regmean_merge, RegMeanParams),
     trains=False,
     needs_base=False,
 ))
