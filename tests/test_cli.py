@@ -75,12 +75,14 @@ def test_methods_lists_every_registered_method_and_describes_one():
 
 
 # A `supermerge merge` whose writer stalls after its first tensor, so that a signal lands
-# while the temporary folder holds part of the model. The stall is many short sleeps: a
-# signal that the kernel hands to one of torch's threads only wakes the main thread's
-# handler at its next bytecode, which one long sleep would put 60 s away (under load this
-# raced the 60 s wait below).
+# while the temporary folder holds part of the model. SIGINT is restored to Python's
+# handler first, as in a terminal: a job started in the background by a non-interactive
+# shell (`.ci/run &`) inherits SIGINT ignored, and Python keeps it ignored. The stall is
+# many short sleeps, so a signal the kernel hands to one of torch's threads is acted on
+# within 0.1 s rather than after one long sleep.
 _STALLED_MERGE = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from supermerge.io import writer
 real_add = writer.CheckpointWriter.add
 def add_then_stall(self, name, tensor):
