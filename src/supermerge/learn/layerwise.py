@@ -70,9 +70,8 @@ def block_inputs(model: MergedModel, task: Task, data: TaskData, block: nn.Modul
     ``task`` on all of ``data`` at once. Costs the forward pass up to that block, twice
     (the second on one example, to tell per-example tensors from shared ones)."""
     args, kwargs = _call_block(model, task, data, block, weights)
-    if len(data) == 1:
-        return Captured(args, kwargs, (_same(args, False), _same(kwargs, False)))
-    one_args, one_kwargs = _call_block(model, task, data.select(torch.arange(1)), block, weights)
+    one_args, one_kwargs = (args, kwargs) if len(data) == 1 else _call_block(
+        model, task, data.select(torch.arange(1)), block, weights)
     n = len(data)
     return Captured(args, kwargs,
                     (_per_example(args, one_args, n), _per_example(kwargs, one_kwargs, n)))
@@ -127,14 +126,6 @@ def _per_example(full: Any, one: Any, n: int) -> Any:
         return {k: _per_example(v, one.get(k) if isinstance(one, dict) else None, n)
                 for k, v in full.items()}
     return False
-
-
-def _same(value: Any, flag: bool) -> Any:
-    if isinstance(value, tuple | list):
-        return type(value)(_same(v, flag) for v in value)
-    if isinstance(value, dict):
-        return {k: _same(v, flag) for k, v in value.items()}
-    return flag
 
 
 def _rows(value: Any, per_example: Any, index: torch.Tensor) -> Any:
