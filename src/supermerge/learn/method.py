@@ -23,15 +23,13 @@ from supermerge.learn.data import Task
 from supermerge.learn.memory import PeakRSS
 from supermerge.learn.model import Head, expert_heads
 from supermerge.learn.objectives import make_objective
+from supermerge.learn.train import DataParallel, Progress
 from supermerge.methods.registry import DataNeed, Method, Params
 
 if TYPE_CHECKING:
     from supermerge.learn.hierarchical import LearnedMerge
-    from supermerge.learn.train import DataParallel
 
 State = Mapping[str, torch.Tensor]
-Progress = Callable[[int, int, "float | None"], None]
-"""Called with (done, total, the training loss or None for methods that train nothing)."""
 
 
 @dataclass

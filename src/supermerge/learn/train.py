@@ -31,8 +31,9 @@ from supermerge.learn.objectives import LabelLoss, Objective, as_objective, logi
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int, float], None]
-"""Called after every step with (step, total steps, the step's training loss)."""
+Progress = Callable[[int, int, float | None], None]
+"""Called with (done, total, the training loss): after every step of a training loop;
+methods that train nothing (:mod:`supermerge.learn.method`) report examples and None."""
 
 
 class DataParallel(Protocol):
