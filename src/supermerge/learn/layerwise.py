@@ -36,9 +36,8 @@ from supermerge.learn.train import (
     LearnResult,
     Progress,
     check_tasks,
-    endless_batches,
+    draw_examples,
     evaluate,
-    split_heldout,
 )
 
 log = logging.getLogger(__name__)
@@ -211,9 +210,7 @@ def learn_layerwise(
     fits = [_BlockFit(model, prefix, block, position)
             for position, (prefix, block) in enumerate(blocks)]
     _check_layout(model, tasks, fits)
-    generator = torch.Generator().manual_seed(seed)
-    splits = [split_heldout(task.data, holdout, generator) for task in tasks]
-    batches = [endless_batches(len(train), batch_size, generator) for train, _ in splits]
+    splits, batches = draw_examples(tasks, holdout, batch_size, seed)
     with eval_mode(model):
         return _fit_blocks(model, tasks, fits, splits, batches, objective_fn, steps=steps,
                            lr=lr, eval_every=eval_every, progress=progress, reg=reg,

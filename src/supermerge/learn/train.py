@@ -115,9 +115,7 @@ def learn_coefficients(
     objective_fn = as_objective(objective)
     check_tasks(model, tasks, needs_labels=objective_fn.needs_labels,
                 needs_teacher=objective_fn.needs_teacher)
-    generator = torch.Generator().manual_seed(seed)
-    splits = [split_heldout(task.data, holdout, generator) for task in tasks]
-    batches = [endless_batches(len(train), batch_size, generator) for train, _ in splits]
+    splits, batches = draw_examples(tasks, holdout, batch_size, seed)
     with eval_mode(model):
         return _fit(model, tasks, splits, batches, objective_fn, steps=steps, lr=lr,
                     eval_every=eval_every, progress=progress, parallel=parallel,
@@ -234,12 +232,21 @@ def prediction_loss(model: MergedModel, tasks: Sequence[Task], objective: Object
     Comparable across fits of different coefficients, bases or schedules on the same
     tasks. Costs one merge and a forward pass over the held-out examples.
     """
-    generator = torch.Generator().manual_seed(seed)
-    parts = [held if held is not None else train
-             for train, held in (split_heldout(t.data, holdout, generator) for t in tasks)]
+    splits, _ = draw_examples(tasks, holdout, 1, seed)
+    parts = [held if held is not None else train for train, held in splits]
     predictions = replace(as_objective(objective), feature_weight=0.0)
     with eval_mode(model), torch.no_grad():
         return _loss(model, tasks, parts, predictions, model.merged_parameters())[0]
+
+
+def draw_examples(tasks: Sequence[Task], holdout: float, batch_size: int, seed: int
+                  ) -> tuple[list[tuple[TaskData, TaskData | None]], list[Iterator[torch.Tensor]]]:
+    """Return each task's (training part, held-out part or None) and its endless training
+    batches, all drawn from one generator seeded with ``seed``: the same seed gives the
+    same split to every fit and to :func:`prediction_loss`."""
+    generator = torch.Generator().manual_seed(seed)
+    splits = [split_heldout(task.data, holdout, generator) for task in tasks]
+    return splits, [endless_batches(len(train), batch_size, generator) for train, _ in splits]
 
 
 def split_heldout(
