@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from supermerge import merge
-from supermerge.engine import load_task_model
+from supermerge.engine import load_task_state
 from supermerge.eval import (
     ExpertCache,
     ExpertConfig,
@@ -164,7 +164,7 @@ def test_a_per_task_merge_answers_each_task_with_its_own_model(built, tiny_base,
     shared = load_encoder(out)
     for index, task in enumerate(tasks):
         own = load_encoder(out)
-        own.load_weights(load_task_model(out, index))
+        own.load_weights(load_task_state(out, index))
         alone = evaluate(own, [task], experts=experts)
         assert report.scores[task.name].score == alone.scores[task.name].score
     assert any(not torch.equal(a, b) for a, b in zip(own.state_dict().values(),

@@ -6,11 +6,13 @@ import json
 import random
 
 import pytest
+import safetensors.torch
 import torch
 import yaml
 from click.testing import CliRunner
 
-from helpers_words import VOCAB_SIZE, WORDS, word_tokenizer
+import supermerge
+from helpers_words import VOCAB_SIZE, WORDS, fine_tune, word_tokenizer
 from supermerge.cli.main import cli
 
 transformers = pytest.importorskip("transformers")
@@ -49,14 +51,8 @@ def learn_setup(tmp_path_factory):
     for i, keyword in enumerate(["apple", "red"]):
         model = tiny_classifier(0)
         rows = examples(keyword, 256, seed=i)
-        batch = tokenizer([r["input"] for r in rows], return_tensors="pt", padding=True)
-        labels = torch.tensor([r["label"] == "yes" for r in rows]).long()
-        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-        for _ in range(40):
-            loss = model(**batch, labels=labels).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        fine_tune(model, tokenizer, [r["input"] for r in rows],
+                  [int(r["label"] == "yes") for r in rows], steps=40)
         model.save_pretrained(root / keyword)
         (root / f"{keyword}.jsonl").write_text(
             "\n".join(json.dumps(r) for r in examples(keyword, 32, seed=100 + i)))
@@ -88,6 +84,14 @@ def test_learn_exports_a_model_with_its_coefficients_and_heads(learn_setup, tmp_
         coefficients)
     model = transformers.BertForSequenceClassification.from_pretrained(out)
     assert torch.isfinite(model(torch.tensor([[2, 5, 6, 3]])).logits).all()
+    heads = {task: safetensors.torch.load_file(out / f"heads/{task}.safetensors")
+             for task in ("apple", "red")}
+    # the exported model carries the first task's head, never a newly initialised one
+    torch.testing.assert_close(model.classifier.weight, heads["apple"]["classifier.weight"])
+    red = supermerge.load_task_model(out, "red")
+    torch.testing.assert_close(red.classifier.weight, heads["red"]["classifier.weight"])
+    torch.testing.assert_close(red.bert.pooler.dense.weight, model.bert.pooler.dense.weight)
+    assert json.loads((out / "heads/red.json").read_text())["index"] == 1
 
 
 def test_learn_refuses_bad_input_before_training(learn_setup, tmp_path):

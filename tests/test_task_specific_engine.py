@@ -1,5 +1,5 @@
 """Per-task merges end to end: supermerge.merge writes the shared model, the bit masks and
-task_state.json; load_task_model rebuilds each task's model exactly as computed in memory."""
+task_state.json; load_task_state rebuilds each task's model exactly as computed in memory."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import supermerge
 from conftest import make_family, recipe, save_family
-from supermerge.engine import load_task_model, read_task_state
+from supermerge.engine import load_task_state, read_task_state
 from supermerge.engine.task_state import TASK_STATE_FILE, TaskStateWriter, mask_name, unpack_mask
 from supermerge.errors import CheckpointError, InputValueError
 from supermerge.methods import emr, tall_masks
@@ -56,7 +56,7 @@ def test_tall_masks_end_to_end(family, tmp_path):
     masks = load_file(str(out / TASK_STATE_FILE))
     assert len(masks) == 3 * len(base)
     for t in range(3):
-        rebuilt = load_task_model(out, t)
+        rebuilt = load_task_state(out, t)
         assert set(rebuilt) == set(base)
         for name, b in base.items():
             stored = unpack_mask(masks[mask_name(t, name)], b.shape)
@@ -66,7 +66,7 @@ def test_tall_masks_end_to_end(family, tmp_path):
     assert state["method"] == "tall_masks" and state["base_model"] == str(base_path)
     assert [(t["name"], t["scale"]) for t in state["tasks"]] == [(str(p), 1.0) for p in paths]
     card = (out / "README.md").read_text()
-    assert "needs task ids" in card and "load_task_model" in card
+    assert "needs task ids" in card and "load_task_state" in card
 
 
 def test_emr_end_to_end_uses_whole_model_rescalers(family, tmp_path):
@@ -82,7 +82,7 @@ def test_emr_end_to_end_uses_whole_model_rescalers(family, tmp_path):
     for name, expected in per_tensor.items():
         assert torch.equal(merged[name], expected.shared), name
     for t in range(3):
-        rebuilt = load_task_model(out, t)
+        rebuilt = load_task_state(out, t)
         for name, b in base.items():
             unified = per_tensor[name].shared - b
             expected = b + scales[t] * per_tensor[name].masks[t] * unified  # the paper's theta_t
@@ -93,18 +93,18 @@ def test_tasks_by_name_and_base_as_a_state_dict(family, tmp_path):
     base, _, base_path, paths = family
     out = tmp_path / "out"
     supermerge.merge(recipe("emr", base_path, paths), out)
-    by_index = load_task_model(out, 1)
+    by_index = load_task_state(out, 1)
     for task in (str(paths[1]), "expert1.safetensors", "expert1"):
-        rebuilt = load_task_model(out, task, base=base)
+        rebuilt = load_task_state(out, task, base=base)
         assert all(torch.equal(rebuilt[n], by_index[n]) for n in base), task
     with pytest.raises(CheckpointError, match="no task 'expert9'") as err:
-        load_task_model(out, "expert9")
+        load_task_state(out, "expert9")
     assert "0: " in err.value.fix and "expert2" in err.value.fix
     for bad in (3, -1, True):
         with pytest.raises(CheckpointError, match="no task"):
-            load_task_model(out, bad)
+            load_task_state(out, bad)
     with pytest.raises(CheckpointError, match="base state dict has no tensor"):
-        load_task_model(out, 0, base={"x": torch.ones(1)})
+        load_task_state(out, 0, base={"x": torch.ones(1)})
 
 
 def test_an_ordinary_merge_has_no_task_state(family, tmp_path):
@@ -114,7 +114,7 @@ def test_an_ordinary_merge_has_no_task_state(family, tmp_path):
     assert not (out / TASK_STATE_FILE).exists() and not (out / "task_state.json").exists()
     assert "task ids" not in (out / "README.md").read_text()
     with pytest.raises(CheckpointError, match="not the output of a per-task merge"):
-        load_task_model(out, 0)
+        load_task_state(out, 0)
 
 
 def test_integer_buffers_bf16_output_and_vocabulary_rows(tmp_path):
@@ -134,7 +134,7 @@ def test_integer_buffers_bf16_output_and_vocabulary_rows(tmp_path):
     merged = shared_model(out)
     emb = "model.embed_tokens.weight"
     for t in range(2):
-        rebuilt = load_task_model(out, t)
+        rebuilt = load_task_state(out, t)
         assert torch.equal(rebuilt["model.position_ids"], base["model.position_ids"])
         assert rebuilt[emb].dtype == torch.bfloat16
         assert torch.equal(rebuilt[emb][12:], base[emb][12:].bfloat16())
@@ -182,5 +182,5 @@ def test_a_mask_that_does_not_fit_is_a_clear_error(family, tmp_path):
     masks[name] = torch.zeros(5, dtype=torch.uint8)
     save_file(masks, str(out / TASK_STATE_FILE))
     with pytest.raises(CheckpointError, match="does not fit") as err:
-        load_task_model(out, 0)
+        load_task_state(out, 0)
     assert err.value.tensor == name

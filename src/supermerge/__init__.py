@@ -5,6 +5,7 @@ Python API::
     import supermerge
     supermerge.merge("recipe.yaml", "out/")           # a streamed data-free merge
     supermerge.merge_learned("learn.yaml", "out/")    # SuperMerge / AdaMerging on data
+    model = supermerge.load_task_model("out/", "spam") # a task's transformers model
     from supermerge.methods import ties
     merged = ties(base, [a, b], density=0.2)          # a method on tensors
 """
@@ -16,7 +17,7 @@ from supermerge.errors import SupermergeError
 
 if TYPE_CHECKING:
     from supermerge.api import merge, merge_learned
-    from supermerge.engine import load_task_model
+    from supermerge.eval.task_model import load_task_model
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -26,7 +27,7 @@ __all__ = ["SupermergeError", "load_task_model", "merge", "merge_learned"]
 # The API imports torch (seconds): loaded on first use, so that `supermerge --help` and
 # `import supermerge.errors` stay fast.
 _LAZY = {"merge": "supermerge.api", "merge_learned": "supermerge.api",
-         "load_task_model": "supermerge.engine"}
+         "load_task_model": "supermerge.eval.task_model"}
 
 
 def __getattr__(name: str) -> Any:

@@ -22,3 +22,56 @@ def layer_index(name: str) -> int | None:
     """Return the block number in a tensor name (``model.layers.3.mlp`` -> 3), else None."""
     match = _BLOCK.match(name)
     return int(match.group(2)) if match else None
+
+
+def _prefix_splits(name: str, most: int = 2) -> list[tuple[str, str]]:
+    """Return ``(prefix, rest)`` splits of ``name`` at its first ``most`` dots, the empty
+    prefix first: ``a.b.c`` -> ``("", "a.b.c"), ("a.", "b.c"), ("a.b.", "c")``."""
+    splits, at = [("", name)], 0
+    for _ in range(most):
+        at = name.find(".", at) + 1
+        if at == 0 or at == len(name):
+            break
+        splits.append((name[:at], name[at:]))
+    return splits
+
+
+def prefix_shift(reference: list[str], other: list[str]) -> tuple[str, str] | None:
+    """Return ``(other_prefix, reference_prefix)`` such that most reference names missing
+    from ``other`` are ``reference_prefix + rest`` there and ``other_prefix + rest`` in
+    ``other`` (``("bert.", "")`` for a ``BertForSequenceClassification`` expert of a
+    ``BertModel`` base), or None when no shift explains at least half of them, or when
+    fewer than half of the reference names are missing (a few missing tensors are not a
+    naming difference).
+
+    Prefixes are at most two dotted components on either side. Cost: one pass over each
+    list of names, no tensor read.
+    """
+    present = set(other)
+    missing = [name for name in reference if name not in present]
+    if not missing or 2 * len(missing) < len(reference):
+        return None
+    by_rest: dict[str, list[str]] = {}
+    for name in other:
+        for prefix, rest in _prefix_splits(name):
+            by_rest.setdefault(rest, []).append(prefix)
+    votes: dict[tuple[str, str], int] = {}
+    for name in missing:
+        pairs = {(other_prefix, ref_prefix) for ref_prefix, rest in _prefix_splits(name)
+                 for other_prefix in by_rest.get(rest, ()) if other_prefix != ref_prefix}
+        for pair in pairs:
+            votes[pair] = votes.get(pair, 0) + 1
+    if not votes:
+        return None
+    best = max(votes, key=lambda pair: (votes[pair], -len(pair[0]) - len(pair[1])))
+    return best if 2 * votes[best] >= len(missing) else None
+
+
+def shifted_name(name: str, shift: dict[str, str]) -> str | None:
+    """Return ``name`` (a reference name) as the other model spells it under ``shift``
+    (other prefix -> reference prefix; the first reference prefix ``name`` starts with
+    wins, the longest first), or None when no reference prefix matches."""
+    for other_prefix, ref_prefix in sorted(shift.items(), key=lambda kv: -len(kv[1])):
+        if name.startswith(ref_prefix):
+            return other_prefix + name[len(ref_prefix):]
+    return None

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 import click
 from tqdm import tqdm
 
-from supermerge.cli import screen
+from supermerge.cli import own_data, screen
 from supermerge.cli.common import friendly, quiet_transformers
+from supermerge.errors import RecipeError
 
 if TYPE_CHECKING:
     from supermerge.eval import Task
@@ -199,19 +200,36 @@ bench = _demo_command(
               help="Also write the report as JSON here.")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None,
               help="Also write the table as Markdown here.")
+@own_data.data_options
 @friendly
-def evaluate(model, tasks, base, cache, workers, threads, split, json_path, markdown_path):
-    """Score MODEL (an encoder directory) on tasks, each with its own head.
+def evaluate(model, tasks, base, cache, workers, threads, split, json_path, markdown_path,
+             data, experts, input_key, label_key, max_length):
+    """Score MODEL on tasks, each with its own head.
 
-    Heads come from MODEL/heads/<task>.safetensors when present, else from the task's
-    expert (built into the cache if missing); scores are normalised by the experts'.
+    With --data TASK=FILE (your own labelled files): each task's model of the merge
+    (supermerge.load_task_model: the merged weights and that task's head), normalised by
+    its expert on the same file. Otherwise the packaged tasks (--tasks): MODEL is an
+    encoder directory, heads come from MODEL/heads/<task>.safetensors when present, else
+    from the task's expert (built into the cache if missing).
     """
-    import json
-
-    from supermerge.eval import ExpertCache, evaluate, get_experts, report_rows, text_table
-    from supermerge.eval.report import markdown_table
+    from supermerge.eval import ExpertCache, evaluate, get_experts
     from supermerge.io.guard import check_apart
 
+    files = own_data.pairs(data, "--data")
+    if files and tasks:
+        raise RecipeError("--data and --tasks both name tasks", fix="use one of them")
+    if files:
+        for written in (json_path, markdown_path):
+            if written is not None:
+                check_apart(written, [model, *files.values()])
+        from supermerge.eval.task_model import evaluate_task_models
+
+        with _screen(threads) as bars:
+            report = evaluate_task_models(model, files, experts=own_data.pairs(
+                experts, "--expert"), input_key=input_key, label_key=label_key,
+                max_length=max_length, progress=bars)
+        own_data.show_report(report, json_path, markdown_path)
+        return
     resolved, _, base = _prepare(tasks, base, "default")
     for written in (json_path, markdown_path):
         if written is not None:
@@ -220,14 +238,7 @@ def evaluate(model, tasks, base, cache, workers, threads, split, json_path, mark
         experts = get_experts(base, resolved, cache=ExpertCache(cache), workers=workers,
                               progress=bars)
         report = evaluate(model, resolved, experts=experts, split=split, progress=bars)
-    rows = report_rows(report)
-    click.echo(text_table(rows))
-    if json_path is not None:
-        json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        click.echo(f"wrote {json_path}")
-    if markdown_path is not None:
-        markdown_path.write_text(markdown_table(rows))
-        click.echo(f"wrote {markdown_path}")
+    own_data.show_report(report, json_path, markdown_path)
 
 
 def register(cli_group: click.Group) -> None:

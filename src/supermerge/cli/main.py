@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from supermerge.cli import bench, screen, search
+from supermerge.cli import bench, own_data, screen, search
 from supermerge.cli.common import friendly, quiet_transformers
 from supermerge.cli.sources import STDIN_NAME, is_stdin, stdin_document
 
@@ -140,9 +140,11 @@ def merge(recipe: Path, out: Path, overwrite: bool, threads: int, compute_thread
               help="Share every batch among the processes torchrun started (supermerge, "
               "adamerging): torchrun --nproc-per-node N --no-python supermerge learn ... "
               "--data-parallel. Rank 0 writes OUT.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads [default: torch's, one per core].")
 @friendly
 def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int,
-          data_parallel: bool) -> None:
+          data_parallel: bool, threads: int | None) -> None:
     """Merge with data: learn coefficients (SuperMerge, AdaMerging) or merge from data
     statistics (Fisher, RegMean) as a learn recipe says (`-` reads it from stdin); export
     to OUT."""
@@ -159,6 +161,10 @@ def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int,
 
         parallel = init_from_env()
     lead = parallel is None or parallel.rank == 0
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     quiet_transformers()
     bar = screen.progress_bar("learning", unit="step", show=lead)
 
@@ -185,8 +191,9 @@ def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int,
             heldout = "-" if fit.heldout_loss is None else f"{fit.heldout_loss:.4f}"
             accuracy = ("" if fit.heldout_accuracy is None
                         else f", held-out accuracy {fit.heldout_accuracy:.3f}")
-            click.echo(f"{node}: kept step {fit.best_step} by the held-out {fit.objective} loss, "
-                       f"train loss {fit.train_loss:.4f}, held-out loss {heldout}{accuracy}")
+            click.echo(f"{node}: kept step {fit.best_step} of {fit.steps_run} run, by the held-out "
+                       f"{fit.objective} loss; train loss {fit.train_loss:.4f}, held-out loss "
+                       f"{heldout}{accuracy}")
         for label, loss in outcome.merge.selection.items():
             kept = " (kept)" if label == outcome.merge.chosen else ""
             click.echo(f"configuration {label}: held-out prediction loss {loss:.4f}{kept}")
@@ -278,6 +285,7 @@ def methods(name: str | None, as_json: bool) -> None:
 
 bench.register(cli)
 search.register(cli)
+own_data.register(cli)
 for _command in cli.commands.values():
     screen.verbosity_options(_command)
 

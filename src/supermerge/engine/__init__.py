@@ -4,7 +4,7 @@ from supermerge.engine.executor import MergeResult, Progress, execute
 from supermerge.engine.inspect import TensorDiff, compare_checkpoints, summarize_checkpoint
 from supermerge.engine.plan import MergePlan, TensorJob, plan_merge
 from supermerge.engine.spec import MergeSpec, ModelSpec
-from supermerge.engine.task_state import TaskState, load_task_model, read_task_state
+from supermerge.engine.task_state import TaskState, load_task_state, read_task_state
 
 __all__ = [
     "MergePlan",
@@ -17,7 +17,7 @@ __all__ = [
     "TensorJob",
     "compare_checkpoints",
     "execute",
-    "load_task_model",
+    "load_task_state",
     "plan_merge",
     "read_task_state",
     "summarize_checkpoint",

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from supermerge.engine.heads import head_files, heads_card_note
 from supermerge.engine.plan import MergePlan, Source, TensorJob
 from supermerge.engine.spec import parse_dtype
 from supermerge.engine.task_state import TaskStateWriter
@@ -138,7 +139,10 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
             if progress:
                 progress(merged + copied, total, loaded.job.name)
             del loaded, tensor
-        writer.copy_model_files(plan.reference.model_dir)
+        writer.copy_model_files(plan.reference.model_dir)  # the tokenizer, if the expert has none
+        if plan.model_files is not plan.reference:
+            writer.copy_model_files(plan.model_files.model_dir)
+        _write_heads(plan, writer)
         _record_output_dtype(plan, writer)
         writer.write_text("supermerge_recipe.yaml", recipe_yaml)
         if task_state is not None:
@@ -148,7 +152,8 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
                          *(m.path for m in plan.spec.models)],
             method=plan.method.name,
             recipe_yaml=recipe_yaml,
-            extra_markdown=task_state.model_card_note() if task_state else "",
+            extra_markdown=(task_state.model_card_note() if task_state else "")
+            + heads_card_note([head.task for head in plan.heads]),
         )
         published = writer.commit()
     for warning in plan.warnings:
@@ -163,15 +168,26 @@ def _task_state_writer(plan: MergePlan) -> TaskStateWriter | None:
     """The writer of a per-task method's masks and task_state.json; None for other methods."""
     if not plan.method.per_task:
         return None
-    base = plan.spec.base_model  # recorded absolute: load_task_model may run elsewhere
+    base = plan.spec.base_model  # recorded absolute: load_task_state may run elsewhere
     return TaskStateWriter(plan.method.name, [m.path for m in plan.spec.models],
                            str(Path(base).resolve()) if base is not None else None,
                            [(job.name, job.shape) for job in plan.jobs if job.merge])
 
 
+def _write_heads(plan: MergePlan, writer: CheckpointWriter) -> None:
+    """Write each expert's task head (``heads/<task>.*``, :mod:`supermerge.engine.heads`).
+    Costs one read of the head tensors (small: the last layers only)."""
+    heads = {head.task: {name: head.checkpoint.read(name) for name in head.names}
+             for head in plan.heads}
+    configs = {head.task: head.checkpoint.config for head in plan.heads}
+    sources = {head.task: head.checkpoint.path for head in plan.heads}
+    for name, data in head_files(heads, configs, sources).items():
+        writer.write_bytes(name, data)
+
+
 def _record_output_dtype(plan: MergePlan, writer: CheckpointWriter) -> None:
     """Say the recipe's output dtype in config.json, so transformers loads it as written."""
-    config = plan.reference.config
+    config = plan.model_files.config
     if config is None or plan.spec.out_dtype is None:
         return
     name = str(parse_dtype(plan.spec.out_dtype, "dtype")).removeprefix("torch.")

@@ -28,6 +28,7 @@ from supermerge.errors import MethodError, OutputError, PlanError, Problem, Supe
 from supermerge.io import Checkpoint, TensorInfo, open_checkpoint, tied_aliases
 from supermerge.io.guard import check_output
 from supermerge.methods import Method, get_method
+from supermerge.names import prefix_shift, shifted_name
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,15 @@ class Source:
     @property
     def info(self) -> TensorInfo:
         return self.checkpoint.info(self.name)
+
+
+@dataclass(frozen=True)
+class TaskHead:
+    """One expert's task head: its tensors (the expert's own names), kept out of the merge."""
+
+    task: str
+    checkpoint: Checkpoint
+    names: tuple[str, ...]
 
 
 @dataclass
@@ -85,6 +95,17 @@ class MergePlan:
     jobs: list[TensorJob]
     statistic_params: tuple[Any, list[Any]] | None = None
     warnings: list[str] = field(default_factory=list)
+    heads: list[TaskHead] = field(default_factory=list)
+    name_maps: list[dict[str, str]] = field(default_factory=list)
+    unaligned: set[int] = field(default_factory=set)  # experts lacking most tensors
+
+    @property
+    def model_files(self) -> Checkpoint:
+        """Whose config and tokenizer files the output gets: the first expert's when the
+        output carries its head (its config names those classes), else the reference's."""
+        if any(job.reference.checkpoint is not self.reference for job in self.jobs):
+            return self.experts[0]
+        return self.reference
 
     @property
     def largest_tensor_bytes(self) -> int:
@@ -132,6 +153,10 @@ def plan_merge(spec: MergeSpec, *, out: Path | None = None, overwrite: bool = Fa
     plan = MergePlan(spec=spec, method=method, base=base, experts=experts,  # type: ignore[arg-type]
                      reference=reference, jobs=[])
     global_specs, default_specs = _split(method, spec, problems)
+    plan.name_maps = [_name_map(plan, model, expert)
+                      for model, expert in zip(spec.models, experts, strict=True)]
+    plan.heads = _task_heads(plan, problems)
+    plan.unaligned = _check_missing(plan, problems)
     plan.jobs = _plan_jobs(plan, global_specs, default_specs, problems)
     if method.statistic is not None and not problems:
         plan.statistic_params = _statistic_params(method, global_specs, default_specs, problems)
@@ -206,11 +231,71 @@ def _flat(layers) -> dict[str, Any]:
     return merged
 
 
+def _name_map(plan: MergePlan, model, expert: Checkpoint) -> dict[str, str]:
+    """Return {reference name: the expert's name for it} for each reference tensor the
+    expert holds: the same name, a tied alias, or the name under a prefix shift (the
+    model's ``prefix``, else one found by :func:`~supermerge.names.prefix_shift`, logged).
+    Costs nothing: names only."""
+    names = plan.reference.names()
+    present = set(expert.names())
+    aliases = tied_aliases(expert)
+    shift, explicit = model.prefix, model.prefix is not None
+    if shift is None and expert is not plan.reference:
+        found = prefix_shift(names, list(present))
+        if found is not None:
+            shift = {found[0]: found[1]}
+    mapping: dict[str, str] = {}
+    for name in names:
+        shifted = shifted_name(name, shift) if shift else None
+        candidates = [shifted, name] if explicit else [name, shifted]
+        actual = next((c for c in candidates if c is not None and c in present), None)
+        if actual is None and name in aliases:
+            actual = aliases[name]
+        if actual is not None:
+            mapping[name] = actual
+    if shift and not explicit:
+        moved = sum(actual != name for name, actual in mapping.items())
+        if moved:
+            (other, ref), = shift.items()
+            log.info("%s: its tensor names start with %r where the reference's start with %r: "
+                     "aligned %d tensor(s) (set `prefix:` on this model to choose otherwise)",
+                     expert.path, other, ref, moved)
+    return mapping
+
+
+def _task_heads(plan: MergePlan, problems: list[Problem]) -> list[TaskHead]:
+    """Each expert's head tensors under the recipe's ``heads`` prefixes; a problem for an
+    expert with none (its task would have no head) or two experts with one task name."""
+    if not plan.spec.heads:
+        return []
+    heads = []
+    for model, expert in zip(plan.spec.models, plan.experts, strict=True):
+        names = tuple(n for n in expert.names() if plan.spec.is_head(n))
+        if not names:
+            problems.append(Problem(
+                f"no tensor starts with the head prefix(es) {plan.spec.heads}: task "
+                f"{model.task_name!r} would have no head", file=str(expert.path),
+                fix=f"set `heads:` to the prefix of the task heads; this model holds e.g. "
+                f"{', '.join(_some_names(expert))}"))
+        heads.append(TaskHead(model.task_name, expert, names))
+    tasks = [head.task for head in heads]
+    for task in {t for t in tasks if tasks.count(t) > 1}:
+        problems.append(Problem(f"two models share the task name {task!r}: their heads would "
+                                "overwrite each other", fix="give each model its own `task:`"))
+    return heads
+
+
+def _some_names(checkpoint: Checkpoint, count: int = 6) -> list[str]:
+    """A few tensor names of ``checkpoint``: one per top-level module, then its last two."""
+    names = checkpoint.names()
+    firsts = {name.split(".", 1)[0]: name for name in reversed(names)}
+    return list(dict.fromkeys([*reversed(firsts.values()), *names[-2:]]))[:count]
+
+
 def _plan_jobs(plan: MergePlan, global_specs, model_specs, problems) -> list[TensorJob]:
     spec, method, reference = plan.spec, plan.method, plan.reference
     out_dtype = parse_dtype(spec.out_dtype, "dtype")
     positions = LayerPositions(reference.names())
-    aliases = [tied_aliases(e) for e in plan.experts]
     validated: dict[tuple, tuple[Any, list[Any]]] = {}
     jobs = []
     for name in reference.names():
@@ -222,10 +307,13 @@ def _plan_jobs(plan: MergePlan, global_specs, model_specs, problems) -> list[Ten
                         base=Source(plan.base, name) if plan.base is not None else None,
                         seed=tensor_seed(spec.seed, name))
         jobs.append(job)
+        if spec.is_head(name):
+            _first_task_head(plan, job)
+            continue
         if not ref_info.is_float:
             job.merge = False  # integer buffers are copied from the reference, never averaged
             continue
-        job.experts = _expert_sources(plan, name, ref_info, aliases, job, problems)
+        job.experts = _expert_sources(plan, name, ref_info, job, problems)
         position = job.position = positions.position(name)
         glob, p1 = resolve_all(global_specs, name, position, "parameters")
         rows = []
@@ -242,15 +330,51 @@ def _plan_jobs(plan: MergePlan, global_specs, model_specs, problems) -> list[Ten
                 problems.append(Problem(err.message, tensor=name, fix=err.fix))
                 validated[key] = (None, [])
         job.params, job.model_params = validated[key]
-    _report_extra_tensors(plan, aliases)
+    _report_extra_tensors(plan)
     return jobs
 
 
-def _expert_sources(plan, name, ref_info, aliases, job, problems) -> list[Source]:
+def _first_task_head(plan: MergePlan, job: TensorJob) -> None:
+    """A head tensor is never merged: the output carries the first expert's (its shape),
+    or the reference's own where the first expert has none."""
+    job.merge = False
+    actual = plan.name_maps[0].get(job.name) if plan.experts else None
+    if actual is not None:
+        info = plan.experts[0].info(actual)
+        job.reference = Source(plan.experts[0], actual)
+        job.shape = tuple(info.shape)
+        job.out_dtype = job.out_dtype if info.is_float else info.dtype
+
+
+def _check_missing(plan: MergePlan, problems: list[Problem]) -> set[int]:
+    """Return the indices of the experts that lack most of the reference's float tensors
+    (the wrong model, or names that differ in a way no prefix explains), with one problem
+    each: `on_missing: base` would give the base back, so it is neither applied nor
+    suggested. Costs nothing: names only."""
+    wanted = [n for n in plan.reference.names()
+              if plan.reference.info(n).is_float and not plan.spec.is_head(n)]
+    unaligned = set()
+    for index, expert in enumerate(plan.experts):
+        missing = [n for n in wanted if n not in plan.name_maps[index]]
+        if 2 * len(missing) <= len(wanted):
+            continue
+        unaligned.add(index)
+        problems.append(Problem(
+            f"{len(missing)} of the reference's {len(wanted)} tensors are missing in this model "
+            f"(e.g. {', '.join(missing[:3])}); it holds e.g. {', '.join(_some_names(expert))}",
+            file=str(expert.path),
+            fix="merge fine-tunes of the same base model; if the names differ by a prefix, map "
+                "it on the model: `prefix: {'<its prefix>': '<the reference's prefix>'}`"))
+    return unaligned
+
+
+def _expert_sources(plan, name, ref_info, job, problems) -> list[Source]:
     sources = []
     for i, expert in enumerate(plan.experts):
-        actual = name if name in expert else aliases[i].get(name)
-        if actual is None or actual not in expert:
+        actual = plan.name_maps[i].get(name)
+        if actual is None:
+            if i in plan.unaligned:
+                continue  # one problem for the whole model (_check_missing)
             if plan.spec.on_missing == "base" and plan.base is not None:
                 sources.append(Source(plan.base, name))
                 plan.warnings.append(f"{expert.path}: missing {name}, used the base's tensor")
@@ -292,10 +416,10 @@ def _shape_mismatch(plan, name, ref_info, info, expert, job, problems) -> None:
                             fix=fix))
 
 
-def _report_extra_tensors(plan: MergePlan, aliases) -> None:
-    wanted = set(plan.reference.names())
-    for expert, alias in zip(plan.experts, aliases, strict=True):
-        extra = [n for n in expert.names() if n not in wanted and n not in alias.values()]
+def _report_extra_tensors(plan: MergePlan) -> None:
+    for expert, mapping in zip(plan.experts, plan.name_maps, strict=True):
+        used = set(mapping.values())
+        extra = [n for n in expert.names() if n not in used and not plan.spec.is_head(n)]
         if extra:
             plan.warnings.append(f"{expert.path}: {len(extra)} tensor(s) not in the reference "
                                  f"were ignored (e.g. {extra[0]})")

@@ -7,6 +7,7 @@ Recipes (YAML, mergekit's format) are parsed in ``supermerge.recipes`` into a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -39,10 +40,25 @@ def parse_dtype(name: str | None, where: str) -> torch.dtype | None:
 
 @dataclass
 class ModelSpec:
-    """One input model and its own parameters (values may be per-tensor specs)."""
+    """One input model and its own parameters (values may be per-tensor specs).
+
+    ``prefix`` maps a prefix of this model's tensor names to the reference's (``{"bert.":
+    ""}``: its ``bert.encoder...`` is the base's ``encoder...``); None aligns a consistent
+    prefix automatically. ``task`` names its task's head under ``heads/`` (default: the
+    folder's name).
+    """
 
     path: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    prefix: dict[str, str] | None = None
+    task: str | None = None
+
+    @property
+    def task_name(self) -> str:
+        """The task's name: ``task``, else the model's folder (or file stem) name."""
+        path = Path(self.path)
+        return self.task or (path.stem if path.suffix in (".safetensors", ".bin", ".pt")
+                             else path.name)
 
 
 @dataclass
@@ -67,3 +83,8 @@ class MergeSpec:
     on_missing: Literal["refuse", "base"] = "refuse"
     vocab: Literal["common_rows", "refuse"] = "common_rows"
     on_nonfinite: Literal["refuse", "warn"] = "refuse"
+    heads: list[str] = field(default_factory=list)
+
+    def is_head(self, name: str) -> bool:
+        """Whether tensor ``name`` belongs to a task head (``heads``)."""
+        return any(name.startswith(prefix) for prefix in self.heads)

@@ -15,7 +15,7 @@ whole model. The output directory then holds:
 Task t's model is, for every tensor with a mask, ``base + scale_t * mask_t * (shared -
 base)`` (:func:`~supermerge.methods.registry.task_tensor`; exactly ``where(mask, shared,
 base)`` when the scale is 1), and the shared tensor for every other one (integer buffers).
-:func:`load_task_model` rebuilds it; the evaluation harness calls it with the task id.
+:func:`load_task_state` rebuilds it; the evaluation harness calls it with the task id.
 """
 
 from __future__ import annotations
@@ -138,8 +138,8 @@ class TaskStateWriter:
             f"weight) and one scale per task (`{TASK_STATE_JSON}`). The weights in this "
             "directory are the shared model; each task's own model is rebuilt from them, "
             "the base model and the task's mask, with the task id:\n\n"
-            "```python\nfrom supermerge.engine import load_task_model\n"
-            "state_dict = load_task_model(\"<this directory>\", task=0)\n```\n\n"
+            "```python\nfrom supermerge.engine import load_task_state\n"
+            "state_dict = load_task_state(\"<this directory>\", task=0)\n```\n\n"
             f"Tasks (`task` accepts the id or the model's path):\n\n{tasks}\n"
         )
 
@@ -226,7 +226,7 @@ def read_task_state(out_dir: str | Path) -> TaskState:
     return state
 
 
-def load_task_model(
+def load_task_state(
     out_dir: str | Path,
     task: int | str,
     *,

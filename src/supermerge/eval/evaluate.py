@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from supermerge.engine import TaskState, load_task_model, read_task_state
+from supermerge.engine import TaskState, load_task_state, read_task_state
 from supermerge.engine.task_state import TASK_STATE_JSON
 from supermerge.eval.experts import Expert, ExpertConfig
 from supermerge.eval.model import (
@@ -135,7 +135,7 @@ def evaluate(
     scores = {}
     for task in tasks:
         if state is not None:  # a per-task merge: this task's own model, by its task id
-            encoder.load_weights(load_task_model(directory, _task_index(state, task, experts)))
+            encoder.load_weights(load_task_state(directory, _task_index(state, task, experts)))
         head = _head_for(task, directory, experts, heads or {})
         texts, labels = data[task.name]
         ids = tokenize(tokenizer, texts, max_length)

@@ -67,7 +67,8 @@ OUTPUT_FILE_PATTERNS = (
     "coefficients.csv",
     "coefficients.png",
 )
-HEADS_DIR = "heads"  # heads/<task>.safetensors of learned merges: the one subfolder written
+HEADS_DIR = "heads"  # heads/<task>.safetensors and .json: the one subfolder written
+HEAD_FILE_PATTERNS = ("*.safetensors", "*.json")
 
 _SHOWN = 5  # unexpected files named in a refusal
 
@@ -178,8 +179,8 @@ def is_supermerge_output(folder: Path) -> bool:
 def unowned_files(folder: Path) -> Iterator[str]:
     """Yield the paths (relative, ``/``-separated) under ``folder`` that supermerge does not
     write: files matching none of OUTPUT_FILE_PATTERNS, anything in a subfolder other than
-    ``heads/*.safetensors``, links and special files. Links are never followed; a folder
-    that cannot be listed is yielded itself."""
+    ``heads/*.safetensors`` and ``heads/*.json``, links and special files. Links are never
+    followed; a folder that cannot be listed is yielded itself."""
     yield from _unowned(folder, "")
 
 
@@ -258,7 +259,7 @@ def _unowned(folder: Path, prefix: str) -> Iterator[str]:
         elif not entry.is_file(follow_symlinks=False):
             yield rel  # a link, a socket, a device: supermerge writes none
         elif not any(fnmatchcase(entry.name, p)
-                     for p in (("*.safetensors",) if prefix else OUTPUT_FILE_PATTERNS)):
+                     for p in (HEAD_FILE_PATTERNS if prefix else OUTPUT_FILE_PATTERNS)):
             yield rel
 
 

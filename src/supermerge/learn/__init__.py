@@ -20,7 +20,6 @@ from supermerge.learn.export import (
     export_learned,
     export_model,
     export_outcome,
-    head_files,
     plot_coefficients,
 )
 from supermerge.learn.fisher import fisher_merge
@@ -84,7 +83,6 @@ __all__ = [
     "merge_tree",
     "model_thresholds",
     "coefficient_tensors",
-    "head_files",
     "plot_coefficients",
     "regmean_merge",
     "supermerge",

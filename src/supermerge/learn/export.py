@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
+from supermerge.engine.heads import head_files, heads_card_note
 from supermerge.io import CheckpointWriter
 from supermerge.learn.errors import LearnError
 from supermerge.learn.hierarchical import LearnedMerge
@@ -46,6 +47,7 @@ def coefficients_json(fits: Fits, selection: Mapping[str, float] | None = None,
             "groups": fit.group_names,
             "coefficients": fit.coefficients.tolist(),
             "best_step": fit.best_step,
+            "steps_run": fit.steps_run,
             "train_loss": fit.train_loss,
             "heldout_loss": fit.heldout_loss,
             "heldout_accuracy": fit.heldout_accuracy,
@@ -118,13 +120,6 @@ def plot_coefficients(fits: Fits, max_labels: int = 60) -> bytes:
     return png.getvalue()
 
 
-def head_files(heads: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, bytes]:
-    """Return ``{"heads/<task>.safetensors": bytes}``: each task's own head."""
-    return {f"heads/{task}.safetensors": save({k: v.detach().contiguous()
-                                                for k, v in head.items()})
-            for task, head in heads.items()}
-
-
 def export_model(
     out: str | Path,
     state: Mapping[str, torch.Tensor],
@@ -139,32 +134,50 @@ def export_model(
     overwrite: bool = False,
     shard_size: int = 5 * 2**30,
     inputs: Sequence[str | Path] = (),
+    head_configs: Mapping[str, Mapping[str, Any] | None] | None = None,
+    head_experts: Mapping[str, str | Path] | None = None,
+    base_dir: str | Path | None = None,
 ) -> Path:
     """Write a data-driven merge (a Hugging Face directory); returns ``out``.
 
-    ``state`` is the whole merged state dict; each task's head goes to
-    ``heads/<task>.safetensors``. The config/tokenizer files of ``model_dir``, the model
+    ``state`` is the whole merged state dict; each task's head goes to ``heads/<task>.*``
+    (:mod:`supermerge.engine.heads`, with ``head_configs[task]`` and ``head_experts[task]``,
+    the expert's config and path), and
+    the model's own head tensors are the first task's (``model_dir``, the first expert's
+    folder, gives the config that names its classes): never a newly initialised one. The
+    config/tokenizer files of ``base_dir`` then ``model_dir`` (replacing), the model
     card (with ``notes``), the recipe and ``files`` (name -> text or bytes) are published
     with the weights atomically by the checkpoint writer: a failure leaves no output.
     ``inputs`` (the models and data merged) go to the output guard, which also checks the
     free disk space before anything is written. Costs nothing beyond ``state``: each
     tensor is written straight to its place.
     """
+    state = _with_first_head(state, heads)
     layout = [(name, tuple(t.shape), t.dtype) for name, t in state.items()]
     with CheckpointWriter(out, overwrite=overwrite, shard_size=shard_size, layout=layout,
                           inputs=inputs) as writer:
         for name, tensor in state.items():
             writer.add(name, tensor)
-        writer.copy_model_files(Path(model_dir) if model_dir is not None else None)
+        for files_dir in dict.fromkeys([base_dir, model_dir]):
+            writer.copy_model_files(Path(files_dir) if files_dir is not None else None)
         writer.write_model_card(base_models=list(base_models), method=method,
-                                recipe_yaml=recipe_yaml, extra_markdown=notes)
+                                recipe_yaml=recipe_yaml, extra_markdown=notes + _heads_note(heads))
         writer.write_text("supermerge_recipe.yaml", recipe_yaml)
-        for name, data in {**(files or {}), **head_files(heads)}.items():
+        heads_written = head_files(heads, head_configs or {}, head_experts)
+        for name, data in {**(files or {}), **heads_written}.items():
             if isinstance(data, str):
                 writer.write_text(name, data)
             else:
                 writer.write_bytes(name, data)
         return writer.commit()
+
+
+def _with_first_head(state: Mapping[str, torch.Tensor],
+                     heads: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``state`` with its head tensors replaced by the first task's (same names and shapes)."""
+    first = next(iter(heads.values()), {})
+    return {name: first[name] if name in first and first[name].shape == tensor.shape
+            else tensor for name, tensor in state.items()}
 
 
 def export_learned(
@@ -178,6 +191,9 @@ def export_learned(
     overwrite: bool = False,
     shard_size: int = 5 * 2**30,
     inputs: Sequence[str | Path] = (),
+    head_configs: Mapping[str, Mapping[str, Any] | None] | None = None,
+    head_experts: Mapping[str, str | Path] | None = None,
+    base_dir: str | Path | None = None,
 ) -> Path:
     """Write the merged model (a Hugging Face directory) with its coefficients; returns ``out``.
 
@@ -197,12 +213,15 @@ def export_learned(
     return export_model(out, merge.model.merged_state_dict(), merge.model.head_state_dicts(),
                         method=method, base_models=base_models, recipe_yaml=recipe_yaml,
                         model_dir=model_dir, notes=_card_notes(merge), files=files,
-                        overwrite=overwrite, shard_size=shard_size, inputs=inputs)
+                        overwrite=overwrite, shard_size=shard_size, inputs=inputs,
+                        head_configs=head_configs, head_experts=head_experts,
+                        base_dir=base_dir)
 
 
 def _card_notes(merge: LearnedMerge) -> str:
     rows = [
-        f"| {node} | {fit.objective} | {fit.best_step} | {fit.train_loss:.4f} | "
+        f"| {node} | {fit.objective} | {fit.best_step} of {fit.steps_run} | "
+        f"{fit.train_loss:.4f} | "
         f"{'-' if fit.heldout_loss is None else f'{fit.heldout_loss:.4f}'} | "
         f"{'-' if fit.heldout_accuracy is None else f'{fit.heldout_accuracy:.3f}'} |"
         for node, fit in merge.fits.items()
@@ -210,8 +229,7 @@ def _card_notes(merge: LearnedMerge) -> str:
     return (
         "## Learned coefficients\n\n"
         "Coefficients per expert and merge group are in `coefficients.json` / `.csv` / "
-        "`.safetensors` and `coefficients.png`; each task's head is in "
-        "`heads/<task>.safetensors`.\n\n"
+        "`.safetensors` and `coefficients.png`.\n\n"
         "The kept step has the lowest held-out loss of the objective; the held-out accuracy "
         "(classification tasks with labels) is reported beside it.\n\n"
         "| node | objective | kept step | train loss | held-out loss | held-out accuracy |\n"
@@ -220,6 +238,10 @@ def _card_notes(merge: LearnedMerge) -> str:
         + f"\n\nMerge tree:\n\n```\n{merge.tree.render()}\n```\n"
         + _selection_notes(merge)
     )
+
+
+def _heads_note(heads: Mapping[str, Mapping[str, torch.Tensor]]) -> str:
+    return "\n" + heads_card_note(list(heads)) if heads else ""
 
 
 def _selection_notes(merge: LearnedMerge) -> str:

@@ -80,6 +80,11 @@ class LearnResult:
     objective: str = "labels"
     heldout_accuracy: float | None = None
 
+    @property
+    def steps_run(self) -> int:
+        """Optimisation steps taken: fewer than planned after an early stop (``patience``)."""
+        return max((evaluation.step for evaluation in self.history), default=self.best_step)
+
 
 def learn_coefficients(
     model: MergedModel,

@@ -16,7 +16,7 @@ magnitude. The rescalers are whole-model sums, computed by :class:`EmrRescalers`
 extra reading pass before the merge (the engine's :class:`ModelStatistic` mechanism);
 called on one tensor from Python they are that tensor's. The engine writes the shared
 model and the K masks (1 bit per entry) and records the rescalers in ``task_state.json``;
-:func:`supermerge.engine.task_state.load_task_model` rebuilds task i's model.
+:func:`supermerge.engine.task_state.load_task_state` rebuilds task i's model.
 
 Tuning-free: no parameters and no weights (the paper's method is unweighted).
 

@@ -16,7 +16,7 @@ multi-task one, which the paper uses to compress K checkpoints into one model an
 masks. ``tall_lambda = 0`` keeps every entry (theta_t is the shared model).
 
 The result is not one model: the engine writes the shared model and the K masks (1 bit per
-entry) beside it, and :func:`supermerge.engine.task_state.load_task_model` rebuilds task
+entry) beside it, and :func:`supermerge.engine.task_state.load_task_state` rebuilds task
 t's model from them. The mask is :func:`supermerge.methods.primitives.tall_masks`, the one
 Consensus merging counts.
 

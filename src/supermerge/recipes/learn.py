@@ -240,12 +240,13 @@ def run_learn_recipe(
         for e in recipe.experts]
     auto = getattr(transformers, _AUTO_CLASSES[recipe.architecture])
     config = transformers.AutoConfig.from_pretrained(first_dir)
-    module = auto.from_pretrained(base_dir, config=config).eval()
+    module = _base_module(auto, base_dir, config, recipe.head_prefix)
     experts = {name: CheckpointState(ckpt) for name, ckpt in checkpoints.items()}
     written = {"method": recipe.merge_method, "recipe_yaml": recipe.to_yaml(),
                "base_models": [str(base_dir), *map(str, expert_dirs.values())],
                "model_dir": first_dir, "overwrite": overwrite, "shard_size": shard_size,
-               "inputs": inputs}
+               "inputs": inputs, "head_experts": expert_dirs, "base_dir": base_dir,
+               "head_configs": {task: ckpt.config for task, ckpt in checkpoints.items()}}
     options = dict(recipe.parameters)  # as given: a method may read which were set
     if "weight" in method.model_params.model_fields:
         options["weights"] = {e.task_name: e.weight or 1.0 for e in recipe.experts}
@@ -274,6 +275,34 @@ def _check_head_prefix(prefix: str, checkpoints: dict[str, Checkpoint]) -> None:
         file=ckpt.path,
         fix=f"set head_prefix to the prefix of the task heads; {task!r} holds e.g. "
         f"{', '.join(shown)}")
+
+
+def _base_module(auto: Any, base_dir: Path, config: Any, head_prefix: str | None) -> Any:
+    """The experts' architecture with the base model's weights, in eval mode.
+
+    transformers' load report (the task head the base lacks, "newly initialized") becomes
+    one log line; weights other than the head that the base lacks are a warning. Costs
+    loading the base model once.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        module, info = auto.from_pretrained(base_dir, config=config, output_loading_info=True)
+    finally:
+        transformers_logging.set_verbosity(level)
+    missing = list(info.get("missing_keys", []))
+    head = [name for name in missing if head_prefix and name.startswith(head_prefix)]
+    others = [name for name in missing if name not in head]
+    if head:
+        log.info("%s: the base model has no task head (%s): each task's head comes from its "
+                 "expert", type(module).__name__, ", ".join(sorted(head)))
+    if others:
+        log.warning("%d weight(s) of %s are not in the base model %s and start from random "
+                    "values (e.g. %s): is it the experts' base?", len(others),
+                    type(module).__name__, base_dir, ", ".join(sorted(others)[:3]))
+    return module.eval()
 
 
 def _transformers():

@@ -13,7 +13,14 @@ A recipe accepts mergekit's keys for the methods both tools have::
     dtype: bfloat16
 
 plus supermerge's own keys (``seed``, ``compute_dtype``, ``on_missing``, ``vocab``,
-``on_nonfinite``). Differences from mergekit are documented in the README: ``dtype`` is the
+``on_nonfinite``, ``heads``, and per model ``task`` and ``prefix``)::
+
+    heads: classifier.              # task heads: never merged, each kept under heads/
+    models:
+      - model: ./bert-spam          # BertForSequenceClassification of a BertModel base
+        prefix: {"bert.": ""}       # its names' prefix -> the base's (found automatically
+        task: spam                  #   when consistent); the head's file: heads/spam...
+ Differences from mergekit are documented in the README: ``dtype`` is the
 *output* dtype here (computation is float32 unless ``compute_dtype`` says otherwise), and
 a base model listed again under ``models`` is dropped for methods that merge task vectors
 (its task vector is zero), as mergekit does.
@@ -52,6 +59,23 @@ class RecipeModel(BaseModel):
 
     model: str
     parameters: dict[str, Any] = Field(default_factory=dict)
+    prefix: dict[str, str] | None = Field(
+        None, description="this model's tensor-name prefix -> the reference's ({'bert.': ''}); "
+        "a string is a prefix the reference lacks")
+    task: str | None = Field(None, description="its task's name (heads/<task>.safetensors)")
+
+    @field_validator("prefix", mode="before")
+    @classmethod
+    def _prefix_shorthand(cls, value: Any) -> Any:
+        """Accept ``prefix: bert.`` as ``{bert.: ''}``."""
+        return {value: ""} if isinstance(value, str) else value
+
+    @field_validator("task")
+    @classmethod
+    def _task_is_a_file_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_file_name(value, "the task name (`task:`)")
+        return value
 
 
 class Recipe(BaseModel):
@@ -70,7 +94,14 @@ class Recipe(BaseModel):
     on_missing: Literal["refuse", "base"] = "refuse"
     vocab: Literal["common_rows", "refuse"] = "common_rows"
     on_nonfinite: Literal["refuse", "warn"] = "refuse"
+    heads: list[str] = Field(default_factory=list)
     name: str | None = None
+
+    @field_validator("heads", mode="before")
+    @classmethod
+    def _one_head_prefix(cls, value: Any) -> Any:
+        """Accept ``heads: classifier.`` as a list of one prefix."""
+        return [value] if isinstance(value, str) else value
 
     @field_validator("models", mode="before")
     @classmethod
@@ -86,7 +117,8 @@ class Recipe(BaseModel):
         method = get_method(self.merge_method)
         warn_repeated_models([m.model for m in self.models], root, "models")
         base = _locate(self.base_model, root) if self.base_model else None
-        models = [ModelSpec(_locate(m.model, root), dict(m.parameters)) for m in self.models]
+        models = [ModelSpec(_locate(m.model, root), dict(m.parameters), prefix=m.prefix,
+                            task=m.task) for m in self.models]
         if base is not None and method.needs_base:
             kept = [m for m in models if not _same(m.path, base)]
             if len(kept) != len(models):
@@ -99,7 +131,15 @@ class Recipe(BaseModel):
             method=self.merge_method, models=models, base_model=base,
             parameters=dict(self.parameters), out_dtype=self.out_dtype or self.dtype,
             compute_dtype=self.compute_dtype, seed=self.seed, on_missing=self.on_missing,
-            vocab=self.vocab, on_nonfinite=self.on_nonfinite)
+            vocab=self.vocab, on_nonfinite=self.on_nonfinite, heads=list(self.heads))
+
+    def located(self, root: Path | None) -> Recipe:
+        """Return a copy whose model paths are resolved as :meth:`to_spec` resolves them
+        (against ``root`` where they exist there): it runs from any working directory."""
+        return self.model_copy(update={
+            "base_model": _locate(self.base_model, root) if self.base_model else None,
+            "models": [m.model_copy(update={"model": _locate(m.model, root)})
+                       for m in self.models]})
 
     def to_yaml(self) -> str:
         """The recipe as YAML (what is saved beside the merged model)."""
