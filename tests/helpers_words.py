@@ -20,15 +20,16 @@ def word_tokenizer(folder: Path):
 
 def fine_tune(model, tokenizer, texts: list[str], labels: list[int], steps: int,
               lr: float = 3e-3):
-    """Train a transformers sequence classifier on the whole batch for ``steps`` Adam
-    steps (full-batch, seeded by the caller); returns the model."""
+    """Train a classifier (anything whose output has ``logits``) with cross-entropy on the
+    whole batch for ``steps`` Adam steps (seeded by the caller); returns the model."""
     import torch
+    import torch.nn.functional as F
 
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     target = torch.tensor(labels)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
-        loss = model(**batch, labels=target).loss
+        loss = F.cross_entropy(model(**batch).logits, target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

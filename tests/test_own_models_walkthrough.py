@@ -143,3 +143,58 @@ def test_learn_your_own_classifiers_and_load_each_task(workspace, tmp_path, capf
                                fruit.bert.encoder.layer[1].output.dense.weight)
     output = run("evaluate", str(tmp_path / "learned"), *data_args(root))
     assert "fruit" in output and "colour" in output
+
+
+def test_backbone_folders_with_head_files_learn_and_load(workspace, tmp_path):
+    """The benchmark's expert layout: an encoder folder plus a linear head file, the
+    classifier mean-pooling the encoder's states."""
+    from safetensors.torch import save_file
+
+    from supermerge.learn.modules import MeanPooledEncoder, PooledClassifier
+
+    root = workspace
+    tokenizer = transformers.AutoTokenizer.from_pretrained(root / "base")
+    experts = []
+    for seed, (task, labels) in enumerate(TASKS.items()):
+        torch.manual_seed(seed)
+        encoder = MeanPooledEncoder(transformers.BertModel.from_pretrained(root / "base"))
+        model = PooledClassifier(encoder, torch.nn.Linear(32, len(labels)), encoder.config)
+        train = rows(task, 256, seed=seed)
+        fine_tune(model, tokenizer, [r["input"] for r in train],
+                  [labels.index(r["label"]) for r in train], steps=60)
+        encoder.save_pretrained(tmp_path / f"{task}-backbone")
+        save_file({k: v.contiguous() for k, v in model.head.state_dict().items()},
+                  str(tmp_path / f"{task}-head.safetensors"))
+        experts.append({"model": str(tmp_path / f"{task}-backbone"), "task": task,
+                        "head": str(tmp_path / f"{task}-head.safetensors"),
+                        "data": str(root / f"{task}.jsonl"), "labels": labels})
+    recipe = tmp_path / "learn.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "supermerge", "base_model": str(root / "base"),
+        "architecture": "pooled_encoder", "max_length": 8, "experts": experts,
+        "parameters": {"steps": 6, "eval_every": 3, "select": "off"}}))
+    run("learn", str(recipe), "-o", str(tmp_path / "learned"))
+    colour = supermerge.load_task_model(tmp_path / "learned", "colour")
+    assert isinstance(colour, PooledClassifier)
+    assert colour.config.id2label == {0: "none", 1: "red", 2: "blue"}
+    head = safetensors_load(tmp_path / "learned" / "heads" / "colour.safetensors")
+    torch.testing.assert_close(colour.head.weight, head["weight"])
+    report_json = tmp_path / "report.json"
+    run("evaluate", str(tmp_path / "learned"), *data_args(root), "--json", str(report_json))
+    report = json.loads(report_json.read_text())
+    # each expert is its backbone folder with its head file, as trained
+    assert report["experts"]["fruit"] > 0.8 and report["experts"]["colour"] > 0.8
+    assert 0.0 <= report["per_task"]["colour"] <= 1.0
+
+    experts[0]["head"] = None
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "supermerge", "base_model": str(root / "base"),
+        "architecture": "pooled_encoder", "experts": experts}))
+    result = CliRunner().invoke(cli, ["learn", str(recipe), "-o", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "no `head` file" in result.output
+
+
+def safetensors_load(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from supermerge.engine.heads import head_files, heads_card_note
+from supermerge.engine.heads import HeadMeta, head_files, heads_card_note
 from supermerge.engine.plan import MergePlan, Source, TensorJob
 from supermerge.engine.spec import parse_dtype
 from supermerge.engine.task_state import TaskStateWriter
@@ -179,9 +179,9 @@ def _write_heads(plan: MergePlan, writer: CheckpointWriter) -> None:
     Costs one read of the head tensors (small: the last layers only)."""
     heads = {head.task: {name: head.checkpoint.read(name) for name in head.names}
              for head in plan.heads}
-    configs = {head.task: head.checkpoint.config for head in plan.heads}
-    sources = {head.task: head.checkpoint.path for head in plan.heads}
-    for name, data in head_files(heads, configs, sources).items():
+    meta = {head.task: HeadMeta(config=head.checkpoint.config, expert=head.checkpoint.path)
+            for head in plan.heads}
+    for name, data in head_files(heads, meta).items():
         writer.write_bytes(name, data)
 
 

@@ -4,8 +4,9 @@ A merge that keeps task heads out of the merge (a merge recipe's ``heads:``, eve
 merge) writes, for each task in the order of the recipe:
 
 - ``heads/<task>.safetensors``: the task's head tensors, under the expert's own names;
-- ``heads/<task>.json``: ``{"format", "task", "index", "expert", "config"}``: the expert's
-  path and its ``config.json`` (its architecture, classes and label names), or null.
+- ``heads/<task>.json``: ``{"format", "task", "index", "layout", "expert", "labels",
+  "config"}``: how the head attaches (:class:`HeadMeta`), the expert's path, the class
+  names when known, and the expert's ``config.json`` (architecture, classes, label names).
 
 :func:`supermerge.eval.load_task_model` puts a task's head on the merged backbone.
 """
@@ -13,10 +14,10 @@ merge) writes, for each task in the order of the recipe:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save
@@ -24,25 +25,39 @@ from safetensors.torch import save
 from supermerge.errors import CheckpointError
 from supermerge.io import open_checkpoint
 
+Layout = Literal["transformers", "pooled_encoder"]
 HEADS_DIR = "heads"
 FORMAT = "supermerge.head/1"
 
 
+@dataclass(frozen=True)
+class HeadMeta:
+    """What a task's head record says besides its tensors: the expert's config and path,
+    the layout (``transformers``: a transformers class from ``config``; ``pooled_encoder``:
+    a mean-pooled encoder and a linear head, :mod:`supermerge.learn.modules`) and the
+    class names when known."""
+
+    config: Mapping[str, Any] | None = None
+    expert: str | Path | None = None
+    layout: Layout = "transformers"
+    labels: Sequence[str] | None = None
+
+
 def head_files(heads: Mapping[str, Mapping[str, torch.Tensor]],
-               configs: Mapping[str, Mapping[str, Any] | None],
-               experts: Mapping[str, str | Path] | None = None) -> dict[str, bytes]:
+               meta: Mapping[str, HeadMeta] | None = None) -> dict[str, bytes]:
     """Return ``{"heads/<task>.safetensors": bytes, "heads/<task>.json": bytes}`` for each
-    task of ``heads`` (task -> its head tensors), its index being its position there, its
-    config ``configs.get(task)`` and its expert's path ``experts.get(task)`` (absolute).
-    Costs one serialised copy of each head."""
+    task of ``heads`` (task -> its head tensors), its index being its position there and
+    its record ``meta[task]`` (an empty :class:`HeadMeta` if absent; the expert's path
+    made absolute). Costs one serialised copy of each head."""
     files = {}
     for index, (task, head) in enumerate(heads.items()):
         files[f"{HEADS_DIR}/{task}.safetensors"] = save(
             {name: tensor.detach().contiguous() for name, tensor in head.items()})
-        expert = (experts or {}).get(task)
-        record = {"format": FORMAT, "task": task, "index": index,
-                  "expert": str(Path(expert).resolve()) if expert is not None else None,
-                  "config": configs.get(task)}
+        about = (meta or {}).get(task) or HeadMeta()
+        record = {"format": FORMAT, "task": task, "index": index, "layout": about.layout,
+                  "expert": None if about.expert is None else str(Path(about.expert).resolve()),
+                  "labels": None if about.labels is None else list(about.labels),
+                  "config": None if about.config is None else dict(about.config)}
         files[f"{HEADS_DIR}/{task}.json"] = (json.dumps(record, indent=2) + "\n").encode()
     return files
 
@@ -70,6 +85,8 @@ class SavedHead:
     tensors: dict[str, torch.Tensor]
     config: dict[str, Any] | None
     expert: str | None = None
+    layout: Layout = "transformers"
+    labels: list[str] | None = None
 
 
 def task_names(out_dir: str | Path) -> list[str]:
@@ -101,7 +118,8 @@ def read_head(out_dir: str | Path, task: int | str) -> SavedHead:
     with open_checkpoint(folder / f"{name}.safetensors") as checkpoint:
         tensors = {n: checkpoint.read(n) for n in checkpoint.names()}
     return SavedHead(name, int(record["index"]), tensors, record.get("config"),
-                     record.get("expert"))
+                     record.get("expert"), record.get("layout") or "transformers",
+                     record.get("labels"))
 
 
 def _record(path: Path) -> dict[str, Any]:

@@ -10,15 +10,16 @@ layout :func:`supermerge.learn.export_learned` writes too.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from supermerge.errors import CheckpointError
+from supermerge.learn.modules import MeanPooledEncoder, read_linear_head
 
 HEADS_DIR = "heads"
 
@@ -26,49 +27,6 @@ HEADS_DIR = "heads"
 def head_path(model_dir: str | Path, task: str) -> Path:
     """Return where ``task``'s head lives in a model directory."""
     return Path(model_dir) / HEADS_DIR / f"{task}.safetensors"
-
-
-class MeanPooledEncoder(nn.Module):
-    """An encoder whose forward returns the mean of its real tokens' last hidden states.
-
-    It adopts the wrapped model's children, so its state dict has exactly the model's
-    tensor names (a merged checkpoint loads into it, and learned merges address the same
-    names), and calling it runs the wrapped model's own forward.
-    """
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        own = [*encoder.named_parameters(recurse=False), *encoder.named_buffers(recurse=False)]
-        if own:
-            raise TypeError(f"{type(encoder).__name__} holds tensors outside its submodules "
-                            f"({own[0][0]}); MeanPooledEncoder cannot adopt it")
-        for name, child in encoder.named_children():
-            self.add_module(name, child)
-        self.__dict__["_wrapped"] = encoder  # not a submodule: its children are ours
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                **kwargs: Any) -> torch.Tensor:
-        """Return [batch, hidden] mean-pooled states (padding excluded)."""
-        hidden = self._wrapped(input_ids=input_ids, attention_mask=attention_mask,
-                              **kwargs).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-
-    def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load a checkpoint's tensors, ignoring those the module does not hold (buffers
-        that older checkpoints saved, such as ``position_ids``); a missing one is an error.
-        """
-        own = self.state_dict()
-        self.load_state_dict({k: v for k, v in state.items() if k in own})
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write the wrapped model as a Hugging Face model directory."""
-        self._wrapped.save_pretrained(directory)
-
-    @property
-    def hidden_size(self) -> int:
-        """Width of the pooled output."""
-        return int(self._wrapped.config.hidden_size)
 
 
 def load_encoder(path: str | Path) -> MeanPooledEncoder:
@@ -122,20 +80,11 @@ def save_head(head: nn.Linear, path: str | Path) -> Path:
 
 
 def load_head(path: str | Path) -> nn.Linear:
-    """Read a head written by :func:`save_head` (or a learned merge's export).
+    """Read a head written by :func:`save_head` (or a learned merge's export), in eval mode.
 
     Raises CheckpointError if the file is missing or not a linear head.
     """
-    try:
-        tensors = load_file(str(path))
-        weight, bias = tensors["weight"], tensors["bias"]
-    except (OSError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"cannot read a task head: {err}", file=path,
-                              fix="a head file holds 'weight' [classes, hidden] and 'bias'"
-                              ) from None
-    head = nn.Linear(weight.shape[1], weight.shape[0])
-    head.load_state_dict({"weight": weight, "bias": bias})
-    return head.eval()
+    return read_linear_head(path)
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:

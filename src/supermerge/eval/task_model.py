@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from supermerge.engine.heads import HEADS_DIR, read_head
+from supermerge.engine.heads import HEADS_DIR, SavedHead, read_head
 from supermerge.engine.task_state import TASK_STATE_JSON, load_task_state, read_task_state
 from supermerge.errors import CheckpointError
 from supermerge.io import open_checkpoint
+from supermerge.learn.modules import MeanPooledEncoder, PooledClassifier, linear_head
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,9 @@ def load_task_model(
 ) -> Any:
     """Return task ``task``'s model from the merge at ``out_dir``: a transformers model
     (in eval mode) of its expert's class and config (label names included), holding the
-    merged weights (task ``task``'s own for a per-task merge) and the task's head.
+    merged weights (task ``task``'s own for a per-task merge) and the task's head; for
+    backbone-and-head-file experts a :class:`~supermerge.learn.modules.PooledClassifier`,
+    which answers the same way (``model(**tokens).logits``, ``model.config.id2label``).
 
     ``task`` is an index in the recipe's order or a task name (a per-task merge also takes
     the expert's path). ``base``: the base model of a per-task merge, if not where the
@@ -51,6 +54,8 @@ def load_task_model(
             weights = {name: merged.read(name) for name in merged.names()}
     config_dict = head.config if head is not None and head.config else _config(out_dir)
     config = transformers.AutoConfig.for_model(**config_dict)
+    if head is not None and head.layout == "pooled_encoder":
+        return _pooled_classifier(transformers, config, weights, head, out_dir)
     model_class = _model_class(transformers, config)
     model = model_class(config)
     model.load_state_dict(_match(model, weights, head.tensors if head else {}, out_dir),
@@ -59,6 +64,20 @@ def load_task_model(
     log.info("task %s: %s with the merged weights of %s%s", task, model_class.__name__,
              out_dir, f" and head {head.task!r}" if head else "")
     return model.eval()
+
+
+def _pooled_classifier(transformers: Any, config: Any, weights: Mapping[str, torch.Tensor],
+                       head: SavedHead, out_dir: Path) -> PooledClassifier:
+    """A backbone-and-head-file task's model: the merged encoder, mean-pooled, and its head;
+    its config says the classes (and their names when the recipe gave them)."""
+    encoder = MeanPooledEncoder(transformers.AutoModel.from_config(config))
+    encoder.load_state_dict(_match(encoder, weights, {}, out_dir), strict=False)
+    linear = linear_head(head.tensors, out_dir / HEADS_DIR / f"{head.task}.safetensors")
+    config.num_labels = linear.out_features
+    if head.labels:
+        config.id2label = dict(enumerate(head.labels))
+        config.label2id = {name: i for i, name in enumerate(head.labels)}
+    return PooledClassifier(encoder, linear, config).eval()
 
 
 def _config(out_dir: Path) -> dict[str, Any]:
@@ -84,7 +103,8 @@ def _match(model: Any, weights: Mapping[str, torch.Tensor], head: Mapping[str, t
     """Return the model's state dict from the head and the merged weights, whose names may
     lack or carry the model's base prefix (a backbone merged from ``bert.*`` experts);
     CheckpointError naming the weights found nowhere (tied ones are tied afterwards)."""
-    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
+    prefix = getattr(model, "base_model_prefix", "")
+    prefix = f"{prefix}." if isinstance(prefix, str) and prefix else ""
     tied = _tied_names(model)
     state, missing = {}, []
     for name in model.state_dict():
@@ -195,14 +215,17 @@ def evaluate_task_models(
     scores = {}
     for done, (task, file) in enumerate(data.items(), 1):
         model = load_task_model(model_dir, task)
-        expert = (experts or {}).get(task) or _recorded_expert(model_dir, task)
+        head = read_head(model_dir, task) if (model_dir / HEADS_DIR).is_dir() else None
+        expert = (experts or {}).get(task) or _recorded_expert(head)
         tokenizer = load_tokenizer(*[p for p in (model_dir, expert) if p is not None])
         options = dict(input_key=input_key, label_key=label_key, max_length=max_length,
                        batch_size=batch_size)
         score = task_accuracy(model, tokenizer, file, **options)
         reference = (expert_scores or {}).get(task)
         if reference is None and expert is not None:
-            reference = expert_accuracy(expert, tokenizer, file, **options)
+            classifier = expert_model(expert, head)
+            if classifier is not None:
+                reference = task_accuracy(classifier, tokenizer, file, **options)
         scores[task] = TaskScore(task, "accuracy", score, reference)
         if progress is not None:
             progress(f"evaluate {label or model_dir}", done, len(data))
@@ -210,21 +233,37 @@ def evaluate_task_models(
                       time.perf_counter() - started)
 
 
-def expert_accuracy(expert: str | Path, tokenizer: Any, data_file: str | Path,
-                    **options: Any) -> float | None:
-    """Return an expert's accuracy on ``data_file`` (a transformers classifier folder), or
-    None (logged) for an expert that is not one (a bare weights file has no config)."""
+def expert_model(expert: str | Path, head: SavedHead | None = None) -> Any:
+    """Return the expert of a task as a classifier, or None (logged) where it is not one:
+    for a backbone-and-head-file task the expert's encoder with the head the merge kept
+    (``head``), else the transformers classifier in the folder (None for a bare weights
+    file, or a folder whose classifier head would start random)."""
     import transformers
+    from transformers.utils import logging as transformers_logging
 
     if not (Path(expert) / "config.json").is_file():
         log.warning("%s has no config.json: its task is not normalised by it", expert)
         return None
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(expert).eval()
-    return task_accuracy(model, tokenizer, data_file, **options)
-
-
-def _recorded_expert(model_dir: Path, task: str) -> str | None:
-    if not (model_dir / HEADS_DIR).is_dir():
+    if head is not None and head.layout == "pooled_encoder":
+        encoder = transformers.AutoModel.from_pretrained(expert)
+        return _pooled_classifier(transformers, encoder.config, encoder.state_dict(), head,
+                                  Path(expert))
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+            expert, output_loading_info=True)
+    finally:
+        transformers_logging.set_verbosity(level)
+    if info.get("missing_keys"):
+        log.warning("%s is not a classifier (no %s): its task is not normalised by it",
+                    expert, ", ".join(sorted(info["missing_keys"])[:2]))
         return None
-    expert = read_head(model_dir, task).expert
-    return expert if expert is not None and Path(expert).exists() else None
+    return model.eval()
+
+
+def _recorded_expert(head: SavedHead | None) -> str | None:
+    """The expert path a head record names, if it still exists."""
+    if head is None or head.expert is None or not Path(head.expert).exists():
+        return None
+    return head.expert

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from supermerge.engine.heads import head_files, heads_card_note
+from supermerge.engine.heads import HeadMeta, head_files, heads_card_note
 from supermerge.io import CheckpointWriter
 from supermerge.learn.errors import LearnError
 from supermerge.learn.hierarchical import LearnedMerge
@@ -134,15 +134,14 @@ def export_model(
     overwrite: bool = False,
     shard_size: int = 5 * 2**30,
     inputs: Sequence[str | Path] = (),
-    head_configs: Mapping[str, Mapping[str, Any] | None] | None = None,
-    head_experts: Mapping[str, str | Path] | None = None,
+    head_meta: Mapping[str, HeadMeta] | None = None,
     base_dir: str | Path | None = None,
 ) -> Path:
     """Write a data-driven merge (a Hugging Face directory); returns ``out``.
 
     ``state`` is the whole merged state dict; each task's head goes to ``heads/<task>.*``
-    (:mod:`supermerge.engine.heads`, with ``head_configs[task]`` and ``head_experts[task]``,
-    the expert's config and path), and
+    (:mod:`supermerge.engine.heads`, with its record ``head_meta[task]``: the expert's
+    config, path, layout and class names), and
     the model's own head tensors are the first task's (``model_dir``, the first expert's
     folder, gives the config that names its classes): never a newly initialised one. The
     config/tokenizer files of ``base_dir`` then ``model_dir`` (replacing), the model
@@ -163,7 +162,7 @@ def export_model(
         writer.write_model_card(base_models=list(base_models), method=method,
                                 recipe_yaml=recipe_yaml, extra_markdown=notes + _heads_note(heads))
         writer.write_text("supermerge_recipe.yaml", recipe_yaml)
-        heads_written = head_files(heads, head_configs or {}, head_experts)
+        heads_written = head_files(heads, head_meta)
         for name, data in {**(files or {}), **heads_written}.items():
             if isinstance(data, str):
                 writer.write_text(name, data)
@@ -191,8 +190,7 @@ def export_learned(
     overwrite: bool = False,
     shard_size: int = 5 * 2**30,
     inputs: Sequence[str | Path] = (),
-    head_configs: Mapping[str, Mapping[str, Any] | None] | None = None,
-    head_experts: Mapping[str, str | Path] | None = None,
+    head_meta: Mapping[str, HeadMeta] | None = None,
     base_dir: str | Path | None = None,
 ) -> Path:
     """Write the merged model (a Hugging Face directory) with its coefficients; returns ``out``.
@@ -214,8 +212,7 @@ def export_learned(
                         method=method, base_models=base_models, recipe_yaml=recipe_yaml,
                         model_dir=model_dir, notes=_card_notes(merge), files=files,
                         overwrite=overwrite, shard_size=shard_size, inputs=inputs,
-                        head_configs=head_configs, head_experts=head_experts,
-                        base_dir=base_dir)
+                        head_meta=head_meta, base_dir=base_dir)
 
 
 def _card_notes(merge: LearnedMerge) -> str:

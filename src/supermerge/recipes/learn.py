@@ -20,7 +20,11 @@
     parameters: {steps: 200, granularity: tensor, hierarchical: false, fan_in: 2}
 
 The module is the experts' architecture (transformers' Auto class for ``architecture``)
-loaded with the base model's weights; each task's head comes from its own expert.
+loaded with the base model's weights; each task's head comes from its own expert. With
+``architecture: pooled_encoder`` each expert is a backbone folder (a Hugging Face encoder)
+with its linear head in a file (``head: ./spam-head.safetensors``, ``weight`` [classes,
+hidden] and ``bias``); the module mean-pools the encoder's states
+(:mod:`supermerge.learn.modules`), the layout of the benchmark's experts.
 ``supermerge`` needs labelled examples; ``adamerging``, ``fisher`` and ``regmean`` read
 only the inputs. ``examples`` defaults to 32 for the trained methods (supermerge,
 adamerging) and to the ``examples`` parameter (256) for fisher and regmean, which learn
@@ -38,6 +42,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from supermerge.engine.heads import HeadMeta
 from supermerge.errors import MethodError, RecipeError
 from supermerge.io import Checkpoint, open_checkpoint
 from supermerge.io.guard import check_output
@@ -52,6 +57,7 @@ from supermerge.learn import (
 )
 from supermerge.learn.distributed import TorchDataParallel
 from supermerge.learn.method import TRAINED_EXAMPLES, Progress
+from supermerge.learn.modules import MeanPooledEncoder, read_linear_head
 from supermerge.learn.registry import LEARNED_METHODS
 from supermerge.recipes.recipe import check_file_name, warn_repeated_models
 
@@ -77,6 +83,9 @@ class LearnExpert(BaseModel):
         "objectives that learn from inputs (distill, entropy) and for fisher and regmean")
     weight: float | None = Field(
         None, gt=0, description="fisher only: the expert's weight in the average (default 1)")
+    head: str | None = Field(
+        None, description="architecture pooled_encoder: the task's linear head file "
+        "(safetensors: weight [classes, hidden], bias)")
 
     @property
     def task_name(self) -> str:
@@ -98,7 +107,8 @@ class LearnRecipe(BaseModel):
     base_model: str
     experts: list[LearnExpert] = Field(min_length=1)
     head_prefix: str | None = None
-    architecture: Literal["sequence_classification", "causal_lm"] = "sequence_classification"
+    architecture: Literal["sequence_classification", "causal_lm", "pooled_encoder"] = (
+        "sequence_classification")
     examples: int | None = Field(
         None, ge=2, description="examples read per task (default: 32 for supermerge and "
         "adamerging, the `examples` parameter for fisher and regmean)")
@@ -108,6 +118,24 @@ class LearnRecipe(BaseModel):
     def to_yaml(self) -> str:
         """The recipe as YAML (saved beside the merged model)."""
         return yaml.safe_dump(self.model_dump(exclude_defaults=True), sort_keys=False)
+
+    @model_validator(mode="after")
+    def _heads_match_the_architecture(self) -> LearnRecipe:
+        """pooled_encoder experts are backbones with a head file each; transformers
+        classifiers carry their head (``head_prefix``)."""
+        if self.architecture == "pooled_encoder":
+            headless = [e.task_name for e in self.experts if e.head is None]
+            if headless:
+                raise ValueError(f"experts {headless} have no `head` file, which "
+                                 "architecture pooled_encoder needs for every expert")
+            if self.head_prefix:
+                raise ValueError("head_prefix names heads inside the experts; pooled_encoder "
+                                 "experts give theirs as `head` files: remove head_prefix")
+        elif any(e.head for e in self.experts):
+            raise ValueError("`head` files are for architecture: pooled_encoder (backbone "
+                             "folders); a transformers classifier carries its head "
+                             "(head_prefix)")
+        return self
 
     @model_validator(mode="after")
     def _known_method(self) -> LearnRecipe:
@@ -221,12 +249,15 @@ def run_learn_recipe(
         raise RecipeError("two experts share a task name", fix="give each expert its own `task`")
     checkpoints = {name: open_checkpoint(path) for name, path in expert_dirs.items()}
     inputs = [base_dir, *expert_dirs.values(), *(locate(e.data) for e in recipe.experts),
-              *(locate(e.unlabelled) for e in recipe.experts if e.unlabelled)]
+              *(locate(e.unlabelled) for e in recipe.experts if e.unlabelled),
+              *(locate(e.head) for e in recipe.experts if e.head)]
     check_output(out, inputs=inputs, overwrite=overwrite,  # size: the weights of an expert
                  nbytes=sum(i.nbytes for i in next(iter(checkpoints.values())).infos().values()))
     open_checkpoint(base_dir).close()  # headers (or a refused pickle) before transformers
     if recipe.head_prefix:
         _check_head_prefix(recipe.head_prefix, checkpoints)
+    heads = _head_files(recipe, locate, base_dir) if recipe.architecture == "pooled_encoder" \
+        else None
     first_dir = next(iter(expert_dirs.values()))
     tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir)
     kind = "causal_lm" if recipe.architecture == "causal_lm" else "classification"
@@ -238,24 +269,51 @@ def run_learn_recipe(
             limit=limit, class_labels=method.trains,
             unlabelled=locate(e.unlabelled) if e.unlabelled else None), kind)
         for e in recipe.experts]
-    auto = getattr(transformers, _AUTO_CLASSES[recipe.architecture])
-    config = transformers.AutoConfig.from_pretrained(first_dir)
-    module = _base_module(auto, base_dir, config, recipe.head_prefix)
+    if heads is not None:  # backbone folders + head files
+        module = MeanPooledEncoder(_base_module(transformers.AutoModel, base_dir, None, None))
+    else:
+        auto = getattr(transformers, _AUTO_CLASSES[recipe.architecture])
+        config = transformers.AutoConfig.from_pretrained(first_dir)
+        module = _base_module(auto, base_dir, config, recipe.head_prefix)
     experts = {name: CheckpointState(ckpt) for name, ckpt in checkpoints.items()}
+    layout = "pooled_encoder" if heads is not None else "transformers"
     written = {"method": recipe.merge_method, "recipe_yaml": recipe.to_yaml(),
                "base_models": [str(base_dir), *map(str, expert_dirs.values())],
-               "model_dir": first_dir, "overwrite": overwrite, "shard_size": shard_size,
-               "inputs": inputs, "head_experts": expert_dirs, "base_dir": base_dir,
-               "head_configs": {task: ckpt.config for task, ckpt in checkpoints.items()}}
+               "model_dir": base_dir if heads is not None else first_dir,
+               "overwrite": overwrite, "shard_size": shard_size, "inputs": inputs,
+               "base_dir": base_dir,
+               "head_meta": {e.task_name: HeadMeta(
+                   config=checkpoints[e.task_name].config, expert=expert_dirs[e.task_name],
+                   layout=layout, labels=e.labels) for e in recipe.experts}}
     options = dict(recipe.parameters)  # as given: a method may read which were set
     if "weight" in method.model_params.model_fields:
         options["weights"] = {e.task_name: e.weight or 1.0 for e in recipe.experts}
     outcome = method.run(module, experts, tasks, head_prefix=recipe.head_prefix,
-                         progress=progress, parallel=parallel, **options)
+                         heads=heads, progress=progress, parallel=parallel, **options)
     if parallel is not None and parallel.rank != 0:
         return LearnOutcome(Path(out), recipe.merge_method, outcome.merge)
     return LearnOutcome(export_outcome(out, outcome, **written), recipe.merge_method,
                         outcome.merge)
+
+
+def _head_files(recipe: LearnRecipe, locate: Any, base_dir: Path) -> dict[str, Any]:
+    """Each expert's linear head read from its ``head`` file, checked against the base's
+    hidden size and the task's class names; RecipeError naming the file otherwise."""
+    with open_checkpoint(base_dir) as base:
+        hidden = (base.config or {}).get("hidden_size")
+    heads = {}
+    for expert in recipe.experts:
+        head = read_linear_head(locate(expert.head))
+        if hidden is not None and head.in_features != hidden:
+            raise RecipeError(f"the head reads {head.in_features} features, the base model's "
+                              f"hidden size is {hidden}", file=locate(expert.head),
+                              fix="give the head trained on this base's encoder")
+        if expert.labels is not None and len(expert.labels) != head.out_features:
+            raise RecipeError(f"the head has {head.out_features} classes, `labels` names "
+                              f"{len(expert.labels)}", file=locate(expert.head),
+                              fix="list one name per class of the head, in its order")
+        heads[expert.task_name] = head
+    return heads
 
 
 def _check_head_prefix(prefix: str, checkpoints: dict[str, Checkpoint]) -> None:
