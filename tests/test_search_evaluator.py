@@ -29,14 +29,15 @@ def toy_files(tmp_path_factory):
     return folder, module, tasks
 
 
-@pytest.mark.parametrize("method, bounds, groups", [
-    ("task_arithmetic", {"weight": (-0.5, 1.5), "lambda": (0.5, 1.5)}, 2),
-    ("linear", {"weight": (0.1, 1.0)}, 1),
-    ("ties", {"weight": (0.1, 1.0), "density": (0.2, 0.9)}, 2),
-    ("dare_ties", {"density": (0.3, 0.9)}, 1),
+@pytest.mark.parametrize("method, bounds, groups, parameters", [
+    ("task_arithmetic", {"weight": (-0.5, 1.5), "lambda": (0.5, 1.5)}, 2, {}),
+    ("task_arithmetic", {"weight": (0.2, 1.5)}, 1, {"normalize": True}),  # linear fast path
+    ("linear", {"weight": (0.1, 1.0)}, 1, {}),
+    ("ties", {"weight": (0.1, 1.0), "density": (0.2, 0.9)}, 2, {}),
+    ("dare_ties", {"density": (0.3, 0.9)}, 1, {}),
 ])
 def test_scored_weights_equal_the_engine_merge_of_the_recipe(toy_files, tmp_path, method,
-                                                             bounds, groups):
+                                                             bounds, groups, parameters):
     folder, module, tasks = toy_files
     with ExitStack() as stack:
         experts = {name: CheckpointState(stack.enter_context(
@@ -44,7 +45,8 @@ def test_scored_weights_equal_the_engine_merge_of_the_recipe(toy_files, tmp_path
                                                                          "task2")}
         evaluator = Evaluator(module, module.state_dict(), experts, tasks)
     recipe = {"merge_method": method, "base_model": str(folder / "base.safetensors"),
-              "models": [str(folder / f"task{i}.safetensors") for i in range(3)], "seed": 7}
+              "models": [str(folder / f"task{i}.safetensors") for i in range(3)], "seed": 7,
+              "parameters": parameters}
     space = SearchSpace(recipe, bounds, layer_groups=groups)
     unit = torch.linspace(0.1, 0.9, len(space)).tolist()
     scored = evaluator.merged_weights(space.candidate(unit))

@@ -63,6 +63,17 @@ def merge_linear(
     return weighted_sum(experts, weights, in_place=ctx.scratch)
 
 
+def linear_coefficients(params: LinearParams, models: list[LinearModelParams]
+                        ) -> list[float] | None:
+    """With ``normalize`` and a non-zero summed weight, the average is ``base + sum_i
+    (w_i / sum w) tau_i`` for any base: return those coefficients; else None."""
+    weights = [m.weight for m in models]
+    total = math.fsum(weights)
+    if not params.normalize or total == 0:
+        return None
+    return [w / total for w in weights]
+
+
 linear = register(
     Method(
         name="linear",
@@ -73,5 +84,6 @@ linear = register(
         paper="Wortsman et al. 2022, Model soups (arXiv 2203.05482)",
         needs="none",
         needs_base=False,
+        linear_coefficients=linear_coefficients,
     )
 )

@@ -145,6 +145,11 @@ class Method:
     max_models: int | None = None
     statistic: StatisticFactory | None = None
     per_task: bool = False  # fn returns a TaskSpecific (shared tensor + per-task masks/scales)
+    # coefficients c with ``merged = base + sum_i c_i tau_i`` under these parameters, or
+    # None where the method is not linear in the task vectors (the search's fast path)
+    linear_coefficients: Callable[[Any, list[Any]], list[float] | None] | None = None
+    # a base model listed among the models goes first (mergekit's slerp: t = 0 is the base)
+    base_first: bool = False
 
     # -- parameters -------------------------------------------------------------------
     def parameter_names(self) -> tuple[set[str], set[str]]:

@@ -60,5 +60,6 @@ slerp = register(
         needs_base=False,
         min_models=2,
         max_models=2,
+        base_first=True,
     )
 )

@@ -56,6 +56,14 @@ def merge_task_arithmetic(
     return torch.add(base, total, alpha=params.scale, out=total)
 
 
+def task_arithmetic_coefficients(params: WeightNormalizeParams,
+                                 models: list[TaskArithmeticModelParams]) -> list[float]:
+    """Return each task vector's coefficient: ``lambda * w_i`` (over ``sum_i w_i`` when
+    ``normalize``), as :func:`merge_task_arithmetic` applies them."""
+    weights = normalized_weights([m.weight for m in models], params.normalize)
+    return [params.scale * w for w in weights]
+
+
 task_arithmetic = register(
     Method(
         name="task_arithmetic",
@@ -65,5 +73,6 @@ task_arithmetic = register(
         summary="base + lambda * weighted sum of task vectors",
         paper="Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv 2212.04089)",
         needs="none",
+        linear_coefficients=task_arithmetic_coefficients,
     )
 )

@@ -124,8 +124,7 @@ class Recipe(BaseModel):
             if len(kept) != len(models):
                 log.info("base model listed under models: dropped (its task vector is zero)")
             models = kept
-        elif base is not None and method.name == "slerp":
-            # mergekit: t = 0 is the base model, t = 1 the other one
+        elif base is not None and method.base_first:
             models.sort(key=lambda m: not _same(m.path, base))
         return MergeSpec(
             method=self.merge_method, models=models, base_model=base,

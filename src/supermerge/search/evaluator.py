@@ -255,13 +255,9 @@ def _linear_coefficients(method: Method, typed: list[tuple[Params, list[Any]]]
                          ) -> torch.Tensor | None:
     """K x J coefficients c with ``merged = base + sum_i c[i, j] tau_i`` per tensor j, for
     the methods that are linear in the task vectors; None for the others."""
-    columns = []
-    for glob, models in typed:
-        weights = [m.weight for m in models]
-        if method.name == "task_arithmetic":
-            columns.append([glob.scale * w for w in weights])
-        elif method.name == "linear" and glob.normalize and sum(weights) != 0:
-            columns.append([w / sum(weights) for w in weights])
-        else:
-            return None
+    if method.linear_coefficients is None:
+        return None
+    columns = [method.linear_coefficients(glob, models) for glob, models in typed]
+    if any(column is None for column in columns):
+        return None
     return torch.tensor(columns, dtype=torch.float64).T
