@@ -158,8 +158,8 @@ def test_progress_is_a_bar_on_a_terminal_and_nothing_when_quiet(monkeypatch):
     assert isinstance(bar, tqdm)
     bar.close()
     monkeypatch.setattr(screen, "stderr_is_terminal", lambda: False)
-    assert type(screen.progress_bar("x", total=3)) is screen.PlainProgress
-    assert type(screen.progress_bar("x", total=3, show=False)) is screen.NoProgress
+    assert type(screen.progress_bar("x", total=3)) is screen.PlainLinesBar
+    assert type(screen.progress_bar("x", total=3, show=False)) is screen.SilentBar
 
 
 # --- --json ------------------------------------------------------------------------------

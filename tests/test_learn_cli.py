@@ -174,7 +174,7 @@ def test_learn_fisher_follows_expert_weights_and_reports_progress(learn_setup, t
     outcome = run_learn_recipe(write(root, fisher), tmp_path / "merged",
                                progress=lambda *step: seen.append(step))
     assert outcome.merge is None and outcome.method == "fisher"
-    assert seen[-1] == (16, 16, None)  # 8 examples for each of the two experts
+    assert seen[-1] == ("statistics", 16, 16)  # 8 examples for each of the two experts
     merged = transformers.BertForSequenceClassification.from_pretrained(outcome.out)
     apple = transformers.BertForSequenceClassification.from_pretrained(root / "apple")
     for name, tensor in apple.bert.state_dict().items():  # weight 1e9: apple's tensors

@@ -286,7 +286,7 @@ def test_regmean_leaves_padding_out_of_the_grams() -> None:
     progress: list[tuple[int, int]] = []
     expected = regmean_merge(Tokens(), {"a": a, "b": b}, [Task("a", plain), Task("b", plain)])
     merged = regmean_merge(Tokens(), {"a": a, "b": b}, [Task("a", padded), Task("b", padded)],
-                           progress=lambda done, total: progress.append((done, total)))
+                           progress=lambda stage, done, total: progress.append((done, total)))
     torch.testing.assert_close(merged["body.weight"], expected["body.weight"])
     assert progress[-1] == (4, 4)
 

@@ -60,7 +60,7 @@ def test_tree_for_four_experts_and_fan_in_two_pairs_the_similar_ones() -> None:
     assert list(result.fits) == ["level1.0", "level1.1", "root"]
     assert result.fits["root"].expert_names == ["level1.0", "level1.1"]
     assert set(result.model.tasks) == {"a1", "b1", "a2", "b2"}
-    assert progress[-1][:2] == (60, 60)  # three nodes of 20 steps, planned level by level
+    assert progress[-1][:3] == ("learn", 60, 60)  # three nodes of 20 steps, planned level by level
     assert result.peak_rss >= max(result.level_peaks().values()) >= 0
     assert "level1.0 (level 1" in root.render()
 

@@ -84,8 +84,8 @@ def test_progress_counts_every_block_step(tiny_bert_tasks) -> None:
     module, base, experts, heads, tasks = tiny_bert_tasks
     calls = []
     supermerge(module, base, experts, tasks, heads=heads, layerwise=True, steps=3,
-               select="off", progress=lambda *a: calls.append(a[:2]))
-    assert calls == [(step, 6) for step in range(1, 7)]
+               select="off", progress=lambda *a: calls.append(a[:3]))
+    assert calls == [("learn", step, 6) for step in range(1, 7)]
 
 
 def test_layerwise_refuses_what_it_cannot_fit(tiny_bert_tasks) -> None:
@@ -141,7 +141,7 @@ def test_selection_keeps_the_lowest_held_out_prediction_loss(tiny_bert_tasks) ->
     module, base, experts, heads, tasks = tiny_bert_tasks
     calls = []
     merge = supermerge(module, base, experts, tasks, heads=heads, steps=6, eval_every=3,
-                       progress=lambda *a: calls.append(a[:2]))
+                       progress=lambda *a: calls.append(a[1:3]))
     assert len(merge.selection) == 2 and merge.chosen in merge.selection
     assert merge.selection[merge.chosen] == min(merge.selection.values())
     assert calls[-1] == (2000, 2000) and calls == sorted(calls)

@@ -72,7 +72,7 @@ def test_the_best_heldout_coefficients_are_kept_and_both_losses_reported() -> No
     calls = []
     result = learn_coefficients(model, toy.tasks(), steps=40, eval_every=10,
                                 progress=lambda *a: calls.append(a))
-    assert [c[0] for c in calls] == list(range(1, 41)) and calls[-1][1] == 40
+    assert [c[1] for c in calls] == list(range(1, 41)) and calls[-1][:3] == ("learn", 40, 40)
     assert [e.step for e in result.history] == [0, 10, 20, 30, 40]
     best = min(result.history, key=lambda e: e.heldout_loss)
     assert (result.best_step, result.heldout_loss, result.train_loss) == (

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from supermerge.engine import MergeResult, MergeSpec, Progress, execute, plan_merge
+from supermerge.engine import MergeResult, MergeSpec, execute, plan_merge
 from supermerge.errors import RecipeError
+from supermerge.progress import Progress
 from supermerge.recipes import Recipe, load_recipe, parse_recipe
 
 
@@ -64,15 +64,16 @@ def merge_learned(
     *,
     overwrite: bool = False,
     shard_size: int = 5 * 2**30,
-    progress: Callable[[int, int, float | None], None] | None = None,
+    progress: Progress | None = None,
 ):
     """Merge with data as a learn recipe says (SuperMerge, AdaMerging, Fisher, RegMean) and
     export it to ``out``.
 
     Returns a LearnOutcome: the output path, the method and, for the trained methods, the
     LearnedMerge with its coefficients, tree and losses (None for fisher and regmean).
-    ``progress(done, total, loss)`` counts steps (loss None: examples, for fisher and
-    regmean). See :mod:`supermerge.recipes.learn` for the recipe format and the costs.
+    ``progress(stage, done, total, loss)`` counts steps (stage "learn"; loss None: examples,
+    stage "statistics", for fisher and regmean). See :mod:`supermerge.recipes.learn` for
+    the recipe format and the costs.
     """
     from supermerge.recipes.learn import run_learn_recipe
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 
 class StageBars:
-    """Progress bars for the eval layer's ``progress(stage, done, total)``: one per stage.
+    """Progress bars for the library's ``progress(stage, done, total, info)``: one per stage.
 
     Bars of interleaving stages (experts training in parallel) stand one under another;
     a bar closes when its stage reaches its total.
@@ -37,7 +37,7 @@ class StageBars:
     def __init__(self) -> None:
         self.bars: dict[str, Any] = {}
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int, info: Any = None, /) -> None:
         bar = self.bars.get(stage)
         if bar is None:  # a bar on a terminal, plain lines otherwise, nothing with -q
             bar = self.bars[stage] = screen.progress_bar(stage, total=total)

@@ -43,17 +43,20 @@ def _release_large_frees() -> None:
 
 class _Bar:
     """A progress display (screen.progress_bar: a bar on a terminal, plain lines otherwise)
-    fed by the library's progress(done, total, what) callback."""
+    fed by the library's progress(stage, done, total, what) callback: a new bar for each
+    stage (the statistic passes of a merge, then the merge)."""
 
     def __init__(self, desc: str) -> None:
         self.desc = desc
         self.bar: Any = None
 
-    def __call__(self, done: int, total: int, what: str) -> None:
+    def __call__(self, stage: str, done: int, total: int, what: Any = None, /) -> None:
         if self.bar is None or self.bar.total != total or done == 1:
             self.close()
-            self.bar = screen.progress_bar(self.desc, total=total, unit="tensor")
-        self.bar.set_postfix_str(what[-40:], refresh=False)
+            desc = self.desc if stage == "merge" else f"{self.desc}: {stage}"
+            self.bar = screen.progress_bar(desc, total=total, unit="tensor")
+        if what is not None:
+            self.bar.set_postfix_str(str(what)[-40:], refresh=False)
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -168,7 +171,7 @@ def learn(recipe: Path, out: Path, overwrite: bool, shard_size: int,
     quiet_transformers()
     bar = screen.progress_bar("learning", unit="step", show=lead)
 
-    def progress(done: int, planned: int, loss: float | None) -> None:
+    def progress(stage: str, done: int, planned: int, loss: float | None = None, /) -> None:
         bar.total = planned
         if loss is not None:
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)

@@ -155,7 +155,7 @@ def verbosity_options(command: click.Command) -> click.Command:
 # --- progress ---------------------------------------------------------------------------
 
 
-class PlainProgress:
+class PlainLinesBar:
     """tqdm's small interface (total, n, update, set_postfix, set_postfix_str, close) as
     plain lines: one every :data:`PLAIN_EVERY` seconds while it moves, one when it ends."""
 
@@ -194,7 +194,7 @@ class PlainProgress:
             click.echo(self._line(f", {time.monotonic() - self.started:.1f} s"), err=True)
 
 
-class NoProgress(PlainProgress):
+class SilentBar(PlainLinesBar):
     """The same interface, silent (-q, or a process that is not rank 0)."""
 
     def update(self, n: float = 1) -> None:
@@ -208,12 +208,12 @@ def progress_bar(desc: str = "", *, show: bool = True, **kwargs: Any) -> Any:
     """A progress display for ``desc``: a tqdm bar on a terminal, plain periodic lines
     otherwise, nothing with -q or ``show=False``. ``kwargs`` are tqdm's (total, unit, ...)."""
     if not show or is_quiet():
-        return NoProgress(desc, **kwargs)
+        return SilentBar(desc, **kwargs)
     if stderr_is_terminal():
         from tqdm import tqdm
 
         return tqdm(desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, **kwargs)
-    return PlainProgress(desc, **kwargs)
+    return PlainLinesBar(desc, **kwargs)
 
 
 # --- sizes ------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ def search(space, out, tasks, backend, workers, ray_address, threads, seed, gene
     out.mkdir(parents=True, exist_ok=True)
     bar = screen.progress_bar("searching", total=generations, unit="generation")
 
-    def progress(generation: int, planned: int, best: float) -> None:
+    def progress(stage: str, generation: int, planned: int, best: float, /) -> None:
         bar.set_postfix(best=f"{best:.4f}", refresh=False)
         bar.update(generation - bar.n)
 

@@ -1,6 +1,6 @@
 """The streaming executor for data-free merges: plan from headers, then stream tensors."""
 
-from supermerge.engine.executor import MergeResult, Progress, execute
+from supermerge.engine.executor import MergeResult, execute
 from supermerge.engine.inspect import TensorDiff, compare_checkpoints, summarize_checkpoint
 from supermerge.engine.plan import MergePlan, TensorJob, plan_merge
 from supermerge.engine.spec import MergeSpec, ModelSpec
@@ -11,7 +11,6 @@ __all__ = [
     "MergeResult",
     "MergeSpec",
     "ModelSpec",
-    "Progress",
     "TaskState",
     "TensorDiff",
     "TensorJob",

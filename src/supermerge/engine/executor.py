@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,11 +35,10 @@ from supermerge.engine.task_state import TaskStateWriter
 from supermerge.errors import InputValueError
 from supermerge.io import CheckpointWriter
 from supermerge.methods import TaskSpecific, TensorContext
+from supermerge.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int, str], None]
-"""progress(done, total, what): called after each tensor of each pass."""
 
 
 @dataclass
@@ -137,7 +136,7 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
             merged += loaded.job.merge
             copied += not loaded.job.merge
             if progress:
-                progress(merged + copied, total, loaded.job.name)
+                progress("merge", merged + copied, total, loaded.job.name)
             del loaded, tensor
         writer.copy_model_files(plan.reference.model_dir)  # the tokenizer, if the expert has none
         if plan.model_files is not plan.reference:
@@ -244,8 +243,8 @@ def _whole_model_statistic(plan: MergePlan, compute, threads, progress):
                 stat.observe(p, i, (expert if rows is None else expert[:rows]).sub_(base))
             done += 1  # noqa: SIM113 -- enumerate's cached tuple would keep the inputs alive
             if progress:
-                what = f"statistic pass {p + 1}/{stat.passes}: {loaded.job.name}"
-                progress(done, len(jobs), what)
+                progress(f"statistic pass {p + 1}/{stat.passes}", done, len(jobs),
+                         loaded.job.name)
             del loaded, base
         stat.finish_pass(p)
     return stat.result()

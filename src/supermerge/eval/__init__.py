@@ -16,7 +16,6 @@ from supermerge.eval.experts import (
     train_expert,
 )
 from supermerge.eval.model import MeanPooledEncoder, load_encoder, load_head
-from supermerge.eval.progress import Progress
 from supermerge.eval.report import (
     benchmark_markdown,
     benchmark_notes,
@@ -44,6 +43,7 @@ from supermerge.eval.tasks import (
     macro_f1,
     task_from_file,
 )
+from supermerge.progress import Progress
 
 __all__ = [
     "ALL_TASKS",

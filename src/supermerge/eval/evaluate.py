@@ -25,8 +25,8 @@ from supermerge.eval.model import (
     predict,
     tokenize,
 )
-from supermerge.eval.progress import Progress, ignore
 from supermerge.eval.tasks import Split, Task, TaskError
+from supermerge.progress import Progress, ignore
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,8 @@ from supermerge.eval.model import (
     tokenize,
 )
 from supermerge.eval.parallel import run_jobs
-from supermerge.eval.progress import Progress, ignore
 from supermerge.eval.tasks import Task
+from supermerge.progress import Progress, ignore
 
 log = logging.getLogger(__name__)
 

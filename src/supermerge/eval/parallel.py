@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 
 from supermerge.errors import SupermergeError
-from supermerge.eval.progress import Progress
+from supermerge.progress import Progress
 
 T = TypeVar("T")
 

@@ -21,6 +21,7 @@ from supermerge.engine.task_state import TASK_STATE_JSON, load_task_state, read_
 from supermerge.errors import CheckpointError
 from supermerge.io import open_checkpoint
 from supermerge.learn.modules import MeanPooledEncoder, PooledClassifier, linear_head
+from supermerge.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ def evaluate_task_models(
     max_length: int = 128,
     batch_size: int = 64,
     label: str | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Any:
     """Score each task's model of the merge at ``model_dir`` (:func:`load_task_model`) on
     that task's file in ``data`` (task -> JSONL/CSV); returns an

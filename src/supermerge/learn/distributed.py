@@ -47,7 +47,7 @@ from supermerge.learn.errors import LearnError
 from supermerge.learn.hierarchical import LearnedMerge, State
 from supermerge.learn.model import Head
 from supermerge.learn.registry import get_learned_method
-from supermerge.learn.train import Progress
+from supermerge.progress import Progress
 
 
 class TorchDataParallel:

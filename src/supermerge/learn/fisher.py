@@ -23,7 +23,6 @@ from supermerge.learn.params import FisherModelParams, FisherParams
 from supermerge.learn.statistics import (
     DEFAULT_EXAMPLES,
     ExampleCounter,
-    Progress,
     State,
     Weights,
     attention_mask_of,
@@ -32,6 +31,7 @@ from supermerge.learn.statistics import (
     prepare_pairs,
     run_logits,
 )
+from supermerge.progress import Progress
 
 
 def fisher_merge(

@@ -42,7 +42,8 @@ from supermerge.learn.model import (
     wide_float,
 )
 from supermerge.learn.objectives import as_objective
-from supermerge.learn.train import LearnResult, Progress, learn_coefficients
+from supermerge.learn.train import LearnResult, learn_coefficients
+from supermerge.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ def _check_owners(experts: Mapping[str, State], tasks: Sequence[Task]) -> None:
 
 
 class _StepCounter:
-    """Turns per-node progress into (steps done, steps planned so far, loss)."""
+    """Turns per-node progress into the whole tree's: steps done of the steps planned so far."""
 
     def __init__(self, progress: Progress | None) -> None:
         self.progress = progress
@@ -295,8 +296,9 @@ class _StepCounter:
             return None
         report = self.progress
 
-        def node_progress(step: int, steps: int, loss: float) -> None:
-            report(self.finished + step, self.nodes * steps, loss)
+        def node_progress(stage: str, step: int, steps: int, loss: float | None = None, /
+                          ) -> None:
+            report(stage, self.finished + step, self.nodes * steps, loss)
             if step == steps:
                 self.finished += steps
 

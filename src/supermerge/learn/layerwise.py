@@ -34,11 +34,11 @@ from supermerge.learn.objectives import Objective, as_objective, feature_distanc
 from supermerge.learn.train import (
     DataParallel,
     LearnResult,
-    Progress,
     check_tasks,
     draw_examples,
     evaluate,
 )
+from supermerge.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,8 @@ def _fit_blocks(model: MergedModel, tasks: Sequence[Task], fits: Sequence[_Block
             model, fit, splits, train_inputs, held_inputs, batches, start,
             steps=steps, lr=lr, reg=reg, eval_every=eval_every, patience=patience,
             progress=None if progress is None else
-            (lambda step, loss, offset=done: progress(offset + step, total_steps, loss)))
+            (lambda step, loss, offset=done: progress("learn", offset + step, total_steps,
+                                                      loss)))
         done += steps
         log.info("fitted block %d of %d (%d coefficients): held-out distance %.4f",
                  fit.position + 1, len(fits), len(fit.columns) * model.weight.shape[0],

@@ -24,13 +24,14 @@ from supermerge.learn.hierarchical import LearnedMerge, State, merge_tree
 from supermerge.learn.method import LearnedMethod, register, trained_run
 from supermerge.learn.model import Head, TaskVectors, prepare_experts
 from supermerge.learn.params import AdaMergingParams, SuperMergeParams
-from supermerge.learn.train import DataParallel, Progress, prediction_loss
+from supermerge.learn.train import DataParallel, prediction_loss
 from supermerge.methods.primitives import (
     GlobalMagnitudeThreshold,
     elect_sign,
     magnitude_trim,
     threshold_trim_,
 )
+from supermerge.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,8 @@ def _share(progress: Progress | None, index: int, parts: int) -> Progress | None
     per part), so the whole counts up once."""
     if progress is None or parts == 1:
         return progress
-    return lambda step, steps, loss: progress(
-        index * 1000 + step * 1000 // max(steps, 1), parts * 1000, loss)
+    return lambda stage, step, steps, loss=None: progress(
+        stage, index * 1000 + step * 1000 // max(steps, 1), parts * 1000, loss)
 
 
 def adamerging(

@@ -23,8 +23,9 @@ from supermerge.learn.data import Task
 from supermerge.learn.memory import PeakRSS
 from supermerge.learn.model import Head, expert_heads
 from supermerge.learn.objectives import make_objective
-from supermerge.learn.train import DataParallel, Progress
+from supermerge.learn.train import DataParallel
 from supermerge.methods.registry import DataNeed, Method, Params
+from supermerge.progress import Progress
 
 if TYPE_CHECKING:
     from supermerge.learn.hierarchical import LearnedMerge
@@ -179,12 +180,11 @@ def closed_form_run(name: str, merge: Callable[..., dict[str, torch.Tensor]],
         if parallel is not None:
             raise MethodError("this method has no data-parallel mode",
                               fix="run it in one process")
-        report = None if progress is None else (lambda done, total: progress(done, total, None))
         declared = {k: v for k, v in params.items() if k in params_type.model_fields}
         options = {**params, **typed_params(name, params_type, declared).model_dump()}
         with PeakRSS() as memory:
             merged = merge(module, experts, tasks, head_prefix=head_prefix, heads=heads,
-                           progress=report, **options)
+                           progress=progress, **options)
         tensor_heads = expert_heads(experts, head_prefix) if head_prefix else {
             task: dict(head.state_dict()) if isinstance(head, nn.Module) else dict(head)
             for task, head in (heads or {}).items()}

@@ -21,13 +21,13 @@ from supermerge.learn.statistics import (
     BATCH,
     DEFAULT_EXAMPLES,
     ExampleCounter,
-    Progress,
     State,
     attention_mask_of,
     finish_state,
     prepare_pairs,
     run_logits,
 )
+from supermerge.progress import Progress
 
 
 def regmean_merge(

@@ -13,13 +13,13 @@ dict. Heads are never merged and are left out of the result (every task keeps it
 expert's head, as in :func:`~supermerge.learn.model.prepare_experts`): with
 ``head_prefix`` the tensors under it are each expert's head and each expert runs with its
 own; or ``heads`` gives each task's head (tensor overrides or a module applied to the
-module's output). ``progress(done, total)`` is called after every batch, counting
+module's output). ``progress("statistics", done, total)`` is called after every batch, counting
 examples over all experts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -28,10 +28,10 @@ from supermerge.learn.data import Task, TaskData
 from supermerge.learn.errors import LearnError
 from supermerge.learn.model import Head, module_tensors, prepare_experts, run_with_head
 from supermerge.learn.objectives import logits_of
+from supermerge.progress import Progress
 
 State = Mapping[str, torch.Tensor]
 Weights = Mapping[str, float] | Sequence[float]
-Progress = Callable[[int, int], None]
 
 DEFAULT_EXAMPLES = 256
 BATCH = 32
@@ -126,7 +126,7 @@ class ExampleCounter:
             yield batch
             self.done += len(batch)
             if self.progress is not None:
-                self.progress(self.done, self.total)
+                self.progress("statistics", self.done, self.total)
 
 
 def run_logits(module: nn.Module, state: dict[str, torch.Tensor], head: Head | None,

@@ -17,7 +17,7 @@ processes, so that all processes take the same steps as one process would.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -28,12 +28,10 @@ from supermerge.learn.distill import captured_blocks
 from supermerge.learn.errors import LearnError
 from supermerge.learn.model import MergedModel, eval_mode
 from supermerge.learn.objectives import LabelLoss, Objective, as_objective, logits_of
+from supermerge.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int, float | None], None]
-"""Called with (done, total, the training loss): after every step of a training loop;
-methods that train nothing (:mod:`supermerge.learn.method`) report examples and None."""
 
 
 class DataParallel(Protocol):
@@ -146,7 +144,7 @@ def _fit(model: MergedModel, tasks: Sequence[Task],
             (reg * (model.coefficients() - start).square().sum()).backward()
         optimizer.step()
         if progress is not None:
-            progress(step, steps, loss)
+            progress("learn", step, steps, loss)
         if step % eval_every == 0 or step == steps:
             history.append(evaluate(model, tasks, splits, objective_fn, step, parallel))
             if _score(history[-1]) < _score(best):
@@ -157,7 +155,7 @@ def _fit(model: MergedModel, tasks: Sequence[Task],
                 log.info("stopped early at step %d: no better held-out loss since step %d",
                          step, best.step)
                 if progress is not None:
-                    progress(steps, steps, loss)  # this fit is done
+                    progress("learn", steps, steps, loss)  # this fit is done
                 break
     model.set_weight(best_raw)
     log.info(

@@ -56,9 +56,10 @@ from supermerge.learn import (
     load_task_data,
 )
 from supermerge.learn.distributed import TorchDataParallel
-from supermerge.learn.method import TRAINED_EXAMPLES, Progress
+from supermerge.learn.method import TRAINED_EXAMPLES
 from supermerge.learn.modules import MeanPooledEncoder, read_linear_head
 from supermerge.learn.registry import LEARNED_METHODS
+from supermerge.progress import Progress
 from supermerge.recipes.recipe import check_file_name, warn_repeated_models
 
 log = logging.getLogger(__name__)

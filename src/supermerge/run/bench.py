@@ -36,11 +36,11 @@ from supermerge.eval.evaluate import EvalReport, evaluate
 from supermerge.eval.experts import Expert, ExpertCache, ExpertConfig, get_experts
 from supermerge.eval.model import collate, load_encoder, load_tokenizer, tokenize
 from supermerge.eval.parallel import run_jobs
-from supermerge.eval.progress import Progress, ignore
 from supermerge.eval.report import write_results
 from supermerge.eval.tasks import Split, Task
 from supermerge.io.guard import check_apart
 from supermerge.methods import Method, available_methods, get_method
+from supermerge.progress import Progress, ignore
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,8 @@ class _Bench:
             }
             started = time.perf_counter()
             merge(recipe, folder, overwrite=True,
-                  progress=lambda d, t, _what, s=f"merge {label}": progress(s, d, t))
+                  progress=lambda _stage, d, t, what=None, s=f"merge {label}":
+                  progress(s, d, t, what))
             seconds = time.perf_counter() - started
             score = 0.0
             if len(grid) > 1:
@@ -357,9 +358,9 @@ class _Bench:
             experts = {n: CheckpointState(stack.enter_context(open_checkpoint(e.path)))
                        for n, e in self.experts.items()}
             started = time.perf_counter()
-            outcome = method.run(module, experts, data, heads=self.heads, progress=lambda d, t, _:
-                                 progress(f"{'learn' if method.trains else 'statistics'} {name}",
-                                          d, t), **params)
+            outcome = method.run(module, experts, data, heads=self.heads,
+                                 progress=lambda stage, d, t, info=None: progress(
+                                     f"{stage} {name}", d, t, info), **params)
             seconds = time.perf_counter() - started
         extra: dict[str, Any] = {}
         if outcome.merge is not None:

@@ -7,7 +7,7 @@ import itertools
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from supermerge.errors import RecipeError
 from supermerge.eval.evaluate import EvalReport
 from supermerge.eval.task_model import evaluate_task_models
 from supermerge.io.guard import check_output
+from supermerge.progress import Progress
 from supermerge.recipes import Recipe, load_recipe, parse_recipe
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def sweep(
     max_length: int = 128,
     overwrite: bool = False,
     threads: int = 2,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> SweepResult:
     """Merge ``recipe`` once per point of ``grid`` (recipe parameter -> values, set in its
     top-level ``parameters``), score each task's model on its file in ``data``, and

@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from supermerge.progress import Progress
 from supermerge.search.backends import Backend
 from supermerge.search.errors import SearchError
 from supermerge.search.results import Evaluated, best_of, score_points
@@ -30,8 +31,6 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
 
-Progress = Callable[[int, int, float], None]
-"""Called after every generation with (generation, planned generations, best fitness)."""
 
 
 @dataclass
@@ -119,7 +118,7 @@ def cma_search(
                  _describe(space, best.values))
         _save_state(state, space, settings, es, history)
         if progress is not None:
-            progress(es.countiter, generations, best.fitness)
+            progress("search", es.countiter, generations, best.fitness)
     stopped = f"{generations} generations" if es.countiter >= generations else str(es.stop())
     return SearchResult(space, history, stopped, {**settings, "generations": generations,
                                                   "popsize": es.popsize})
