@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 class SupermergeError(Exception):
@@ -90,3 +91,9 @@ class PlanError(SupermergeError):
             f"the merge cannot run: {len(lines)} problem(s) found before reading any weight:\n    "
             + "\n    ".join(shown)
         )
+
+
+def validation_details(err: Any, top: str = "(top level)") -> str:
+    """Return every problem of a pydantic ValidationError on one line: ``loc: message; ...``
+    (``top`` names a problem of the whole object)."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or top}: {e['msg']}" for e in err.errors())

@@ -18,7 +18,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from supermerge.errors import MethodError
+from supermerge.errors import MethodError, validation_details
 from supermerge.learn.data import Task
 from supermerge.learn.memory import PeakRSS
 from supermerge.learn.model import Head, expert_heads
@@ -105,11 +105,8 @@ def typed_params(name: str, params_type: type[Params], raw: Mapping[str, Any]) -
     try:
         return params_type.model_validate(dict(raw))
     except ValidationError as err:
-        details = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or '(all)'}: {e['msg']}" for e in err.errors()
-        )
         raise MethodError(
-            f"invalid parameters for method '{name}': {details}",
+            f"invalid parameters for method '{name}': {validation_details(err, '(all)')}",
             fix=f"see `supermerge methods {name}` for valid values",
         ) from None
 

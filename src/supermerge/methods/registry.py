@@ -31,7 +31,7 @@ from typing import Any, Literal, Protocol, Union, get_args, get_origin
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from supermerge.errors import MethodError
+from supermerge.errors import MethodError, validation_details
 
 DataNeed = Literal["none", "unlabelled", "labelled", "task id"]
 
@@ -278,12 +278,8 @@ class Method:
         try:
             return model.model_validate(dict(values))
         except ValidationError as err:
-            details = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '(all)'}: {e['msg']}"
-                for e in err.errors()
-            )
             raise MethodError(
-                f"invalid {where} for method '{self.name}': {details}",
+                f"invalid {where} for method '{self.name}': {validation_details(err, '(all)')}",
                 fix=f"see `supermerge methods {self.name}` for valid values",
             ) from None
 

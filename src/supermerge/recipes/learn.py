@@ -43,7 +43,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from supermerge.engine.heads import HeadMeta
-from supermerge.errors import MethodError, RecipeError
+from supermerge.errors import MethodError, RecipeError, validation_details
 from supermerge.io import Checkpoint, open_checkpoint
 from supermerge.io.guard import check_output
 from supermerge.learn import (
@@ -60,7 +60,7 @@ from supermerge.learn.method import TRAINED_EXAMPLES
 from supermerge.learn.modules import MeanPooledEncoder, read_linear_head
 from supermerge.learn.registry import LEARNED_METHODS
 from supermerge.progress import Progress
-from supermerge.recipes.recipe import check_file_name, warn_repeated_models
+from supermerge.recipes.recipe import check_file_name, load_yaml, warn_repeated_models
 
 log = logging.getLogger(__name__)
 
@@ -157,20 +157,12 @@ def load_learn_recipe(source: str | Path | dict[str, Any]) -> tuple[LearnRecipe,
     root = path = None
     if not isinstance(source, dict):
         path = Path(source)
-        if not path.is_file():
-            raise RecipeError("recipe file not found", file=path, fix="check the path")
-        try:
-            source = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise RecipeError(f"not valid YAML: {err}", file=path,
-                              fix="fix the YAML syntax") from None
+        source = load_yaml(path)
         root = path.resolve().parent
     try:
         recipe = LearnRecipe.model_validate(source)
     except ValidationError as err:
-        details = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}"
-                            for e in err.errors())
-        raise RecipeError(f"invalid learn recipe: {details}",
+        raise RecipeError(f"invalid learn recipe: {validation_details(err)}",
                           fix=f"valid top-level keys: {', '.join(LearnRecipe.model_fields)}"
                           ) from None
     params = _method_params(recipe)  # validated: MethodError naming every invalid value

@@ -37,7 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from supermerge.engine import MergeSpec, ModelSpec
-from supermerge.errors import RecipeError
+from supermerge.errors import RecipeError, validation_details
 from supermerge.learn.registry import LEARNED_METHODS
 from supermerge.methods import get_method
 
@@ -192,21 +192,23 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        details = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
-            for e in err.errors())
         raise RecipeError(
-            f"invalid recipe: {details}", file=source,
+            f"invalid recipe: {validation_details(err)}", file=source,
             fix=f"valid top-level keys: {', '.join(Recipe.model_fields)}") from None
+
+
+def load_yaml(path: str | Path, what: str = "recipe") -> Any:
+    """Return the YAML document in the file at ``path``; RecipeError naming the file when
+    it is missing or not valid YAML (``what`` names the file's kind in the message)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{what} file not found", file=path, fix="check the path")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"not valid YAML: {err}", file=path, fix="fix the YAML syntax") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe file; RecipeError naming the file on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError("recipe file not found", file=path, fix="check the path")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(f"not valid YAML: {err}", file=path, fix="fix the YAML syntax") from None
-    return parse_recipe(data, str(path))
+    return parse_recipe(load_yaml(path), str(path))

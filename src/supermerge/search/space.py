@@ -37,6 +37,7 @@ import numpy as np
 
 from supermerge.errors import RecipeError
 from supermerge.methods import Method, get_method
+from supermerge.recipes.recipe import load_yaml
 
 _SEARCH_KEYS = ("parameters", "layer_groups", "tasks", "max_length")
 
@@ -215,16 +216,7 @@ class SearchSpace:
 def load_space(path: str | Path) -> tuple[SearchSpace, dict[str, Any]]:
     """Read a YAML space file; returns the space and its search settings (see
     :meth:`SearchSpace.from_document`). Model paths stay as written."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError("search space file not found", file=path, fix="check the path")
-    try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(f"not valid YAML: {err}", file=path, fix="fix the YAML syntax") from None
-    return SearchSpace.from_document(document, str(path))
+    return SearchSpace.from_document(load_yaml(path, "search space"), str(path))
 
 
 def _searchable_method(recipe: Mapping[str, Any]) -> Method:
