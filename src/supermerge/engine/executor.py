@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from supermerge.engine.plan import MergePlan, Source, TensorJob
+from supermerge.engine.plan import MergePlan, Source, TensorJob, spec_inputs
 from supermerge.engine.spec import parse_dtype
 from supermerge.engine.task_state import TaskStateWriter
 from supermerge.errors import InputValueError
@@ -122,8 +122,7 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
     # The writer first (output guard, free disk space), then the first read of a weight.
     with CheckpointWriter(out, overwrite=overwrite, shard_size=shard_size, layout=layout,
                           side_files=task_state.side_files if task_state else None,
-                          inputs=[plan.spec.base_model, *(m.path for m in plan.spec.models)]
-                          ) as writer:
+                          inputs=spec_inputs(plan.spec)) as writer:
         statistic = _whole_model_statistic(plan, compute, threads, progress)
         total = len(plan.jobs)
         # No enumerate and an explicit del: a job's inputs must be freed before the next

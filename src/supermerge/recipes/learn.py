@@ -219,7 +219,9 @@ def run_learn_recipe(
     expert_dirs = {e.task_name: Path(locate(e.model)) for e in recipe.experts}
     if len(expert_dirs) != len(recipe.experts):
         raise RecipeError("two experts share a task name", fix="give each expert its own `task`")
-    checkpoints = {name: open_checkpoint(path) for name, path in expert_dirs.items()}
+    # an adapter folder applies to the recipe's base (io.lora)
+    checkpoints = {name: open_checkpoint(path, base=str(base_dir))
+                   for name, path in expert_dirs.items()}
     inputs = [base_dir, *expert_dirs.values(), *(locate(e.data) for e in recipe.experts),
               *(locate(e.unlabelled) for e in recipe.experts if e.unlabelled)]
     check_output(out, inputs=inputs, overwrite=overwrite,  # size: the weights of an expert
@@ -227,7 +229,8 @@ def run_learn_recipe(
     open_checkpoint(base_dir).close()  # headers (or a refused pickle) before transformers
     if recipe.head_prefix:
         _check_head_prefix(recipe.head_prefix, checkpoints)
-    first_dir = next(iter(expert_dirs.values()))
+    # the first expert's config (an adapter's is its base's)
+    first_dir = next(iter(checkpoints.values())).model_dir or next(iter(expert_dirs.values()))
     tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir)
     kind = "causal_lm" if recipe.architecture == "causal_lm" else "classification"
     limit = _examples(recipe)

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from supermerge.engine import MergeSpec, ModelSpec
 from supermerge.errors import RecipeError
+from supermerge.io.lora import split_base_adapter
 from supermerge.learn.registry import LEARNED_METHODS
 from supermerge.methods import get_method
 
@@ -109,6 +110,12 @@ class Recipe(BaseModel):
 def _locate(path: str, root: Path | None) -> str:
     if root is not None and not Path(path).is_absolute() and (root / path).exists():
         return str(root / path)
+    if root is not None and "+" in path and not Path(path).exists():
+        # BASE+ADAPTER: each half against the recipe's folder
+        for i in (i for i, c in enumerate(path) if c == "+"):
+            spelled = f"{_locate(path[:i], root)}+{_locate(path[i + 1:], root)}"
+            if split_base_adapter(spelled) is not None:
+                return spelled
     return path
 
 
