@@ -123,10 +123,38 @@ def merge(recipe: Path, out: Path, overwrite: bool, threads: int, compute_thread
                     "seconds": round(result.seconds, 3),
                     "largest_tensor_bytes": result.largest_tensor_bytes,
                     "memory_budget_bytes": result.memory_budget_bytes,
-                    "warnings": list(result.warnings)})
+                    "warnings": list(result.warnings),
+                    **({"adapter": _adapter_document(result.adapter)} if result.adapter
+                       else {})})
         return
     click.echo(f"merged {result.merged} tensors, copied {result.copied}, in "
                f"{result.seconds:.1f} s -> {result.out}")
+    if result.adapter:
+        _echo_adapter(result.adapter)
+
+
+def _adapter_document(report: Any) -> dict[str, Any]:
+    """The --json view of an AdapterReport (output: adapter, extract)."""
+    return {"rank": report.rank, "energy": report.energy,
+            "tensors": [{"name": f.name, "energy": f.energy,
+                         "relative_error": f.relative_error} for f in report.factored],
+            "modules_to_save": report.modules_to_save,
+            "dropped": [{"name": n, "relative_change": r} for n, r in report.dropped]}
+
+
+def _echo_adapter(report: Any) -> None:
+    """The adapter's summary lines: rank, energy captured, worst tensor, what was left out."""
+    worst = report.worst
+    line = (f"LoRA adapter: {len(report.factored)} tensor(s) at rank {report.rank}, "
+            f"{report.energy:.2%} of the update's energy captured")
+    if worst is not None:
+        line += f"; worst relative error {worst.relative_error:.4f} ({worst.name})"
+    click.echo(line)
+    if report.modules_to_save:
+        click.echo(f"stored whole (modules_to_save): {', '.join(report.modules_to_save)}")
+    if report.dropped:
+        click.echo(f"left out (not representable): {len(report.dropped)} tensor(s), "
+                   f"e.g. {report.dropped[0][0]}")
 
 
 @cli.command()

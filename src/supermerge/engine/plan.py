@@ -123,6 +123,7 @@ def plan_merge(spec: MergeSpec, *, out: Path | None = None, overwrite: bool = Fa
     if method is not None and method.needs_base and spec.base_model is None:
         problems.append(Problem(f"method '{method.name}' needs a base model",
                                 fix="add `base_model: <path>` to the recipe"))
+    _check_adapter_output(spec, method, problems)
     for where, value in (("dtype", spec.out_dtype), ("compute_dtype", spec.compute_dtype)):
         try:
             parse_dtype(value, where)
@@ -159,6 +160,27 @@ def _method_or_problem(spec: MergeSpec, problems: list[Problem]) -> Method | Non
     except MethodError as err:
         problems.append(Problem(err.message, fix=err.fix))
         return None
+
+
+def _check_adapter_output(spec: MergeSpec, method: Method | None,
+                          problems: list[Problem]) -> None:
+    """``output: adapter`` needs a base to subtract, a positive rank and one model out."""
+    if spec.output != "adapter":
+        if spec.rank is not None:
+            problems.append(Problem("`rank` is set but the output is a model",
+                                    fix="add `output: adapter`, or remove `rank`"))
+        return
+    if spec.base_model is None:
+        problems.append(Problem("`output: adapter` stores the merged update over a base, "
+                                "and the recipe has no base model",
+                                fix="add `base_model: <path>` to the recipe"))
+    if not isinstance(spec.rank, int) or isinstance(spec.rank, bool) or spec.rank < 1:
+        problems.append(Problem(f"`output: adapter` needs a positive integer `rank`, got "
+                                f"{spec.rank!r}", fix="add e.g. `rank: 16` to the recipe"))
+    if method is not None and method.per_task:
+        problems.append(Problem(f"method '{method.name}' writes per-task masks beside the "
+                                "model, which an adapter cannot hold",
+                                fix="write a model (leave out `output: adapter`)"))
 
 
 def spec_inputs(spec: MergeSpec) -> list[str]:

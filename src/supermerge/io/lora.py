@@ -466,3 +466,75 @@ def add_lora(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         out.view(out.shape[0], -1).addmm_(b.reshape(b.shape[0], -1),
                                            a.reshape(a.shape[0], -1), alpha=module.scale)
     return out
+
+
+# --- writing adapters ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """A base tensor an adapter output holds as LoRA factors: ``name`` (``<module>.weight``),
+    the module's kind and, for linear layers, GPT-2's transposed layout."""
+
+    name: str
+    kind: Kind
+    fan_in_fan_out: bool = False
+
+    @property
+    def module(self) -> str:
+        return self.name.removesuffix(".weight")
+
+    @property
+    def transposed(self) -> bool:
+        """True when peft's update is ``(B @ A)^T`` (embeddings, fan_in_fan_out)."""
+        return self.kind == "embedding" or self.fan_in_fan_out
+
+
+def lora_matrix(delta: torch.Tensor, target: LoraTarget) -> torch.Tensor:
+    """The 2-D matrix ``p @ q`` whose factors :func:`peft_factors` turns into A and B: the
+    weight itself for embeddings and fan_in_fan_out, else ``[out, in * kernel]``. A view."""
+    if target.transposed:
+        return delta
+    return delta.reshape(delta.shape[0], -1)
+
+
+def peft_factors(target: LoraTarget, p: torch.Tensor, q: torch.Tensor,
+                 shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The adapter tensors, under peft's key names, for ``update = p @ q`` of the base
+    tensor of ``shape`` (the layout :func:`lora_matrix` gives): {A key: A, B key: B}.
+    With lora_alpha = r the update read back is exactly ``p @ q``. Costs two copies of the
+    factors (contiguous)."""
+    rank = p.shape[1]
+    if target.transposed:  # (B @ A)^T = A^T B^T = p q
+        a, b = p.T, q.T
+    else:
+        a = q.reshape(rank, *shape[1:])
+        b = p.reshape(shape[0], rank, *([1] * (len(shape) - 2)))
+    prefix = PEFT_PREFIX + target.module
+    if target.kind == "embedding":
+        keys = (f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B")
+    else:
+        keys = (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight")
+    return {keys[0]: a.contiguous(), keys[1]: b.contiguous()}
+
+
+def saved_key(name: str) -> str:
+    """The adapter key of a tensor saved whole (a modules_to_save module's tensor)."""
+    return PEFT_PREFIX + name
+
+
+def adapter_config(*, base_model: str | None, rank: int, targets: Iterable[LoraTarget],
+                   modules_to_save: Iterable[str]) -> dict[str, Any]:
+    """``adapter_config.json`` for an adapter of ``targets`` (full module paths, matched
+    exactly by peft) at rank ``rank`` with ``lora_alpha = rank`` (scale 1), plain LoRA."""
+    targets = list(targets)
+    saved = sorted(modules_to_save)
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model,
+        "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "use_rslora": False,
+        "fan_in_fan_out": any(t.fan_in_fan_out for t in targets),
+        "target_modules": sorted(t.module for t in targets),
+        "modules_to_save": saved or None, "bias": "none", "rank_pattern": {},
+        "alpha_pattern": {}, "init_lora_weights": True, "inference_mode": True,
+        "use_dora": False,
+    }

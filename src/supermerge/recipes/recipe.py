@@ -71,6 +71,8 @@ class Recipe(BaseModel):
     on_missing: Literal["refuse", "base"] = "refuse"
     vocab: Literal["common_rows", "refuse"] = "common_rows"
     on_nonfinite: Literal["refuse", "warn"] = "refuse"
+    output: Literal["model", "adapter"] = "model"  # adapter: a PEFT LoRA adapter of `rank`
+    rank: int | None = Field(None, ge=1)
     name: str | None = None
 
     @field_validator("models", mode="before")
@@ -100,7 +102,8 @@ class Recipe(BaseModel):
             method=self.merge_method, models=models, base_model=base,
             parameters=dict(self.parameters), out_dtype=self.out_dtype or self.dtype,
             compute_dtype=self.compute_dtype, seed=self.seed, on_missing=self.on_missing,
-            vocab=self.vocab, on_nonfinite=self.on_nonfinite)
+            vocab=self.vocab, on_nonfinite=self.on_nonfinite, output=self.output,
+            rank=self.rank)
 
     def to_yaml(self) -> str:
         """The recipe as YAML (what is saved beside the merged model)."""
