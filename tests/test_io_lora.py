@@ -253,3 +253,28 @@ def test_raw_peft_prefix_is_required_only_as_written(tmp_path):
               folder / "adapter_model.safetensors")
     torch.testing.assert_close(open_checkpoint(folder).read(f"{Q0}.weight"),
                                base[f"{Q0}.weight"] + b @ a)
+
+
+def test_an_output_inside_either_half_of_base_plus_adapter_is_refused(tmp_path):
+    tiny_base(tmp_path / "base")
+    write_adapter(tmp_path / "ad", linear_lora(Q0, *factors(6, 6, 2, seed=1)), r=2, alpha=2)
+    recipe = {"merge_method": "linear", "models": [f"{tmp_path / 'base'}+{tmp_path / 'ad'}"]}
+    for out in (tmp_path / "ad" / "merged", tmp_path / "base" / "merged"):
+        with pytest.raises(PlanError, match="input"):
+            supermerge.merge(recipe, out)
+        assert not out.exists()
+
+
+def test_an_older_adapter_model_bin_reads_the_same(tmp_path):
+    base = tiny_base(tmp_path / "base")
+    a, b = factors(6, 6, 2, seed=1)
+    folder = write_adapter(tmp_path / "ad", linear_lora(Q0, a, b), r=2, alpha=2,
+                           base=str(tmp_path / "base"))
+    stored = load_file(folder / "adapter_model.safetensors")
+    (folder / "adapter_model.safetensors").unlink()
+    torch.save(stored, folder / "adapter_model.bin")
+    view = open_checkpoint(folder)
+    assert view.adapter.weights.name == "adapter_model.bin"
+    torch.testing.assert_close(view.read(f"{Q0}.weight"), base[f"{Q0}.weight"] + b @ a)
+    with pytest.raises(CheckpointError, match="LoRA adapter"):
+        open_checkpoint(folder / "adapter_model.bin")

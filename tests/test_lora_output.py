@@ -194,3 +194,73 @@ def test_cli_merge_prints_the_adapters_energy_and_json_carries_the_bounds(tmp_pa
     error = document["adapter"]["tensors"][0]["relative_error"]
     assert 0 < error < 1 and document["adapter"]["energy"] == pytest.approx(1 - error**2)
 
+
+# --- supermerge extract ------------------------------------------------------------------
+
+
+def test_extract_recovers_a_low_rank_fine_tune_and_reports_its_tail(tmp_path):
+    """tuned = base + U diag(s) V^T with s = (3, 2, 1, 0.5) on one weight, a norm shifted:
+    rank 2 keeps (9 + 4) / 14.25 of the energy with relative error sqrt(1.25 / 14.25)."""
+    from click.testing import CliRunner
+
+    from supermerge.cli.main import cli
+
+    base = tiny_base(tmp_path / "base")
+    u, v = orthonormal(10, 4, 3).float(), orthonormal(6, 4, 4).float()
+    update = u @ torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5])) @ v.T
+    tuned = {**base, f"{UP0}.weight": base[f"{UP0}.weight"] + update,
+             "model.norm.weight": base["model.norm.weight"] + 0.25}
+    write_model_dir(tmp_path / "tuned", tuned)
+    result = supermerge.extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "lora",
+                                rank=2)
+    (factor,) = result.adapter.factored
+    assert factor.name == f"{UP0}.weight"
+    assert factor.energy == pytest.approx(13 / 14.25, rel=1e-5)
+    assert factor.relative_error == pytest.approx(math.sqrt(1.25 / 14.25), rel=1e-4)
+    assert result.adapter.modules_to_save == ["model.norm"]
+    view = open_checkpoint(tmp_path / "lora")
+    torch.testing.assert_close(view.read(f"{UP0}.weight"), base[f"{UP0}.weight"]
+                               + u[:, :2] @ torch.diag(torch.tensor([3.0, 2.0])) @ v[:, :2].T,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(view.read("model.norm.weight"), tuned["model.norm.weight"])
+
+    out = CliRunner().invoke(cli, ["extract", str(tmp_path / "base"), str(tmp_path / "tuned"),
+                                   "-o", str(tmp_path / "lora4"), "--rank", "4"])
+    assert out.exit_code == 0, out.output
+    assert "100.00% of the update's energy captured" in out.output
+    assert "stored whole (modules_to_save): model.norm" in out.output
+
+
+def test_extract_refuses_mismatched_models_before_reading_a_weight(tmp_path):
+    tiny_base(tmp_path / "base")
+    write_model_dir(tmp_path / "other", {"x.weight": torch.ones(3, 3)})
+    with pytest.raises(PlanError, match="missing"):
+        supermerge.extract(tmp_path / "base", tmp_path / "other", tmp_path / "lora", rank=2)
+    assert not (tmp_path / "lora").exists()
+
+
+def test_extracted_adapter_loads_in_peft_and_equals_the_rank_r_fine_tune(tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    model.save_pretrained(tmp_path / "tuned")
+    result = supermerge.extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "lora",
+                                rank=4)
+    assert 0 < result.adapter.energy < 1
+    fresh = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    merged = peft.PeftModel.from_pretrained(fresh, tmp_path / "lora").merge_and_unload()
+    ours = open_checkpoint(tmp_path / "lora")
+    state = merged.state_dict()
+    worst = max(float((state[n] - ours.read(n)).abs().max()) for n in ours.names()
+                if n in state)
+    assert worst < 1e-5, worst
+    tuned = load_file(tmp_path / "tuned" / "model.safetensors")
+    assert torch.equal(state["model.norm.weight"], tuned["model.norm.weight"])

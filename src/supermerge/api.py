@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from supermerge.engine import MergeResult, MergeSpec, Progress, execute, plan_merge
+from supermerge.engine import MergeResult, MergeSpec, ModelSpec, Progress, execute, plan_merge
 from supermerge.errors import RecipeError
 from supermerge.recipes import Recipe, load_recipe, parse_recipe
 
@@ -56,6 +56,30 @@ def merge(
                        recipe_yaml=recipe_yaml, progress=progress)
     finally:
         plan.close()
+
+
+def extract(
+    base: str | Path,
+    tuned: str | Path,
+    out: str | Path,
+    *,
+    rank: int,
+    overwrite: bool = False,
+    threads: int = 2,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Extract a LoRA adapter of rank ``rank`` from a dense fine-tune: ``tuned - base``
+    per tensor, factored by truncated SVD into a PEFT adapter folder at ``out`` (mergekit's
+    extract-lora). Targets are every float ``.weight`` of 2+ dimensions (or, when ``tuned``
+    is itself an adapter, its modules); changed whole modules go to modules_to_save.
+
+    Returns the MergeResult whose ``adapter`` holds each tensor's captured energy and exact
+    relative error (the SVD tail). Cost: headers first, then one base and one tuned tensor
+    resident at a time plus one thin SVD per changed target, O(m n min(m, n)).
+    """
+    spec = MergeSpec(method="passthrough", models=[ModelSpec(str(tuned))],
+                     base_model=str(base), output="adapter", rank=rank)
+    return merge(spec, out, overwrite=overwrite, threads=threads, progress=progress)
 
 
 def merge_learned(

@@ -133,6 +133,39 @@ def merge(recipe: Path, out: Path, overwrite: bool, threads: int, compute_thread
         _echo_adapter(result.adapter)
 
 
+@cli.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("tuned", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Output adapter folder (published atomically).")
+@click.option("--rank", "-r", required=True, type=click.IntRange(min=1),
+              help="LoRA rank r of the adapter (lora_alpha = r).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the adapter's per-tensor energy and error as JSON on stdout.")
+@friendly
+def extract(base: Path, tuned: Path, out: Path, rank: int, overwrite: bool,
+            as_json: bool) -> None:
+    """Extract a PEFT LoRA adapter from a dense fine-tune: TUNED - BASE per weight, factored
+    at rank r by truncated SVD into OUT (mergekit's extract-lora); prints the energy
+    captured."""
+    from supermerge.api import extract as run_extract
+
+    _release_large_frees()
+    bar = _Bar("extracting")
+    try:
+        result = run_extract(base, tuned, out, rank=rank, overwrite=overwrite, progress=bar)
+    finally:
+        bar.close()
+    if as_json:
+        _echo_json({"out": str(result.out), "seconds": round(result.seconds, 3),
+                    "adapter": _adapter_document(result.adapter),
+                    "warnings": list(result.warnings)})
+        return
+    _echo_adapter(result.adapter)
+    click.echo(f"extracted in {result.seconds:.1f} s -> {result.out}")
+
+
 def _adapter_document(report: Any) -> dict[str, Any]:
     """The --json view of an AdapterReport (output: adapter, extract)."""
     return {"rank": report.rank, "energy": report.energy,

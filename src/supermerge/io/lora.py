@@ -188,14 +188,18 @@ def open_adapter(
     adapter = read_adapter(directory)
     base_path = _choose_base(adapter, base, explicit_base)
     base_ckpt = open_checkpoint(base_path)
+    weights = None
     try:
         if base_ckpt.adapter is not None:
             raise CheckpointError(
                 f"the base {base_path} is itself a LoRA adapter", file=directory,
                 fix="pass the base model the adapter was trained on")
-        _bind(adapter, base_ckpt)
-        store = _LoraStore(adapter, base_ckpt)
+        weights = _open_weights(adapter.weights)
+        _bind(adapter, base_ckpt, weights.infos)
+        store = _LoraStore(adapter, base_ckpt, weights)
     except BaseException:
+        if weights is not None:
+            weights.close()
         base_ckpt.close()
         raise
     view = Checkpoint(directory, base_ckpt.model_dir, base_ckpt.config, store)
@@ -274,15 +278,11 @@ def _open_weights(file: Path) -> _Store:
     return _TorchStore({file: None})
 
 
-def _bind(adapter: Adapter, base: Checkpoint) -> None:
-    """Sort the adapter's keys into modules over ``base`` and saved tensors, checking every
-    name and shape against the base's headers; fills ``adapter.modules`` / ``saved``."""
-    store = _open_weights(adapter.weights)
-    try:
-        infos = store.infos
-    finally:
-        store.close()
-    pairs: dict[str, dict[str, str]] = {}  # module -> {"A"/"B"/"bias"/"embedding": key}
+def _bind(adapter: Adapter, base: Checkpoint, infos: dict[str, TensorInfo]) -> None:
+    """Sort the adapter's keys (``infos``, its weights' headers) into modules over ``base``
+    and saved tensors, checking every name and shape against the base's headers; fills
+    ``adapter.modules`` and ``adapter.saved``."""
+    pairs: dict[str, dict[str, str]] = {}  # module -> {"A" / "B" / "bias": key}
     kinds: dict[str, Kind] = {}
     adapter_names: set[str] = set()
     for key in infos:
@@ -419,10 +419,10 @@ class _LoraStore:
     """The base's tensors, with each LoRA module's update added on read and saved tensors
     read from the adapter."""
 
-    def __init__(self, adapter: Adapter, base: Checkpoint) -> None:
+    def __init__(self, adapter: Adapter, base: Checkpoint, weights: _Store) -> None:
         self._adapter = adapter
         self._base = base
-        self._weights = _open_weights(adapter.weights)
+        self._weights = weights
         self._biases = {m.target_bias: m for m in adapter.modules.values() if m.bias}
         self.infos = base.infos()
         for target, key in adapter.saved.items():
