@@ -74,11 +74,17 @@ def test_fan_in_fan_out_embedding_conv_bias_and_saved_modules(tmp_path):
     gen = torch.Generator().manual_seed(5)
     # fan_in_fan_out: the base's up_proj is [10, 6] = [in, out]: A [r, 10], B [6, r]
     a_f, b_f = torch.randn(2, 10, generator=gen), torch.randn(6, 2, generator=gen)
-    write_adapter(tmp_path / "fifo", linear_lora(UP0, a_f, b_f), r=2, alpha=2,
-                  base=str(tmp_path / "base"), fan_in_fan_out=True)
+    # in the same adapter an ordinary [out, in] layer (peft's nn.Linear under
+    # fan_in_fan_out: GPT-2's lm_head) keeps the usual layout, as its shapes say
+    a_s, b_s = torch.randn(2, 6, generator=gen), torch.randn(2, 2, generator=gen)
+    write_adapter(tmp_path / "fifo", {**linear_lora(UP0, a_f, b_f),
+                                      **linear_lora("score", a_s, b_s)},
+                  r=2, alpha=2, base=str(tmp_path / "base"), fan_in_fan_out=True)
     view = open_checkpoint(tmp_path / "fifo")
     torch.testing.assert_close(view.read(f"{UP0}.weight"),
                                base[f"{UP0}.weight"] + (b_f @ a_f).T)
+    torch.testing.assert_close(view.read("score.weight"), base["score.weight"] + b_s @ a_s)
+    assert view.adapter.modules["score.weight"].fan_in_fan_out is False
 
     emb_a, emb_b = torch.randn(3, 12, generator=gen), torch.randn(6, 3, generator=gen)
     conv_a, conv_b = torch.randn(2, 3, 3, 3, generator=gen), torch.randn(4, 2, 1, 1,

@@ -355,8 +355,10 @@ def test_learn_takes_lora_adapter_experts_with_their_saved_heads(learn_setup, tm
                         for p in ("weight", "bias")})
         write_adapter(tmp_path / f"{keyword}-lora", tensors, r=2, alpha=2,
                       modules_to_save=["classifier"])
-        experts.append({**recipe["experts"][i], "model": str(tmp_path / f"{keyword}-lora"),
-                        "task": keyword, "data": str(root / f"{keyword}.jsonl")})
+        # the second spelled BASE+ADAPTER, the adapter relative to the recipe's folder
+        model = str(tmp_path / f"{keyword}-lora") if i == 0 else f"{root / 'base'}+red-lora"
+        experts.append({**recipe["experts"][i], "model": model, "task": keyword,
+                        "data": str(root / f"{keyword}.jsonl")})
     adapters = {**recipe, "base_model": str(root / "base"), "experts": experts,
                 "parameters": {"steps": 4, "eval_every": 2, "batch_size": 8}}
     out = tmp_path / "merged"

@@ -347,6 +347,12 @@ def _module(adapter: Adapter, base: Checkpoint, module: str, kind: Kind,
         raise _refuse(adapter, b.name, f"rank mismatch: lora_A is {list(a.shape)} (rank "
                       f"{rank}) but lora_B is {list(b.shape)}")
     expected = _shape(kind, fan_in_fan_out, a.shape, b.shape)
+    if fan_in_fan_out and expected != tuple(w_shape) and _shape(
+            kind, False, a.shape, b.shape) == tuple(w_shape):
+        # peft applies fan_in_fan_out to Conv1D layers only: an nn.Linear (GPT-2's lm_head)
+        # in the same adapter keeps the usual layout, as its shapes show
+        fan_in_fan_out = False
+        expected = tuple(w_shape)
     if expected is None or tuple(w_shape) != expected:
         layout = "fan_in_fan_out " if fan_in_fan_out else ""
         raise CheckpointError(

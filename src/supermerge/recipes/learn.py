@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from supermerge.errors import MethodError, RecipeError
 from supermerge.io import Checkpoint, open_checkpoint
 from supermerge.io.guard import check_output
+from supermerge.io.lora import input_paths
 from supermerge.learn import (
     CheckpointState,
     LearnedMerge,
@@ -53,7 +54,7 @@ from supermerge.learn import (
 from supermerge.learn.distributed import TorchDataParallel
 from supermerge.learn.method import TRAINED_EXAMPLES, Progress
 from supermerge.learn.registry import LEARNED_METHODS
-from supermerge.recipes.recipe import check_file_name, warn_repeated_models
+from supermerge.recipes.recipe import _locate, check_file_name, warn_repeated_models
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def run_learn_recipe(
                           fix="run it in one process; data parallelism is for " + ", ".join(
                               m.name for m in LEARNED_METHODS if m.parallel))
     transformers = _transformers()
-    locate = lambda p: str(root / p) if root and (root / p).exists() else p  # noqa: E731
+    locate = lambda p: _locate(p, root)  # noqa: E731 -- BASE+ADAPTER: each half too
     base_dir = Path(locate(recipe.base_model))
     expert_dirs = {e.task_name: Path(locate(e.model)) for e in recipe.experts}
     if len(expert_dirs) != len(recipe.experts):
@@ -222,7 +223,8 @@ def run_learn_recipe(
     # an adapter folder applies to the recipe's base (io.lora)
     checkpoints = {name: open_checkpoint(path, base=str(base_dir))
                    for name, path in expert_dirs.items()}
-    inputs = [base_dir, *expert_dirs.values(), *(locate(e.data) for e in recipe.experts),
+    inputs = [base_dir, *(p for d in expert_dirs.values() for p in input_paths(str(d))),
+              *(locate(e.data) for e in recipe.experts),
               *(locate(e.unlabelled) for e in recipe.experts if e.unlabelled)]
     check_output(out, inputs=inputs, overwrite=overwrite,  # size: the weights of an expert
                  nbytes=sum(i.nbytes for i in next(iter(checkpoints.values())).infos().values()))
