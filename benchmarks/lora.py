@@ -8,7 +8,8 @@ anonymous RSS:
 
 - task_arithmetic over the adapters, and over the dense experts (same output);
 - the same merge written as an adapter of rank K x rank (``output: adapter``: exact);
-- ``supermerge extract`` of the first dense expert at the adapter's rank.
+- ``supermerge extract`` of the first dense expert at the adapter's rank, with the exact
+  and the randomized SVD.
 
 Usage: python benchmarks/lora.py [--params 2e8] [--rank 16] [--experts 2] [--work DIR]
 Prints a markdown table and the largest difference between the adapter and dense merges.
@@ -119,7 +120,10 @@ def main() -> None:
                        rank=args.experts * args.rank)),
                 (f"extract dense expert 0 at rank {args.rank}",
                  run(["extract", str(base), str(dense[0]), "-o", str(root / "extracted"),
-                      "--rank", str(args.rank)]))]
+                      "--rank", str(args.rank)])),
+                ("the same, --svd randomized",
+                 run(["extract", str(base), str(dense[0]), "-o", str(root / "fast"),
+                      "--rank", str(args.rank), "--svd", "randomized"]))]
         a = load_file(root / "out-adapters" / "model.safetensors")
         d = load_file(root / "out-dense" / "model.safetensors")
         worst = max(float((a[n].float() - d[n].float()).abs().max()) for n in a)

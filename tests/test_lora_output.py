@@ -123,7 +123,7 @@ def test_adapter_output_is_checked_before_any_work_and_never_half_written(tmp_pa
                           "parameters": {"lambda": 0.0}, "output": "adapter", "rank": 2},
                          tmp_path / "o")
 
-    def broken(matrix, rank):
+    def broken(matrix, rank, **options):
         raise RuntimeError("SVD did not converge")
 
     monkeypatch.setattr(adapter_module, "low_rank", broken)
@@ -264,3 +264,51 @@ def test_extracted_adapter_loads_in_peft_and_equals_the_rank_r_fine_tune(tmp_pat
     assert worst < 1e-5, worst
     tuned = load_file(tmp_path / "tuned" / "model.safetensors")
     assert torch.equal(state["model.norm.weight"], tuned["model.norm.weight"])
+
+
+def test_randomized_low_rank_is_seeded_near_optimal_and_reports_its_exact_error():
+    gen = torch.Generator().manual_seed(0)
+    u, v = orthonormal(60, 40, 5), orthonormal(50, 40, 6)
+    s = torch.tensor([0.7**i for i in range(40)], dtype=torch.float64)
+    matrix = (u @ torch.diag(s) @ v.T).float()
+    exact = low_rank(matrix, 4)
+    fast = low_rank(matrix, 4, generator=torch.Generator().manual_seed(1))
+    again = low_rank(matrix, 4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(fast.p, again.p) and torch.equal(fast.q, again.q)
+    actual = float(torch.linalg.vector_norm(matrix - fast.p @ fast.q)
+                   / torch.linalg.vector_norm(matrix))
+    assert fast.relative_error == pytest.approx(actual, rel=1e-3)
+    assert exact.relative_error <= fast.relative_error <= 1.01 * exact.relative_error
+    assert fast.energy == pytest.approx(1 - fast.relative_error**2, abs=1e-6)
+    low = torch.randn(60, 3, generator=gen) @ torch.randn(3, 50, generator=gen)
+    assert low_rank(low, 4, generator=torch.Generator().manual_seed(2)).relative_error < 1e-5
+
+
+def test_extract_with_randomized_svd_through_the_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from supermerge.cli.main import cli
+
+    gen = torch.Generator().manual_seed(7)
+    base = {"w.weight": torch.randn(40, 30, generator=gen)}
+    tuned = {"w.weight": base["w.weight"] + 0.1 * torch.randn(40, 30, generator=gen)}
+    write_model_dir(tmp_path / "base", base)
+    write_model_dir(tmp_path / "tuned", tuned)
+    runner = CliRunner()
+    reported = {}
+    for svd, out in (("exact", "e"), ("randomized", "r1"), ("randomized", "r2")):
+        result = runner.invoke(cli, ["extract", str(tmp_path / "base"), str(tmp_path / "tuned"),
+                                     "-o", str(tmp_path / out), "-r", "2", "--svd", svd,
+                                     "--json"])
+        assert result.exit_code == 0, result.output
+        reported[out] = json.loads(result.stdout)["adapter"]["tensors"][0]["relative_error"]
+    r1 = load_file(tmp_path / "r1" / "adapter_model.safetensors")
+    r2 = load_file(tmp_path / "r2" / "adapter_model.safetensors")
+    assert all(torch.equal(r1[k], r2[k]) for k in r1)  # seeded: the same bytes every run
+    delta = tuned["w.weight"] - base["w.weight"]
+    for out in ("e", "r1"):
+        read = open_checkpoint(tmp_path / out).read("w.weight")
+        actual = float(torch.linalg.vector_norm(read - tuned["w.weight"])
+                       / torch.linalg.vector_norm(delta))
+        assert reported[out] == pytest.approx(actual, rel=1e-3)
+    assert reported["e"] < reported["r1"] < 1  # random noise: no rank 2 is exact

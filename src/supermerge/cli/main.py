@@ -140,11 +140,14 @@ def merge(recipe: Path, out: Path, overwrite: bool, threads: int, compute_thread
               help="Output adapter folder (published atomically).")
 @click.option("--rank", "-r", required=True, type=click.IntRange(min=1),
               help="LoRA rank r of the adapter (lora_alpha = r).")
+@click.option("--svd", type=click.Choice(["exact", "randomized"]), default="exact",
+              show_default=True, help="Exact SVD, or a seeded randomized one (much faster "
+              "on large matrices, a slightly larger error, reported exactly either way).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the adapter's per-tensor energy and error as JSON on stdout.")
 @friendly
-def extract(base: Path, tuned: Path, out: Path, rank: int, overwrite: bool,
+def extract(base: Path, tuned: Path, out: Path, rank: int, svd: str, overwrite: bool,
             as_json: bool) -> None:
     """Extract a PEFT LoRA adapter from a dense fine-tune: TUNED - BASE per weight, factored
     at rank r by truncated SVD into OUT (mergekit's extract-lora); prints the energy
@@ -154,7 +157,8 @@ def extract(base: Path, tuned: Path, out: Path, rank: int, overwrite: bool,
     _release_large_frees()
     bar = _Bar("extracting")
     try:
-        result = run_extract(base, tuned, out, rank=rank, overwrite=overwrite, progress=bar)
+        result = run_extract(base, tuned, out, rank=rank, svd=svd, overwrite=overwrite,
+                             progress=bar)
     finally:
         bar.close()
     if as_json:

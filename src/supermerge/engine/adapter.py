@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from supermerge.engine.plan import tensor_seed
 from supermerge.io import Checkpoint, CheckpointWriter
 from supermerge.io.lora import (
     LoraTarget,
@@ -117,12 +118,16 @@ class AdapterSink:
 
     Memory: the factors (r (m + n) numbers per target) and the changed tensors that are no
     target until :meth:`finish` decides whether their modules are stored whole (1-D norms
-    and biases, in practice). Cost: one thin SVD per changed target.
+    and biases, in practice). Cost: one thin SVD per changed target, or with
+    ``svd="randomized"`` a randomized one seeded by ``seed`` and the tensor's name
+    (:func:`~supermerge.methods.primitives.low_rank`).
     """
 
     def __init__(self, reference: Checkpoint, targets: dict[str, LoraTarget], rank: int,
-                 base_model: str | None) -> None:
+                 base_model: str | None, *, svd: str = "exact", seed: int = 0) -> None:
         self.report = AdapterReport(rank=rank)
+        self._svd = svd
+        self._seed = seed
         self._targets = targets
         self._rank = rank
         self._base_model = base_model
@@ -144,7 +149,10 @@ class AdapterSink:
         if target is None:
             self._pending[name] = (merged.to(dtype), _relative(delta, base))
             return
-        factors = low_rank(lora_matrix(delta, target), self._rank)
+        generator = None
+        if self._svd == "randomized":
+            generator = torch.Generator().manual_seed(tensor_seed(self._seed, name))
+        factors = low_rank(lora_matrix(delta, target), self._rank, generator=generator)
         del delta
         for key, tensor in peft_factors(target, factors.p, factors.q, tuple(base.shape)).items():
             writer.add(key, tensor.to(dtype))

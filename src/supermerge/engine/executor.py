@@ -179,7 +179,7 @@ def _adapter_sink(plan: MergePlan) -> AdapterSink | None:
     base = plan.spec.base_model
     recorded = str(Path(base).resolve()) if base and Path(base).exists() else base
     return AdapterSink(plan.reference, lora_targets(plan.reference, plan.experts),
-                       plan.spec.rank, recorded)
+                       plan.spec.rank, recorded, svd=plan.spec.svd, seed=plan.spec.seed)
 
 
 def _task_state_writer(plan: MergePlan) -> TaskStateWriter | None:

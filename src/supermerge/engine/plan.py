@@ -166,9 +166,9 @@ def _check_adapter_output(spec: MergeSpec, method: Method | None,
                           problems: list[Problem]) -> None:
     """``output: adapter`` needs a base to subtract, a positive rank and one model out."""
     if spec.output != "adapter":
-        if spec.rank is not None:
-            problems.append(Problem("`rank` is set but the output is a model",
-                                    fix="add `output: adapter`, or remove `rank`"))
+        if spec.rank is not None or spec.svd != "exact":
+            problems.append(Problem("`rank` or `svd` is set but the output is a model",
+                                    fix="add `output: adapter`, or remove them"))
         return
     if spec.base_model is None:
         problems.append(Problem("`output: adapter` stores the merged update over a base, "

@@ -56,7 +56,8 @@ class MergeSpec:
     sizes differ: ``common_rows`` (merge the rows all models share, keep the reference's
     extra rows) or ``refuse``. ``on_nonfinite``: ``refuse`` or ``warn`` on NaN/Inf inputs.
     ``output``: ``model`` (a whole model folder) or ``adapter`` (the merged update as a PEFT
-    LoRA adapter of rank ``rank``; needs a base model, see :mod:`supermerge.engine.adapter`).
+    LoRA adapter of rank ``rank``; needs a base model, see :mod:`supermerge.engine.adapter`),
+    factored by an ``exact`` or a seeded ``randomized`` SVD (``svd``).
     """
 
     method: str
@@ -71,3 +72,4 @@ class MergeSpec:
     on_nonfinite: Literal["refuse", "warn"] = "refuse"
     output: Literal["model", "adapter"] = "model"
     rank: int | None = None
+    svd: Literal["exact", "randomized"] = "exact"

@@ -73,6 +73,7 @@ class Recipe(BaseModel):
     on_nonfinite: Literal["refuse", "warn"] = "refuse"
     output: Literal["model", "adapter"] = "model"  # adapter: a PEFT LoRA adapter of `rank`
     rank: int | None = Field(None, ge=1)
+    svd: Literal["exact", "randomized"] = "exact"  # how output: adapter factors
     name: str | None = None
 
     @field_validator("models", mode="before")
@@ -103,7 +104,7 @@ class Recipe(BaseModel):
             parameters=dict(self.parameters), out_dtype=self.out_dtype or self.dtype,
             compute_dtype=self.compute_dtype, seed=self.seed, on_missing=self.on_missing,
             vocab=self.vocab, on_nonfinite=self.on_nonfinite, output=self.output,
-            rank=self.rank)
+            rank=self.rank, svd=self.svd)
 
     def to_yaml(self) -> str:
         """The recipe as YAML (what is saved beside the merged model)."""
