@@ -189,7 +189,7 @@ def test_directory_hints(tmp_path):
     assert "weights.safetensors" in _error(tmp_path / "a").fix
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "adapter_config.json").write_text("{}")
-    assert "PEFT" in _error(tmp_path / "b").fix
+    assert "adapter_model.safetensors" in _error(tmp_path / "b").message
 
 
 def test_unsupported_suffix(tmp_path):

@@ -338,3 +338,38 @@ def test_distill_learns_from_unlabelled_inputs_and_labels_refuses_them(learn_set
     result = CliRunner().invoke(cli, ["learn", write(root, distill), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert (out / "heads" / "apple.safetensors").is_file()
+
+
+def test_learn_takes_lora_adapter_experts_with_their_saved_heads(learn_setup, tmp_path):
+    """Adapter folders as experts: each reads as the base + its LoRA update, and its head is
+    the classifier it saves whole (modules_to_save)."""
+    from safetensors.torch import load_file
+
+    from helpers_lora import write_adapter
+
+    root, recipe = learn_setup
+    experts = []
+    for i, keyword in enumerate(["apple", "red"]):
+        trained = load_file(root / keyword / "model.safetensors")
+        gen = torch.Generator().manual_seed(i)
+        tensors = {f"bert.encoder.layer.{j}.attention.self.query.{part}": torch.randn(
+            shape, generator=gen) * 0.1 for j in range(2)
+            for part, shape in (("lora_A.weight", (2, 16)), ("lora_B.weight", (16, 2)))}
+        tensors.update({f"classifier.modules_to_save.default.{p}": trained[f"classifier.{p}"]
+                        for p in ("weight", "bias")})
+        write_adapter(tmp_path / f"{keyword}-lora", tensors, r=2, alpha=2,
+                      modules_to_save=["classifier"])
+        # the second spelled BASE+ADAPTER, the adapter relative to the recipe's folder
+        model = str(tmp_path / f"{keyword}-lora") if i == 0 else f"{root / 'base'}+red-lora"
+        experts.append({**recipe["experts"][i], "model": model, "task": keyword,
+                        "data": str(root / f"{keyword}.jsonl")})
+    adapters = {**recipe, "base_model": str(root / "base"), "experts": experts,
+                "parameters": {"steps": 4, "eval_every": 2, "batch_size": 8}}
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(cli, ["learn", write(tmp_path, adapters), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    head = load_file(out / "heads" / "apple.safetensors")
+    assert torch.equal(next(v for k, v in head.items() if k.endswith("classifier.weight")),
+                       load_file(root / "apple" / "model.safetensors")["classifier.weight"])
+    model = transformers.BertForSequenceClassification.from_pretrained(out)
+    assert torch.isfinite(model(torch.tensor([[2, 5, 6, 3]])).logits).all()

@@ -28,12 +28,14 @@ from pathlib import Path
 
 import torch
 
+from supermerge.engine.adapter import AdapterReport, AdapterSink, lora_targets
 from supermerge.engine.heads import HeadMeta, head_files, heads_card_note
-from supermerge.engine.plan import MergePlan, Source, TensorJob
+from supermerge.engine.plan import MergePlan, Source, TensorJob, spec_inputs
 from supermerge.engine.spec import parse_dtype
 from supermerge.engine.task_state import TaskStateWriter
 from supermerge.errors import InputValueError
 from supermerge.io import CheckpointWriter
+from supermerge.io.lora import ADAPTER_SAFE_WEIGHTS
 from supermerge.methods import TaskSpecific, TensorContext
 from supermerge.progress import Progress
 
@@ -63,6 +65,7 @@ class MergeResult:
     largest_tensor_bytes: int
     memory_budget_bytes: int
     warnings: list[str] = field(default_factory=list)
+    adapter: AdapterReport | None = None  # output: adapter: what the adapter holds and loses
 
 
 def execute(
@@ -119,11 +122,13 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
     merged = copied = 0
     layout = [(job.name, job.shape, job.out_dtype) for job in plan.jobs]
     task_state = _task_state_writer(plan)
+    sink = _adapter_sink(plan)
     # The writer first (output guard, free disk space), then the first read of a weight.
-    with CheckpointWriter(out, overwrite=overwrite, shard_size=shard_size, layout=layout,
+    with CheckpointWriter(out, overwrite=overwrite, shard_size=shard_size,
+                          layout=None if sink else layout,
                           side_files=task_state.side_files if task_state else None,
-                          inputs=[plan.spec.base_model, *(m.path for m in plan.spec.models)]
-                          ) as writer:
+                          inputs=spec_inputs(plan.spec),
+                          single_file=ADAPTER_SAFE_WEIGHTS if sink else None) as writer:
         statistic = _whole_model_statistic(plan, compute, threads, progress)
         total = len(plan.jobs)
         # No enumerate and an explicit del: a job's inputs must be freed before the next
@@ -132,17 +137,22 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
             tensor = _merge_one(plan, loaded, statistic)
             if task_state is not None and loaded.job.merge:
                 tensor = task_state.add(writer, loaded.job.name, tensor)
-            writer.add(loaded.job.name, tensor.to(loaded.job.out_dtype).contiguous())
+            if sink is None:
+                writer.add(loaded.job.name, tensor.to(loaded.job.out_dtype).contiguous())
+            elif loaded.job.merge:
+                sink.add(writer, loaded.job.name, tensor, loaded.base, loaded.job.out_dtype)
             merged += loaded.job.merge
             copied += not loaded.job.merge
             if progress:
                 progress("merge", merged + copied, total, loaded.job.name)
             del loaded, tensor
-        writer.copy_model_files(plan.reference.model_dir)  # the tokenizer, if the expert has none
-        if plan.model_files is not plan.reference:
-            writer.copy_model_files(plan.model_files.model_dir)
+        report = sink.finish(writer) if sink is not None else None
+        if sink is None:
+            writer.copy_model_files(plan.reference.model_dir)  # the tokenizer, if experts lack it
+            if plan.model_files is not plan.reference:
+                writer.copy_model_files(plan.model_files.model_dir)
+            _record_output_dtype(plan, writer)
         _write_heads(plan, writer)
-        _record_output_dtype(plan, writer)
         writer.write_text("supermerge_recipe.yaml", recipe_yaml)
         if task_state is not None:
             task_state.finish(writer)
@@ -151,8 +161,10 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
                          *(m.path for m in plan.spec.models)],
             method=plan.method.name,
             recipe_yaml=recipe_yaml,
-            extra_markdown=(task_state.model_card_note() if task_state else "")
+            extra_markdown=(task_state.model_card_note() if task_state
+                            else report.markdown() if report else "")
             + heads_card_note([head.task for head in plan.heads]),
+            library="peft" if report else "transformers",
         )
         published = writer.commit()
     for warning in plan.warnings:
@@ -160,7 +172,18 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
     return MergeResult(out=published, tensors=len(plan.jobs), merged=merged, copied=copied,
                        seconds=time.perf_counter() - started,
                        largest_tensor_bytes=plan.largest_tensor_bytes,
-                       memory_budget_bytes=plan.memory_budget(), warnings=list(plan.warnings))
+                       memory_budget_bytes=plan.memory_budget(), warnings=list(plan.warnings),
+                       adapter=report)
+
+
+def _adapter_sink(plan: MergePlan) -> AdapterSink | None:
+    """The adapter writer of ``output: adapter`` (targets from the inputs' headers)."""
+    if plan.spec.output != "adapter":
+        return None
+    base = plan.spec.base_model
+    recorded = str(Path(base).resolve()) if base and Path(base).exists() else base
+    return AdapterSink(plan.reference, lora_targets(plan.reference, plan.experts),
+                       plan.spec.rank, recorded, svd=plan.spec.svd, seed=plan.spec.seed)
 
 
 def _task_state_writer(plan: MergePlan) -> TaskStateWriter | None:

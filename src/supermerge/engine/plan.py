@@ -27,6 +27,7 @@ from supermerge.engine.spec import MergeSpec, parse_dtype
 from supermerge.errors import MethodError, OutputError, PlanError, Problem, SupermergeError
 from supermerge.io import Checkpoint, TensorInfo, open_checkpoint, tied_aliases
 from supermerge.io.guard import check_output
+from supermerge.io.lora import input_paths
 from supermerge.methods import Method, get_method
 from supermerge.names import prefix_shift, shifted_name
 
@@ -138,10 +139,12 @@ def plan_merge(spec: MergeSpec, *, out: Path | None = None, overwrite: bool = Fa
     if out is not None:
         _check_output(spec, Path(out), overwrite, problems)
     base = _open(spec.base_model, problems) if spec.base_model else None
-    experts = [_open(m.path, problems) for m in spec.models]
+    # an adapter folder among the models applies to the recipe's base (io.lora)
+    experts = [_open(m.path, problems, base=spec.base_model) for m in spec.models]
     if method is not None and method.needs_base and spec.base_model is None:
         problems.append(Problem(f"method '{method.name}' needs a base model",
                                 fix="add `base_model: <path>` to the recipe"))
+    _check_adapter_output(spec, method, problems)
     for where, value in (("dtype", spec.out_dtype), ("compute_dtype", spec.compute_dtype)):
         try:
             parse_dtype(value, where)
@@ -169,8 +172,7 @@ def plan_merge(spec: MergeSpec, *, out: Path | None = None, overwrite: bool = Fa
 def _check_output(spec: MergeSpec, out: Path, overwrite: bool, problems: list[Problem]) -> None:
     """The output guard of every writer (io.guard.check_output), as a problem."""
     try:
-        check_output(out, inputs=[spec.base_model, *(m.path for m in spec.models)],
-                     overwrite=overwrite)
+        check_output(out, inputs=spec_inputs(spec), overwrite=overwrite)
     except OutputError as err:
         problems.append(Problem(err.message, file=err.file, fix=err.fix))
 
@@ -185,9 +187,36 @@ def _method_or_problem(spec: MergeSpec, problems: list[Problem]) -> Method | Non
         return None
 
 
-def _open(path: str, problems: list[Problem]) -> Checkpoint | None:
+def _check_adapter_output(spec: MergeSpec, method: Method | None,
+                          problems: list[Problem]) -> None:
+    """``output: adapter`` needs a base to subtract, a positive rank and one model out."""
+    if spec.output != "adapter":
+        if spec.rank is not None or spec.svd != "exact":
+            problems.append(Problem("`rank` or `svd` is set but the output is a model",
+                                    fix="add `output: adapter`, or remove them"))
+        return
+    if spec.base_model is None:
+        problems.append(Problem("`output: adapter` stores the merged update over a base, "
+                                "and the recipe has no base model",
+                                fix="add `base_model: <path>` to the recipe"))
+    if not isinstance(spec.rank, int) or isinstance(spec.rank, bool) or spec.rank < 1:
+        problems.append(Problem(f"`output: adapter` needs a positive integer `rank`, got "
+                                f"{spec.rank!r}", fix="add e.g. `rank: 16` to the recipe"))
+    if method is not None and method.per_task:
+        problems.append(Problem(f"method '{method.name}' writes per-task masks beside the "
+                                "model, which an adapter cannot hold",
+                                fix="write a model (leave out `output: adapter`)"))
+
+
+def spec_inputs(spec: MergeSpec) -> list[str]:
+    """Every path a merge reads (both halves of BASE+ADAPTER), for the output guard."""
+    spellings = [s for s in (spec.base_model, *(m.path for m in spec.models)) if s]
+    return [path for spelling in spellings for path in input_paths(spelling)]
+
+
+def _open(path: str, problems: list[Problem], base: str | None = None) -> Checkpoint | None:
     try:
-        return open_checkpoint(path)
+        return open_checkpoint(path, base=base)
     except SupermergeError as err:
         problems.append(Problem(err.message, file=err.file or path, fix=err.fix))
         return None

@@ -71,6 +71,9 @@ class MergeSpec:
     i.e. a zero task vector). ``vocab`` says what to do with embeddings whose vocabulary
     sizes differ: ``common_rows`` (merge the rows all models share, keep the reference's
     extra rows) or ``refuse``. ``on_nonfinite``: ``refuse`` or ``warn`` on NaN/Inf inputs.
+    ``output``: ``model`` (a whole model folder) or ``adapter`` (the merged update as a PEFT
+    LoRA adapter of rank ``rank``; needs a base model, see :mod:`supermerge.engine.adapter`),
+    factored by an ``exact`` or a seeded ``randomized`` SVD (``svd``).
     """
 
     method: str
@@ -83,6 +86,9 @@ class MergeSpec:
     on_missing: Literal["refuse", "base"] = "refuse"
     vocab: Literal["common_rows", "refuse"] = "common_rows"
     on_nonfinite: Literal["refuse", "warn"] = "refuse"
+    output: Literal["model", "adapter"] = "model"
+    rank: int | None = None
+    svd: Literal["exact", "randomized"] = "exact"
     heads: list[str] = field(default_factory=list)
 
     def is_head(self, name: str) -> bool:

@@ -31,12 +31,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from supermerge.errors import CheckpointError
 from supermerge.io.hub import resolve_cached
+
+if TYPE_CHECKING:
+    from supermerge.io.lora import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +135,8 @@ class Checkpoint:
 
     ``path`` is the path as opened; ``model_dir`` the Hugging Face directory whose
     config and tokenizer files belong to the model, or ``None`` for a bare weights file.
+    ``adapter`` is the parsed LoRA adapter when the checkpoint is an adapter seen through
+    its base (:mod:`supermerge.io.lora`), else None.
     """
 
     def __init__(
@@ -142,6 +147,7 @@ class Checkpoint:
         self._config = config
         self._store = store
         self._closed = False
+        self.adapter: Adapter | None = None
 
     def names(self) -> list[str]:
         """Tensor names in stored order (shard by shard, by position in the file)."""
@@ -209,35 +215,77 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {len(self._store.infos)} tensors)"
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+def open_checkpoint(path: str | Path, *, base: str | None = None) -> Checkpoint:
     """Open a checkpoint; reads only headers (and a torch file's pickle, memory-mapped).
 
     A name that is no local path but a Hugging Face hub id (``org/name``) opens the
-    model's snapshot in the local hub cache, offline (:mod:`supermerge.io.hub`).
+    model's snapshot in the local hub cache, offline (:mod:`supermerge.io.hub`). A PEFT
+    LoRA adapter folder, or mergekit's ``BASE+ADAPTER``, opens as its base with the
+    adapter applied on read (:func:`supermerge.io.lora.open_adapter`); ``base`` is the
+    base for an adapter folder whose own config should not decide it (the recipe's
+    ``base_model``), ignored for anything else.
 
     Raises CheckpointError naming the file and the fix when the path is missing, is not a
-    model, or its files are truncated, corrupt or inconsistent.
+    model (an adapter's bare weights file included), or its files are truncated, corrupt
+    or inconsistent.
     """
+    from supermerge.io import lora
+
     given, path = str(path), Path(path)
     if not path.exists():
         cached = resolve_cached(given)  # None unless `given` is spelled as a hub id
         if cached is not None:
             return open_checkpoint(cached)
+        pair = lora.split_base_adapter(given)
+        if pair is not None:
+            return _adapter_or_refusal(Path(pair[1]), pair[0], explicit=True)
+        plus = (" (BASE+ADAPTER needs both paths to exist)" if "+" in given.strip("+")
+                else "")
         raise CheckpointError(
-            "checkpoint not found", file=path, fix=f"check the path; expected {_SUPPORTED}"
-        )
+            "checkpoint not found", file=path,
+            fix=f"check the path{plus}; expected {_SUPPORTED}, a PEFT LoRA adapter folder or "
+            "BASE+ADAPTER")
     if path.is_dir():
+        if lora.is_adapter_dir(path) and not _has_weights(path):
+            return lora.open_adapter(path, base=base)
         return _open_model_dir(path)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        return Checkpoint(path, None, None, _SafetensorsStore({path: None}))
+        return _refuse_adapter_weights(
+            Checkpoint(path, None, None, _SafetensorsStore({path: None})))
     if suffix in TORCH_SUFFIXES:
-        return Checkpoint(path, None, None, _TorchStore({path: None}))
+        return _refuse_adapter_weights(Checkpoint(path, None, None, _TorchStore({path: None})))
     raise CheckpointError(
         f"unsupported checkpoint format {suffix or '(no suffix)'!r}",
         file=path,
         fix=f"pass {_SUPPORTED}",
     )
+
+
+def _adapter_or_refusal(adapter: Path, base: str, *, explicit: bool) -> Checkpoint:
+    from supermerge.io import lora
+
+    if not lora.is_adapter_dir(adapter):
+        raise CheckpointError(
+            "in BASE+ADAPTER the part after '+' must be a PEFT adapter folder (with "
+            "adapter_config.json)", file=adapter,
+            fix="pass the folder peft's save_pretrained wrote, or a model path without '+'")
+    return lora.open_adapter(adapter, base=base, explicit_base=explicit)
+
+
+def _refuse_adapter_weights(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt``, unless its tensors are a LoRA adapter's (then closed and refused)."""
+    from supermerge.io import lora
+
+    if lora.looks_like_lora_weights(ckpt.names()):
+        ckpt.close()
+        raise lora.bare_adapter_file_error(ckpt.path)
+    return ckpt
+
+
+def _has_weights(directory: Path) -> bool:
+    return any((directory / name).is_file()
+               for name in (SAFE_WEIGHTS, SAFE_INDEX, TORCH_WEIGHTS, TORCH_INDEX))
 
 
 def tied_aliases(ckpt: Checkpoint) -> dict[str, str]:
@@ -288,10 +336,7 @@ def _not_a_model(directory: Path) -> CheckpointError:
         p.name for p in directory.iterdir()
         if p.suffix.lower() in (".safetensors", *TORCH_SUFFIXES)
     )
-    if (directory / "adapter_config.json").is_file():
-        fix = ("this is a PEFT adapter, not a model: merge it into its base first "
-               "(peft's merge_and_unload() then save_pretrained()) and pass that directory")
-    elif weights:
+    if weights:
         fix = f"pass one of its weights files directly: {', '.join(weights[:5])}"
     else:
         fix = f"pass {_SUPPORTED}"

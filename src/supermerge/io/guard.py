@@ -63,6 +63,7 @@ OUTPUT_FILE_PATTERNS = (
     MODEL_CARD,
     RECIPE_FILE,
     "task_state.json",
+    "adapter_config.json",  # a PEFT adapter output (output: adapter, `supermerge extract`)
     "coefficients.json",
     "coefficients.csv",
     "coefficients.png",

@@ -71,6 +71,10 @@ class CheckpointWriter:
     and published with the model, atomically; :meth:`commit` refuses if one of their
     tensors is missing.
 
+    ``single_file`` names the one weights file of an output that is never sharded (a PEFT
+    adapter's ``adapter_model.safetensors``): every tensor goes into it, whatever
+    ``shard_size``, and no index is written.
+
     ``inputs`` are the paths the output is made from (models, data files): the output
     guard refuses an output that is one of them, lies inside one or holds one. With
     ``overwrite`` an existing output is replaced only if supermerge wrote it and it holds
@@ -90,10 +94,12 @@ class CheckpointWriter:
         layout: Layout | None = None,
         side_files: Mapping[str, Layout] | None = None,
         inputs: Sequence[str | Path | None] = (),
+        single_file: str | None = None,
     ) -> None:
         self.out = Path(os.path.abspath(out))
         self.overwrite = overwrite
-        self.shard_size = shard_size
+        self.shard_size = shard_size if single_file is None else 2**63
+        self._single_file = single_file
         self._buffer: dict[str, torch.Tensor] = {}  # without a layout: tensors not yet written
         self._buffer_bytes = 0
         self._buffer_storages: set[int] = set()  # storage pointers of buffered tensors
@@ -192,7 +198,7 @@ class CheckpointWriter:
         if rel.is_absolute() or ".." in rel.parts or not rel.parts:
             raise OutputError(f"{relative_name!r} is not a path inside the output",
                               file=self.out, fix="pass a relative file name such as recipe.yaml")
-        if rel.name == SAFE_INDEX or rel.as_posix() in self._side or (
+        if rel.name in (SAFE_INDEX, self._single_file) or rel.as_posix() in self._side or (
                 rel.suffix == ".safetensors" and rel.name.startswith(("model", "shard-"))):
             raise OutputError(f"{relative_name!r} would clash with the weights the writer owns",
                               file=self.out, fix="choose another file name")
@@ -202,11 +208,13 @@ class CheckpointWriter:
             target.write_bytes(data)
 
     def write_model_card(
-        self, *, base_models: list[str], method: str, recipe_yaml: str, extra_markdown: str = ""
+        self, *, base_models: list[str], method: str, recipe_yaml: str, extra_markdown: str = "",
+        library: str = "transformers",
     ) -> None:
         """Write README.md: YAML front matter (``base_model``: the models that are Hugging
         Face hub ids, each once, left out when there is none; ``base_model_relation:
-        merge``, library_name, tags) and a
+        merge``, ``library_name`` (``library``: transformers, or peft for an adapter), tags)
+        and a
         body naming every model (hub ids linked, local paths as they were given, as
         mergekit's card does), the method and the recipe. Local paths never go in
         ``base_model``: the Hub rejects a card whose ``base_model`` is not a repo id.
@@ -214,7 +222,7 @@ class CheckpointWriter:
         models = list(dict.fromkeys(str(m) for m in base_models))  # each once, in order
         hub = [m for m in models if is_hub_id(m)]
         front = {**({"base_model": hub} if hub else {}), "base_model_relation": "merge",
-                 "library_name": "transformers", "tags": ["merge", "supermerge"]}
+                 "library_name": library, "tags": ["merge", "supermerge"]}
         listed = "\n".join(f"- [{m}](https://huggingface.co/{m})" if m in hub else f"- `{m}`"
                            for m in models) or "- (none named)"
         card = (
@@ -251,7 +259,8 @@ class CheckpointWriter:
             raise OutputError(f"{len(missing)} tensor(s) of the layout were never added",
                               file=self.out, tensor=missing[0],
                               fix="add every tensor the layout lists before commit()")
-        with self._writing(SAFE_INDEX if len(self._shards) > 1 else SAFE_WEIGHTS):
+        with self._writing(SAFE_INDEX if len(self._shards) > 1
+                           else self._single_file or SAFE_WEIGHTS):
             self._name_shards()
         self._publish()
         self._state = "committed"
@@ -422,7 +431,7 @@ class CheckpointWriter:
         """Give the shards their final names (already theirs with a layout); write the index."""
         count = len(self._shards)
         for i, shard in enumerate(self._shards, start=1):
-            final = self._tmp / _shard_name(i, count)
+            final = self._tmp / (self._single_file or _shard_name(i, count))
             if shard.path != final:
                 shard.path = shard.path.rename(final)
         if count == 1:

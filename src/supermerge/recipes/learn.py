@@ -46,6 +46,7 @@ from supermerge.engine.heads import HeadMeta
 from supermerge.errors import MethodError, RecipeError, validation_details
 from supermerge.io import Checkpoint, open_checkpoint
 from supermerge.io.guard import check_output
+from supermerge.io.lora import input_paths
 from supermerge.learn import (
     CheckpointState,
     LearnedMerge,
@@ -60,7 +61,7 @@ from supermerge.learn.method import TRAINED_EXAMPLES
 from supermerge.learn.modules import MeanPooledEncoder, read_linear_head
 from supermerge.learn.registry import LEARNED_METHODS
 from supermerge.progress import Progress
-from supermerge.recipes.recipe import check_file_name, load_yaml, warn_repeated_models
+from supermerge.recipes.recipe import _locate, check_file_name, load_yaml, warn_repeated_models
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +236,16 @@ def run_learn_recipe(
                           fix="run it in one process; data parallelism is for " + ", ".join(
                               m.name for m in LEARNED_METHODS if m.parallel))
     transformers = _transformers()
-    locate = lambda p: str(root / p) if root and (root / p).exists() else p  # noqa: E731
+    locate = lambda p: _locate(p, root)  # noqa: E731 -- BASE+ADAPTER: each half too
     base_dir = Path(locate(recipe.base_model))
     expert_dirs = {e.task_name: Path(locate(e.model)) for e in recipe.experts}
     if len(expert_dirs) != len(recipe.experts):
         raise RecipeError("two experts share a task name", fix="give each expert its own `task`")
-    checkpoints = {name: open_checkpoint(path) for name, path in expert_dirs.items()}
-    inputs = [base_dir, *expert_dirs.values(), *(locate(e.data) for e in recipe.experts),
+    # an adapter folder applies to the recipe's base (io.lora)
+    checkpoints = {name: open_checkpoint(path, base=str(base_dir))
+                   for name, path in expert_dirs.items()}
+    inputs = [base_dir, *(p for d in expert_dirs.values() for p in input_paths(str(d))),
+              *(locate(e.data) for e in recipe.experts),
               *(locate(e.unlabelled) for e in recipe.experts if e.unlabelled),
               *(locate(e.head) for e in recipe.experts if e.head)]
     check_output(out, inputs=inputs, overwrite=overwrite,  # size: the weights of an expert
@@ -251,7 +255,8 @@ def run_learn_recipe(
         _check_head_prefix(recipe.head_prefix, checkpoints)
     heads = _head_files(recipe, locate, base_dir) if recipe.architecture == "pooled_encoder" \
         else None
-    first_dir = next(iter(expert_dirs.values()))
+    # the first expert's config (an adapter's is its base's)
+    first_dir = next(iter(checkpoints.values())).model_dir or next(iter(expert_dirs.values()))
     tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir)
     kind = "causal_lm" if recipe.architecture == "causal_lm" else "classification"
     limit = _examples(recipe)

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from supermerge.engine import MergeSpec, ModelSpec
 from supermerge.errors import RecipeError, validation_details
+from supermerge.io.lora import split_base_adapter
 from supermerge.learn.registry import LEARNED_METHODS
 from supermerge.methods import get_method
 
@@ -95,6 +96,9 @@ class Recipe(BaseModel):
     vocab: Literal["common_rows", "refuse"] = "common_rows"
     on_nonfinite: Literal["refuse", "warn"] = "refuse"
     heads: list[str] = Field(default_factory=list)
+    output: Literal["model", "adapter"] = "model"  # adapter: a PEFT LoRA adapter of `rank`
+    rank: int | None = Field(None, ge=1)
+    svd: Literal["exact", "randomized"] = "exact"  # how output: adapter factors
     name: str | None = None
 
     @field_validator("heads", mode="before")
@@ -130,7 +134,8 @@ class Recipe(BaseModel):
             method=self.merge_method, models=models, base_model=base,
             parameters=dict(self.parameters), out_dtype=self.out_dtype or self.dtype,
             compute_dtype=self.compute_dtype, seed=self.seed, on_missing=self.on_missing,
-            vocab=self.vocab, on_nonfinite=self.on_nonfinite, heads=list(self.heads))
+            vocab=self.vocab, on_nonfinite=self.on_nonfinite, heads=list(self.heads),
+            output=self.output, rank=self.rank, svd=self.svd)
 
     def located(self, root: Path | None) -> Recipe:
         """Return a copy whose model paths are resolved as :meth:`to_spec` resolves them
@@ -148,6 +153,12 @@ class Recipe(BaseModel):
 def _locate(path: str, root: Path | None) -> str:
     if root is not None and not Path(path).is_absolute() and (root / path).exists():
         return str(root / path)
+    if root is not None and "+" in path and not Path(path).exists():
+        # BASE+ADAPTER: each half against the recipe's folder
+        for i in (i for i, c in enumerate(path) if c == "+"):
+            spelled = f"{_locate(path[:i], root)}+{_locate(path[i + 1:], root)}"
+            if split_base_adapter(spelled) is not None:
+                return spelled
     return path
 
 
