@@ -59,3 +59,23 @@ def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], *, r: int,
 
 def linear_lora(module: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
     return {f"{module}.lora_A.weight": a, f"{module}.lora_B.weight": b}
+
+
+def tiny_llama_config(**extra):
+    """A 2-layer Llama config (hidden 32, 4 heads, 2 KV heads, vocabulary 64)."""
+    import transformers
+
+    return transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, **extra)
+
+
+def one_adapter(tmp_path: Path, module: str) -> tuple[dict[str, torch.Tensor], Path,
+                                                      torch.Tensor]:
+    """A tiny base at ``tmp_path/base`` and a rank-2 adapter of its 6x6 ``module`` at
+    ``tmp_path/ad``; returns the base's tensors, the adapter folder and its B @ A."""
+    base = tiny_base(tmp_path / "base")
+    a, b = factors(6, 6, 2, seed=1)
+    folder = write_adapter(tmp_path / "ad", linear_lora(module, a, b), r=2, alpha=2,
+                           base=str(tmp_path / "base"))
+    return base, folder, b @ a

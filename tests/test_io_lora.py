@@ -13,7 +13,15 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import supermerge
-from helpers_lora import PREFIX, factors, linear_lora, tiny_base, write_adapter
+from helpers_lora import (
+    PREFIX,
+    factors,
+    linear_lora,
+    one_adapter,
+    tiny_base,
+    tiny_llama_config,
+    write_adapter,
+)
 from supermerge.errors import CheckpointError, PlanError
 from supermerge.io import open_checkpoint
 
@@ -221,9 +229,7 @@ def test_peft_round_trip_equals_merge_and_unload(tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, tie_word_embeddings=False)
+    config = tiny_llama_config(tie_word_embeddings=False)
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(tmp_path / "base")
     lora = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True,
@@ -250,15 +256,12 @@ def test_peft_round_trip_equals_merge_and_unload(tmp_path):
 
 def test_raw_peft_prefix_is_required_only_as_written(tmp_path):
     """Keys saved without ``base_model.model.`` (some tools strip it) read the same."""
-    base = tiny_base(tmp_path / "base")
-    a, b = factors(6, 6, 2, seed=1)
-    folder = write_adapter(tmp_path / "ad", linear_lora(Q0, a, b), r=2, alpha=2,
-                           base=str(tmp_path / "base"))
+    base, folder, update = one_adapter(tmp_path, Q0)
     stored = load_file(folder / "adapter_model.safetensors")
     save_file({k.removeprefix(PREFIX): v for k, v in stored.items()},
               folder / "adapter_model.safetensors")
     torch.testing.assert_close(open_checkpoint(folder).read(f"{Q0}.weight"),
-                               base[f"{Q0}.weight"] + b @ a)
+                               base[f"{Q0}.weight"] + update)
 
 
 def test_an_output_inside_either_half_of_base_plus_adapter_is_refused(tmp_path):
@@ -272,15 +275,12 @@ def test_an_output_inside_either_half_of_base_plus_adapter_is_refused(tmp_path):
 
 
 def test_an_older_adapter_model_bin_reads_the_same(tmp_path):
-    base = tiny_base(tmp_path / "base")
-    a, b = factors(6, 6, 2, seed=1)
-    folder = write_adapter(tmp_path / "ad", linear_lora(Q0, a, b), r=2, alpha=2,
-                           base=str(tmp_path / "base"))
+    base, folder, update = one_adapter(tmp_path, Q0)
     stored = load_file(folder / "adapter_model.safetensors")
     (folder / "adapter_model.safetensors").unlink()
     torch.save(stored, folder / "adapter_model.bin")
     view = open_checkpoint(folder)
     assert view.adapter.weights.name == "adapter_model.bin"
-    torch.testing.assert_close(view.read(f"{Q0}.weight"), base[f"{Q0}.weight"] + b @ a)
+    torch.testing.assert_close(view.read(f"{Q0}.weight"), base[f"{Q0}.weight"] + update)
     with pytest.raises(CheckpointError, match="LoRA adapter"):
         open_checkpoint(folder / "adapter_model.bin")

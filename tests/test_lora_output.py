@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import supermerge
 from conftest import make_family, save_family
 from helpers_io import write_model_dir
-from helpers_lora import factors, linear_lora, tiny_base, write_adapter
+from helpers_lora import factors, linear_lora, tiny_base, tiny_llama_config, write_adapter
 from supermerge.engine import adapter as adapter_module
 from supermerge.errors import OutputError, PlanError
 from supermerge.io import open_checkpoint
@@ -243,9 +243,7 @@ def test_extracted_adapter_loads_in_peft_and_equals_the_rank_r_fine_tune(tmp_pat
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2)
+    config = tiny_llama_config()
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(tmp_path / "base")
     with torch.no_grad():
