@@ -98,16 +98,15 @@ def _load(space_file: Path, tasks: tuple[str, ...],
         root = space_file.resolve().parent
         read_from = [space_file]
 
-    def locate(path: str) -> str:
-        return str((root / path).resolve()) if (root / path).exists() else path
+    from supermerge.recipes.recipe import locate_path
 
-    recipe = dict(space.recipe, base_model=locate(space.recipe["base_model"]),
-                  models=[dict(m, model=locate(m["model"])) for m in space.models])
+    recipe = dict(space.recipe, base_model=locate_path(space.recipe["base_model"], root),
+                  models=[dict(m, model=locate_path(m["model"], root)) for m in space.models])
     space = SearchSpace(recipe, space.bounds, space.layer_groups)
     parse_recipe(space.recipe_at(space.values([0.5] * len(space))),
                  STDIN_NAME if is_stdin(space_file) else str(space_file))
     names = [s.strip() for value in tasks for s in value.split(",") if s.strip()]
-    names = [locate(n) for n in names or settings.get("tasks") or []]
+    names = [locate_path(n, root) for n in names or settings.get("tasks") or []]
     if not names:
         raise RecipeError("no tasks to score on", file=str(space_file),
                           fix="list them under search.tasks, or pass --tasks")

@@ -61,7 +61,7 @@ from supermerge.learn.method import TRAINED_EXAMPLES
 from supermerge.learn.modules import MeanPooledEncoder, read_linear_head
 from supermerge.learn.registry import LEARNED_METHODS
 from supermerge.progress import Progress
-from supermerge.recipes.recipe import _locate, check_file_name, load_yaml, warn_repeated_models
+from supermerge.recipes.recipe import check_file_name, load_yaml, locate_path, warn_repeated_models
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def run_learn_recipe(
                           fix="run it in one process; data parallelism is for " + ", ".join(
                               m.name for m in LEARNED_METHODS if m.parallel))
     transformers = _transformers()
-    locate = lambda p: _locate(p, root)  # noqa: E731 -- BASE+ADAPTER: each half too
+    locate = lambda p: locate_path(p, root)  # noqa: E731 -- BASE+ADAPTER: each half too
     base_dir = Path(locate(recipe.base_model))
     expert_dirs = {e.task_name: Path(locate(e.model)) for e in recipe.experts}
     if len(expert_dirs) != len(recipe.experts):

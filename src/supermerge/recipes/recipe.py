@@ -120,8 +120,8 @@ class Recipe(BaseModel):
         exist there (the recipe's folder), else against the working directory."""
         method = get_method(self.merge_method)
         warn_repeated_models([m.model for m in self.models], root, "models")
-        base = _locate(self.base_model, root) if self.base_model else None
-        models = [ModelSpec(_locate(m.model, root), dict(m.parameters), prefix=m.prefix,
+        base = locate_path(self.base_model, root) if self.base_model else None
+        models = [ModelSpec(locate_path(m.model, root), dict(m.parameters), prefix=m.prefix,
                             task=m.task) for m in self.models]
         if base is not None and method.needs_base:
             kept = [m for m in models if not _same(m.path, base)]
@@ -141,8 +141,8 @@ class Recipe(BaseModel):
         """Return a copy whose model paths are resolved as :meth:`to_spec` resolves them
         (against ``root`` where they exist there): it runs from any working directory."""
         return self.model_copy(update={
-            "base_model": _locate(self.base_model, root) if self.base_model else None,
-            "models": [m.model_copy(update={"model": _locate(m.model, root)})
+            "base_model": locate_path(self.base_model, root) if self.base_model else None,
+            "models": [m.model_copy(update={"model": locate_path(m.model, root)})
                        for m in self.models]})
 
     def to_yaml(self) -> str:
@@ -150,13 +150,16 @@ class Recipe(BaseModel):
         return yaml.safe_dump(self.model_dump(exclude_defaults=True), sort_keys=False)
 
 
-def _locate(path: str, root: Path | None) -> str:
+def locate_path(path: str, root: Path | None) -> str:
+    """Return ``path`` as a recipe means it: against ``root`` (the recipe's folder) where
+    it exists there, each half of ``BASE+ADAPTER`` likewise, else as written (relative to
+    the working directory). Costs a few ``stat`` calls."""
     if root is not None and not Path(path).is_absolute() and (root / path).exists():
         return str(root / path)
     if root is not None and "+" in path and not Path(path).exists():
         # BASE+ADAPTER: each half against the recipe's folder
         for i in (i for i, c in enumerate(path) if c == "+"):
-            spelled = f"{_locate(path[:i], root)}+{_locate(path[i + 1:], root)}"
+            spelled = f"{locate_path(path[:i], root)}+{locate_path(path[i + 1:], root)}"
             if split_base_adapter(spelled) is not None:
                 return spelled
     return path
@@ -169,7 +172,7 @@ def _same(a: str, b: str) -> bool:
 def warn_repeated_models(paths: list[str], root: Path | None, key: str) -> None:
     """Log a warning for each model listed more than once under ``key`` (the same file or
     folder, however spelled): it then counts once per listing, which is rarely meant."""
-    counts = Counter(Path(_locate(p, root)).resolve() for p in paths)
+    counts = Counter(Path(locate_path(p, root)).resolve() for p in paths)
     for path, count in counts.items():
         if count > 1:
             log.warning("%s is listed %d times under `%s`: it enters the merge %d times; "
