@@ -29,6 +29,15 @@ def toy_files(tmp_path_factory):
     return folder, module, tasks
 
 
+def toy_evaluator(folder, module, tasks) -> Evaluator:
+    """An Evaluator over the toy files' three experts."""
+    with ExitStack() as stack:
+        experts = {name: CheckpointState(stack.enter_context(
+            open_checkpoint(folder / f"{name}.safetensors"))) for name in ("task0", "task1",
+                                                                         "task2")}
+        return Evaluator(module, module.state_dict(), experts, tasks)
+
+
 @pytest.mark.parametrize("method, bounds, groups, parameters", [
     ("task_arithmetic", {"weight": (-0.5, 1.5), "lambda": (0.5, 1.5)}, 2, {}),
     ("task_arithmetic", {"weight": (0.2, 1.5)}, 1, {"normalize": True}),  # linear fast path
@@ -38,12 +47,7 @@ def toy_files(tmp_path_factory):
 ])
 def test_scored_weights_equal_the_engine_merge_of_the_recipe(toy_files, tmp_path, method,
                                                              bounds, groups, parameters):
-    folder, module, tasks = toy_files
-    with ExitStack() as stack:
-        experts = {name: CheckpointState(stack.enter_context(
-            open_checkpoint(folder / f"{name}.safetensors"))) for name in ("task0", "task1",
-                                                                         "task2")}
-        evaluator = Evaluator(module, module.state_dict(), experts, tasks)
+    folder, evaluator = toy_files[0], toy_evaluator(*toy_files)
     recipe = {"merge_method": method, "base_model": str(folder / "base.safetensors"),
               "models": [str(folder / f"task{i}.safetensors") for i in range(3)], "seed": 7,
               "parameters": parameters}
@@ -87,3 +91,22 @@ def test_a_candidate_for_other_experts_is_refused():
                          "models": ["x", "y", "z"]}, {"weight": (0, 1)})
     with pytest.raises(RecipeError, match="3 models in the candidate, 2 experts"):
         evaluator.score(space.candidate([0.5] * 3))
+
+
+def test_a_models_filter_that_misses_falls_back_to_the_recipes_value(toy_files, tmp_path):
+    """mergekit's lookup, as the engine does it: a model's own filter list that matches no
+    entry for a tensor leaves the recipe's `parameters` value in force there."""
+    from supermerge.search.space import Candidate
+
+    folder, evaluator = toy_files[0], toy_evaluator(*toy_files)
+    own = [{"weight": [{"filter": "layers.0", "value": 2.0}]}, {}, {}]
+    candidate = Candidate("task_arithmetic", {"weight": 0.25, "lambda": 1.0}, own)
+    scored = evaluator.merged_weights(candidate)
+    supermerge.merge({"merge_method": "task_arithmetic",
+                      "base_model": str(folder / "base.safetensors"),
+                      "models": [{"model": str(folder / f"task{i}.safetensors"),
+                                  "parameters": own[i]} for i in range(3)],
+                      "parameters": {"weight": 0.25, "lambda": 1.0}}, tmp_path / "out")
+    merged = open_checkpoint(tmp_path / "out")
+    for name, tensor in scored.items():  # layers.1: task0 at 0.25, not at the default 1.0
+        torch.testing.assert_close(tensor, merged.read(name), rtol=1e-5, atol=1e-6)

@@ -24,7 +24,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from supermerge.errors import Problem
+from supermerge.errors import MethodError, Problem
+from supermerge.methods import Method
 from supermerge.names import layer_index
 
 _EMBED_HINTS = ("embed", "wte", "wpe")
@@ -142,3 +143,65 @@ def resolve_layers(
         values.update(layer)
         problems.extend(found)
     return values, problems
+
+
+class TensorParameters:
+    """A method's parameters as a recipe gives them, resolved for any tensor: the one place
+    the engine's plan and the search's evaluator turn recipe values into the method's
+    typed parameters.
+
+    Built by :meth:`from_recipe`; :meth:`at` returns one tensor's validated (global,
+    per-model) parameters. Validation runs once per distinct set of values.
+    """
+
+    def __init__(self, method: Method, global_specs: Mapping[str, Any],
+                 model_layers: Sequence[Sequence[tuple[Mapping[str, Any], str]]]) -> None:
+        self.method = method
+        self.global_specs = dict(global_specs)
+        self.model_layers = [list(layers) for layers in model_layers]
+        self._validated: dict[str, tuple[Any, list[Any]] | None] = {}
+
+    @classmethod
+    def from_recipe(cls, method: Method, parameters: Mapping[str, Any],
+                    model_parameters: Sequence[Mapping[str, Any]],
+                    model_names: Sequence[str] | None = None
+                    ) -> tuple[TensorParameters, list[Problem]]:
+        """Split the recipe's ``parameters`` into the method's global ones and defaults of
+        the per-model ones, and stack each model's own over those defaults (mergekit's
+        lookup). Returns the resolver and the unknown keys as problems (``model_names``
+        name the models in them). Costs nothing: no tensor is read."""
+        problems: list[Problem] = []
+        try:
+            global_specs, defaults = method.split_defaults(parameters)
+        except MethodError as err:
+            problems.append(Problem(err.message, fix=err.fix))
+            global_specs, defaults = {}, {}
+        layers = []
+        for i, own in enumerate(model_parameters):
+            where = f"models[{i}]" + (f" ({model_names[i]})" if model_names else "")
+            try:
+                method.check_model_keys(own, where)
+            except MethodError as err:
+                problems.append(Problem(err.message, fix=err.fix))
+            layers.append([(own, f"models[{i}].parameters"), (defaults, "parameters")])
+        return cls(method, global_specs, layers), problems
+
+    def at(self, name: str, position: float) -> tuple[tuple[Any, list[Any]] | None,
+                                                      list[Problem]]:
+        """Return tensor ``name``'s validated (global, per-model) parameters at relative
+        depth ``position``, or None with the problems when a value is malformed or the
+        method refuses it (a refusal is reported at the first tensor that has it)."""
+        glob, problems = resolve_all(self.global_specs, name, position, "parameters")
+        rows = []
+        for layers in self.model_layers:
+            values, more = resolve_layers(layers, name, position)
+            problems.extend(more)
+            rows.append(values)
+        key = repr((sorted(glob.items()), [sorted(r.items()) for r in rows]))
+        if key not in self._validated:
+            try:
+                self._validated[key] = self.method.validate(glob, rows)
+            except MethodError as err:
+                problems.append(Problem(err.message, tensor=name, fix=err.fix))
+                self._validated[key] = None
+        return self._validated[key], problems

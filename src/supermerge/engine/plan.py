@@ -17,12 +17,7 @@ from typing import Any
 
 import torch
 
-from supermerge.engine.params import (
-    LayerPositions,
-    is_tensor_dependent,
-    resolve_all,
-    resolve_layers,
-)
+from supermerge.engine.params import LayerPositions, TensorParameters, is_tensor_dependent
 from supermerge.engine.spec import MergeSpec, parse_dtype
 from supermerge.errors import MethodError, OutputError, PlanError, Problem, SupermergeError
 from supermerge.io import Checkpoint, TensorInfo, open_checkpoint, tied_aliases
@@ -155,14 +150,19 @@ def plan_merge(spec: MergeSpec, *, out: Path | None = None, overwrite: bool = Fa
     reference = base if base is not None else experts[0]
     plan = MergePlan(spec=spec, method=method, base=base, experts=experts,  # type: ignore[arg-type]
                      reference=reference, jobs=[])
-    global_specs, default_specs = _split(method, spec, problems)
+    resolver, found = TensorParameters.from_recipe(
+        method, spec.parameters, [m.parameters for m in spec.models],
+        [m.path for m in spec.models])
+    problems.extend(found)
+    _log_ignored(method, spec)
     plan.name_maps = [_name_map(plan, model, expert)
                       for model, expert in zip(spec.models, experts, strict=True)]
     plan.heads = _task_heads(plan, problems)
     plan.unaligned = _check_missing(plan, problems)
-    plan.jobs = _plan_jobs(plan, global_specs, default_specs, problems)
+    plan.jobs = _plan_jobs(plan, resolver, problems)
     if method.statistic is not None and not problems:
-        plan.statistic_params = _statistic_params(method, global_specs, default_specs, problems)
+        plan.statistic_params = _statistic_params(method, resolver.global_specs,
+                                                  resolver.model_layers, problems)
     if problems:
         plan.close()
         raise PlanError(problems)
@@ -220,26 +220,6 @@ def _open(path: str, problems: list[Problem], base: str | None = None) -> Checkp
     except SupermergeError as err:
         problems.append(Problem(err.message, file=err.file or path, fix=err.fix))
         return None
-
-
-def _split(method: Method, spec: MergeSpec, problems: list[Problem]):
-    """Return (global specs, per-model spec dicts) with unknown keys reported as problems."""
-    try:
-        global_specs, defaults = method.split_defaults(spec.parameters)
-    except MethodError as err:
-        problems.append(Problem(err.message, fix=err.fix))
-        global_specs, defaults = {}, {}
-    per_model = []
-    for i, model in enumerate(spec.models):
-        try:
-            method.check_model_keys(model.parameters, f"models[{i}] ({model.path})")
-        except MethodError as err:
-            problems.append(Problem(err.message, fix=err.fix))
-        # a model's own value first, then the recipe's `parameters` (mergekit's lookup)
-        per_model.append([(model.parameters, f"models[{i}].parameters"),
-                          (defaults, "parameters")])
-    _log_ignored(method, spec)
-    return global_specs, per_model
 
 
 def _log_ignored(method: Method, spec: MergeSpec) -> None:
@@ -321,11 +301,10 @@ def _some_names(checkpoint: Checkpoint, count: int = 6) -> list[str]:
     return list(dict.fromkeys([*reversed(firsts.values()), *names[-2:]]))[:count]
 
 
-def _plan_jobs(plan: MergePlan, global_specs, model_specs, problems) -> list[TensorJob]:
-    spec, method, reference = plan.spec, plan.method, plan.reference
+def _plan_jobs(plan: MergePlan, resolver: TensorParameters, problems) -> list[TensorJob]:
+    spec, reference = plan.spec, plan.reference
     out_dtype = parse_dtype(spec.out_dtype, "dtype")
     positions = LayerPositions(reference.names())
-    validated: dict[tuple, tuple[Any, list[Any]]] = {}
     jobs = []
     for name in reference.names():
         ref_info = reference.info(name)
@@ -343,22 +322,10 @@ def _plan_jobs(plan: MergePlan, global_specs, model_specs, problems) -> list[Ten
             job.merge = False  # integer buffers are copied from the reference, never averaged
             continue
         job.experts = _expert_sources(plan, name, ref_info, job, problems)
-        position = job.position = positions.position(name)
-        glob, p1 = resolve_all(global_specs, name, position, "parameters")
-        rows = []
-        for layers in model_specs:
-            values, p2 = resolve_layers(layers, name, position)
-            problems.extend(p2)
-            rows.append(values)
-        problems.extend(p1)
-        key = (repr(sorted(glob.items())), repr([sorted(r.items()) for r in rows]))
-        if key not in validated:
-            try:
-                validated[key] = method.validate(glob, rows)
-            except MethodError as err:
-                problems.append(Problem(err.message, tensor=name, fix=err.fix))
-                validated[key] = (None, [])
-        job.params, job.model_params = validated[key]
+        typed, found = resolver.at(name, positions.position(name))
+        job.position = positions.position(name)
+        problems.extend(found)
+        job.params, job.model_params = typed if typed is not None else (None, [])
     _report_extra_tensors(plan)
     return jobs
 

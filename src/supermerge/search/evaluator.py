@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from supermerge.engine.params import LayerPositions, resolve_all
+from supermerge.engine.params import LayerPositions, TensorParameters
 from supermerge.engine.plan import tensor_seed
 from supermerge.errors import MethodError, RecipeError
 from supermerge.learn import MergedModel, TaskData
@@ -190,27 +190,16 @@ class Evaluator:
                           ) -> list[tuple[Params, list[Any]]]:
         """Each tensor's validated (global, per-model) parameters, resolved as the engine
         resolves them; validation runs once per distinct set of values."""
-        global_specs, defaults = method.split_defaults(candidate.parameters)
-        model_specs = []
-        for i, own in enumerate(candidate.model_parameters):
-            method.check_model_keys(own, f"models[{i}].parameters")
-            model_specs.append({**defaults, **own})
-        validated: dict[str, tuple[Params, list[Any]]] = {}
+        resolver, problems = TensorParameters.from_recipe(method, candidate.parameters,
+                                                          candidate.model_parameters)
         typed = []
         for name, position in zip(self.names, self._positions, strict=True):
-            glob, problems = resolve_all(global_specs, name, position, "parameters")
-            rows = []
-            for i, spec in enumerate(model_specs):
-                values, more = resolve_all(spec, name, position, f"models[{i}].parameters")
-                rows.append(values)
-                problems += more
+            values, more = resolver.at(name, position)
+            problems += more
             if problems:
                 first = problems[0]
                 raise RecipeError(first.message, tensor=first.tensor, fix=first.fix)
-            key = repr((sorted(glob.items()), [sorted(r.items()) for r in rows]))
-            if key not in validated:
-                validated[key] = method.validate(glob, rows)
-            typed.append(validated[key])
+            typed.append(values)
         return typed
 
     def _statistic(self, method: Method, typed: list[tuple[Params, list[Any]]]) -> Any:
