@@ -124,7 +124,7 @@ def test_merge_sweep_evaluate_and_load_your_own_classifiers(workspace, tmp_path)
 def test_learn_your_own_classifiers_and_load_each_task(workspace, tmp_path, capfd):
     root = workspace
     (root / "learn.yaml").write_text(yaml.safe_dump({
-        "merge_method": "supermerge", "base_model": "base", "head_prefix": "classifier.",
+        "merge_method": "supermerge", "base_model": "base", "heads": "classifier.",
         "max_length": 8, "experts": [{"model": task, "data": f"{task}.jsonl", "labels": labels}
                                      for task, labels in TASKS.items()],
         "parameters": {"steps": 6, "eval_every": 3, "select": "off"}}))

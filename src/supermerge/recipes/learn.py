@@ -40,7 +40,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from supermerge.engine.heads import HeadMeta
 from supermerge.errors import MethodError, RecipeError, validation_details
@@ -108,7 +116,9 @@ class LearnRecipe(BaseModel):
     merge_method: str = Field(description="a learned method (`supermerge methods`)")
     base_model: str
     experts: list[LearnExpert] = Field(min_length=1)
-    head_prefix: str | None = None
+    head_prefix: str | None = Field(
+        None, description="the prefix of the experts' task heads (`heads:`, as merge recipes "
+        "spell it, is the same key)", validation_alias=AliasChoices("head_prefix", "heads"))
     architecture: Literal["sequence_classification", "causal_lm", "pooled_encoder"] = (
         "sequence_classification")
     examples: int | None = Field(
@@ -120,6 +130,16 @@ class LearnRecipe(BaseModel):
     def to_yaml(self) -> str:
         """The recipe as YAML (saved beside the merged model)."""
         return yaml.safe_dump(self.model_dump(exclude_defaults=True), sort_keys=False)
+
+    @field_validator("head_prefix", mode="before")
+    @classmethod
+    def _one_head_prefix(cls, value: Any) -> Any:
+        """``heads: [classifier.]`` as merge recipes write it: one prefix."""
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError(f"a learned merge takes one head prefix, got {value}")
+            return value[0]
+        return value
 
     @model_validator(mode="after")
     def _heads_match_the_architecture(self) -> LearnRecipe:
