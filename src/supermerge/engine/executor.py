@@ -34,6 +34,7 @@ from supermerge.engine.task_state import TaskStateWriter
 from supermerge.errors import InputValueError
 from supermerge.io import CheckpointWriter
 from supermerge.methods import TaskSpecific, TensorContext
+from supermerge.methods.primitives import PARALLEL_FROM
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +81,31 @@ def execute(
 
     ``threads`` read ahead; the methods compute with ``compute_threads`` torch threads
     (default: the cores the readers leave, at least 1 and at most torch's setting),
-    restored afterwards. Cost: each input tensor is read once (plus ``passes`` more times
+    restored afterwards, and run their independent work (one expert each, or blocks of
+    entries) on ``cores // compute_threads`` threads of their own for tensors of at least
+    ``PARALLEL_FROM`` entries (:func:`method_threads`); the output is the same bytes for
+    any of these counts. Cost: each input tensor is read once (plus ``passes`` more times
     for methods with a whole-model statistic); resident memory about (K + 2) x the largest
     tensor (a per-task method adds K boolean masks of one tensor). On any error the partial
     output, masks included, is removed and ``out`` is left as it was.
     """
-    with _torch_threads(compute_threads or default_compute_threads(threads)):
+    torch_threads = compute_threads or default_compute_threads(threads)
+    with _torch_threads(torch_threads):
         return _execute(plan, out, overwrite=overwrite, threads=threads,
+                        method_threads=method_threads(torch_threads),
                         shard_size=shard_size, recipe_yaml=recipe_yaml, progress=progress)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def method_threads(torch_threads: int) -> int:
+    """Threads a method may use for its independent work (``TensorContext.threads``) beside
+    ``torch_threads`` intra-op threads: ``cores // torch_threads``, at least 1, so the two
+    together never ask for more than the cores (docs/performance.md has the measurements).
+    """
+    return max(1, _cores() // max(1, torch_threads))
 
 
 def default_compute_threads(readers: int) -> int:
@@ -98,8 +116,7 @@ def default_compute_threads(readers: int) -> int:
     measured on 2 cores (502 M bfloat16 parameters, 3 experts), ties took 26.2 s with 2
     torch threads and 15.5 s with 1.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(torch.get_num_threads(), (cores or 1) - readers))
+    return max(1, min(torch.get_num_threads(), _cores() - readers))
 
 
 @contextmanager
@@ -113,7 +130,8 @@ def _torch_threads(count: int) -> Iterator[None]:
 
 
 def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
-             shard_size: int, recipe_yaml: str, progress: Progress | None) -> MergeResult:
+             method_threads: int, shard_size: int, recipe_yaml: str,
+             progress: Progress | None) -> MergeResult:
     started = time.perf_counter()
     compute = parse_dtype(plan.spec.compute_dtype, "compute_dtype") or torch.float32
     merged = copied = 0
@@ -129,7 +147,7 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
         # No enumerate and an explicit del: a job's inputs must be freed before the next
         # job is awaited (enumerate's cached tuple and the loop variable would keep them).
         for loaded in _stream(plan, plan.jobs, compute, threads):
-            tensor = _merge_one(plan, loaded, statistic)
+            tensor = _merge_one(plan, loaded, statistic, method_threads)
             if task_state is not None and loaded.job.merge:
                 tensor = task_state.add(writer, loaded.job.name, tensor)
             writer.add(loaded.job.name, tensor.to(loaded.job.out_dtype).contiguous())
@@ -179,7 +197,8 @@ def _record_output_dtype(plan: MergePlan, writer: CheckpointWriter) -> None:
     writer.write_text("config.json", json.dumps({**config, **dict.fromkeys(keys, name)}, indent=2))
 
 
-def _merge_one(plan: MergePlan, loaded: LoadedJob, statistic) -> torch.Tensor | TaskSpecific:
+def _merge_one(plan: MergePlan, loaded: LoadedJob, statistic,
+               threads: int = 1) -> torch.Tensor | TaskSpecific:
     """Return the output of one job: the method's tensor (or TaskSpecific), or the
     reference's values where nothing is merged.
 
@@ -193,7 +212,8 @@ def _merge_one(plan: MergePlan, loaded: LoadedJob, statistic) -> torch.Tensor | 
     cut = (lambda t: t[:rows]) if rows is not None else (lambda t: t)
     base = cut(loaded.base) if loaded.base is not None else None
     ctx = TensorContext(name=job.name, seed=job.seed, statistic=statistic,
-                        position=job.position, scratch=True)
+                        position=job.position, scratch=True,
+                        threads=threads if job.numel >= PARALLEL_FROM else 1)
     result = plan.method.fn(base, [cut(e) for e in loaded.experts], job.params,
                             job.model_params, ctx)
     if rows is None:
