@@ -84,6 +84,34 @@ def test_compute_threads_leave_the_readers_their_cores(monkeypatch):
         assert executor.default_compute_threads(readers) == expected
 
 
+def test_inputs_are_recycled_within_the_budget(family, tmp_path, monkeypatch):
+    from supermerge.engine import executor
+    from supermerge.engine.plan import MergePlan
+
+    _, _, base_path, paths = family
+    # one job in flight at a time: the tiny model would otherwise be read ahead whole
+    monkeypatch.setattr(MergePlan, "memory_budget",
+                        lambda self: (len(self.experts) + 1) * self.largest_tensor_bytes)
+    reused: list[torch.Tensor] = []
+    admit = executor._Memory.admit
+
+    def checked_admit(self, job, *, first):
+        buffers = admit(self, job, first=first)
+        assert self.in_flight + self._kept_bytes <= max(self.budget, job.input_bytes())
+        reused.extend(b for b in buffers or [] if b is not None)
+        return buffers
+
+    monkeypatch.setattr(executor._Memory, "admit", checked_admit)
+    supermerge.merge(recipe("ties", base_path, paths, seed=3), tmp_path / "recycled")
+    assert reused  # the layers repeat their shapes
+    monkeypatch.setattr(executor._Memory, "recycle", lambda self, tensors: None)
+    supermerge.merge(recipe("ties", base_path, paths, seed=3), tmp_path / "fresh")
+    recycled, fresh = load_out(tmp_path / "recycled"), load_out(tmp_path / "fresh")
+    assert recycled.keys() == fresh.keys()
+    for name in fresh:
+        assert torch.equal(recycled[name], fresh[name])
+
+
 def test_method_threads_use_the_cores_torch_leaves(monkeypatch):
     from supermerge.engine import executor
 
