@@ -264,7 +264,7 @@ def test_keep_magnitudes_is_keep_where_on_magnitude_keys(n, seed, dtype, offset)
     keys = primitives.magnitude_keys(x)
     limit = torch.iinfo(keys.dtype).max
     pick = int(keys[seed % n])
-    for least in (pick + offset, 0, 1, limit, int(primitives.magnitude_keys(T([math.inf]).to(
+    for least in (pick + offset, 0, 1, 2, limit, int(primitives.magnitude_keys(T([math.inf]).to(
             dtype))) + 1):
         expected = keep_where_(x.clone(), keys.clone(), least)
         got = primitives.keep_magnitudes_(x.clone(), least)

@@ -541,14 +541,15 @@ def keep_magnitudes_(x: torch.Tensor, least: int) -> torch.Tensor:
 
     ``torch.hardshrink`` with ``lambd`` the largest magnitude below ``least`` keeps exactly
     the entries of magnitude key ``>= least``: no float lies between two adjacent keys, and
-    a NaN fails both of its comparisons. Where that bound is itself a NaN pattern it falls
-    back to :func:`keep_where_`. Cost: one elementwise pass (about 3x cheaper on a CPU than
-    the integer steps of :func:`keep_where_`).
+    a NaN fails both of its comparisons. Where that bound is a NaN pattern or a subnormal
+    (which ``torch.set_flush_denormal`` would compare as 0) it falls back to
+    :func:`keep_where_`. Cost: one elementwise pass (about 3x cheaper on a CPU than the
+    integer steps of :func:`keep_where_`).
     """
     if least <= 0:
         return x
     below = _magnitude_of_key(least - 1, x.dtype)
-    if below is None:
+    if below is None or 0 < below < torch.finfo(x.dtype).tiny:
         return keep_where_(x, magnitude_keys(x), least)
     return torch.hardshrink(x, below, out=x)
 
