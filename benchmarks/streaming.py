@@ -8,12 +8,20 @@ then measures in one run:
   writing one output of the base's size with plain buffered file I/O (no fsync, as the
   merge; the fastest of 3 runs);
 - ``supermerge merge`` (a subprocess each, so RSS is its own, inputs evicted from the
-  page cache first) for task_arithmetic, ties, dare_ties and slerp, as a ratio to the I/O
-  bound, with its peak anonymous RSS against the engine's bound of (K + 2) x the largest
-  tensor + 0.5 GB; ties once more with a torch thread per core (``--compute-threads``),
-  to show what the engine's default of leaving the readers their cores saves.
+  page cache first) for task_arithmetic, ties, dare_ties, breadcrumbs, della and slerp, as
+  a ratio to the I/O bound, with its CPU seconds (user + system, and system alone, from
+  the child's rusage), its minor page faults, the load average before it, and its peak
+  anonymous RSS against the
+  engine's bound of (K + 2) x the largest tensor + 0.5 GB; ties once more with a torch
+  thread per core (``--compute-threads``), which leaves the methods one thread of their own.
+
+``--baseline SRC`` runs every merge a second time, right after the first, with ``SRC`` (a
+``src`` folder of another supermerge, e.g. ``git archive`` of an older commit) first on
+``PYTHONPATH``: before/after ratios and CPU seconds under the same load, in the same run.
+On a shared machine, wall times vary with the other load; CPU seconds vary much less.
 
 Usage: python benchmarks/streaming.py [--params 5e8] [--dtype bfloat16] [--work DIR]
+           [--methods ties,della] [--baseline OLD/src]
 Prints a markdown table. Files go to a temporary folder (removed at the end) unless --work.
 """
 
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -29,6 +38,7 @@ import tempfile
 import threading
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,9 +50,12 @@ METHODS = {
     "task_arithmetic": {"lambda": 0.5},
     "ties": {"density": 0.2},
     "dare_ties": {"density": 0.5},
+    "breadcrumbs": {"density": 0.9, "gamma": 0.01},
+    "della": {"density": 0.5, "epsilon": 0.1},
     "slerp": {"t": 0.5},
 }
-GOALS = {"task_arithmetic": 1.5, "ties": 3.0}
+GOALS = {"task_arithmetic": 1.5, "ties": 1.5, "dare_ties": 1.5, "breadcrumbs": 1.5,
+         "della": 1.5}  # issue 13: the ranking methods at disk speed
 
 
 def llm_shapes(target_params: float) -> dict[str, tuple[int, ...]]:
@@ -158,9 +171,22 @@ def peak_anon_rss(pid: int, stop: threading.Event, box: list[int]) -> None:
         time.sleep(0.02)
 
 
+@dataclass
+class Run:
+    """One merge: wall seconds, CPU seconds (user, system), minor page faults, peak
+    anonymous RSS, the 1-minute load average before it."""
+
+    seconds: float
+    user: float
+    system: float
+    faults: int
+    rss: int
+    load: float
+
+
 def run_merge(root: Path, dirs: list[Path], method: str, dtype: str,
-              extra: tuple[str, ...] = ()) -> tuple[float, int]:
-    """Run `supermerge merge` in a subprocess; returns (seconds, peak anonymous RSS bytes)."""
+              extra: tuple[str, ...] = (), src: Path | None = None) -> Run:
+    """Run `supermerge merge` in a subprocess (with ``src`` first on PYTHONPATH if given)."""
     experts = dirs[1:3] if method == "slerp" else dirs[1:]
     recipe = {"merge_method": method, "base_model": str(dirs[0]),
               "models": [{"model": str(d)} for d in experts], "parameters": METHODS[method],
@@ -170,28 +196,44 @@ def run_merge(root: Path, dirs: list[Path], method: str, dtype: str,
     out = root / f"out-{method}"
     command = [sys.executable, "-m", "supermerge.cli.main", "merge", str(recipe_path), "-o",
                str(out), "--threads", "2", "--shard-size", str(2**30), *extra]
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
     evict(dirs)
+    load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     stop, box = threading.Event(), [0]
     watcher = threading.Thread(target=peak_anon_rss, args=(proc.pid, stop, box))
     watcher.start()
     _, err = proc.communicate()
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     stop.set()
     watcher.join()
     if proc.returncode:
         raise RuntimeError(f"{method} failed:\n{err.decode()}")
     shutil.rmtree(out)
-    return seconds, box[0]
+    return Run(seconds, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime,
+               after.ru_minflt - before.ru_minflt, box[0], load)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=float, default=1e8)
+    parser.add_argument("--params", type=float, default=1e8,
+                        help="model size in parameters (default 1e8; the README uses 5e8)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated subset of: " + ", ".join(METHODS))
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a src folder of another supermerge to run after each merge")
     args = parser.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     root = Path(tempfile.mkdtemp(prefix="sm-bench-", dir=args.work))
     cores = os.cpu_count() or 1
@@ -203,18 +245,26 @@ def main() -> None:
         bound = io_bound(dirs, root / "io-out")
         synced = io_bound(dirs, root / "io-out", synced=True)
         budget = (len(dirs) + 1) * largest + 2**29  # (K + 2) x largest (float32) + 0.5 GB
-        print(f"{total / 1e6:.0f} M parameters, {args.dtype}, 3 experts; "
+        print(f"{total / 1e6:.0f} M parameters, {args.dtype}, 3 experts, {cores} cores; "
               f"I/O bound {bound:.2f} s ({synced:.2f} s with the output fsync'd); "
               f"RSS bound {budget / 2**30:.2f} GiB\n")
-        print("| method | seconds | x I/O bound | goal | peak anon RSS GiB | within RSS bound |")
-        print("|---|---|---|---|---|---|")
-        runs = [(method, method, ()) for method in METHODS]
-        runs.append(("ties", f"ties, {cores} torch threads", ("--compute-threads", str(cores))))
+        print("| method | code | seconds | x I/O bound | goal | CPU s (system) | minor faults | "
+              "load | peak anon RSS GiB | within RSS bound |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        runs = [(method, method, ()) for method in methods]
+        if "ties" in methods:
+            runs.append(("ties", f"ties, {cores} torch threads",
+                         ("--compute-threads", str(cores))))
+        versions = [("this", None)] + ([("baseline", args.baseline)] if args.baseline else [])
         for method, label, extra in runs:
-            seconds, rss = run_merge(root, dirs, method, args.dtype, extra)
-            goal = f"<= {GOALS[method]}" if label in GOALS else ""
-            print(f"| {label} | {seconds:.2f} | {seconds / bound:.2f} | {goal} | "
-                  f"{rss / 2**30:.2f} | {'yes' if rss <= budget else 'no'} |", flush=True)
+            for code, src in versions:
+                r = run_merge(root, dirs, method, args.dtype, extra, src)
+                goal = f"<= {GOALS[method]}" if label in GOALS else ""
+                print(f"| {label} | {code} | {r.seconds:.2f} | {r.seconds / bound:.2f} | {goal} "
+                      f"| {r.user + r.system:.1f} ({r.system:.1f}) | {r.faults / 1e3:.0f} k "
+                      f"| {r.load:.1f} | "
+                      f"{r.rss / 2**30:.2f} | {'yes' if r.rss <= budget else 'no'} |",
+                      flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

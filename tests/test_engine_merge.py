@@ -55,18 +55,24 @@ def test_every_method_in_the_engine_equals_the_method_on_tensors(family, tmp_pat
             torch.testing.assert_close(merged[name], expected, msg=f"{method} {name}")
 
 
-def test_output_is_identical_whatever_the_thread_count(family, tmp_path):
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "della"])
+def test_output_is_identical_whatever_the_thread_count(family, tmp_path, monkeypatch, method):
+    from supermerge.engine import executor
+
     _, _, base_path, paths = family
+    monkeypatch.setattr(executor, "PARALLEL_FROM", 1)  # threads for the tiny tensors too
     outputs = []
     before = torch.get_num_threads()
-    for threads, compute_threads in ((1, 1), (4, 2)):
-        out = tmp_path / f"t{threads}"
-        supermerge.merge(recipe("dare_ties", base_path, paths, seed=3), out, threads=threads,
+    for threads, compute_threads, cores in ((1, 1, 1), (4, 2, 2), (2, 1, 4)):
+        monkeypatch.setattr(executor.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        out = tmp_path / f"t{threads}-{compute_threads}-{cores}"
+        supermerge.merge(recipe(method, base_path, paths, seed=3), out, threads=threads,
                          compute_threads=compute_threads)
         outputs.append(load_out(out))
         assert torch.get_num_threads() == before  # the merge's setting is restored
-    for name in outputs[0]:
-        assert torch.equal(outputs[0][name], outputs[1][name])
+    for other in outputs[1:]:
+        for name in outputs[0]:
+            assert torch.equal(outputs[0][name], other[name])
 
 
 def test_compute_threads_leave_the_readers_their_cores(monkeypatch):
@@ -76,6 +82,42 @@ def test_compute_threads_leave_the_readers_their_cores(monkeypatch):
     for cores, readers, expected in ((8, 2, 6), (2, 2, 1), (1, 2, 1), (32, 2, 8)):
         monkeypatch.setattr(executor.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
         assert executor.default_compute_threads(readers) == expected
+
+
+def test_inputs_are_recycled_within_the_budget(family, tmp_path, monkeypatch):
+    from supermerge.engine import executor
+    from supermerge.engine.plan import MergePlan
+
+    _, _, base_path, paths = family
+    # one job in flight at a time: the tiny model would otherwise be read ahead whole
+    monkeypatch.setattr(MergePlan, "memory_budget",
+                        lambda self: (len(self.experts) + 1) * self.largest_tensor_bytes)
+    reused: list[torch.Tensor] = []
+    admit = executor._Memory.admit
+
+    def checked_admit(self, job, *, first):
+        buffers = admit(self, job, first=first)
+        assert self.in_flight + self._kept_bytes <= max(self.budget, job.input_bytes())
+        reused.extend(b for b in buffers or [] if b is not None)
+        return buffers
+
+    monkeypatch.setattr(executor._Memory, "admit", checked_admit)
+    supermerge.merge(recipe("ties", base_path, paths, seed=3), tmp_path / "recycled")
+    assert reused  # the layers repeat their shapes
+    monkeypatch.setattr(executor._Memory, "recycle", lambda self, tensors: None)
+    supermerge.merge(recipe("ties", base_path, paths, seed=3), tmp_path / "fresh")
+    recycled, fresh = load_out(tmp_path / "recycled"), load_out(tmp_path / "fresh")
+    assert recycled.keys() == fresh.keys()
+    for name in fresh:
+        assert torch.equal(recycled[name], fresh[name])
+
+
+def test_method_threads_use_the_cores_torch_leaves(monkeypatch):
+    from supermerge.engine import executor
+
+    for cores, torch_threads, expected in ((2, 1, 2), (2, 2, 1), (16, 6, 2), (1, 1, 1), (4, 8, 1)):
+        monkeypatch.setattr(executor.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert executor.method_threads(torch_threads) == expected
 
 
 def test_gradient_and_filter_values_reach_each_tensor(family, tmp_path):

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -123,6 +124,34 @@ def test_read_returns_own_memory(tmp_path):
         first += 1
         assert torch.equal(ckpt.read("model.embed_tokens.weight"),
                            state["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_read_converts_in_chunks_as_to_does(tmp_path, monkeypatch, fmt, dtype):
+    from supermerge.io import checkpoint
+
+    # a 96-byte staging buffer: every tensor crosses several chunks, one of them short
+    monkeypatch.setattr(checkpoint, "_STAGING_BYTES", 96)
+    monkeypatch.setattr(checkpoint, "_per_thread", threading.local())
+    gen = torch.Generator().manual_seed(2)
+    state = {"a": torch.randn(7, 13, generator=gen).to(dtype), "b": torch.randn(5).to(dtype),
+             "c": torch.zeros(0, 3, dtype=dtype)}
+    state["a"][0, :3] = torch.tensor([float("nan"), float("-inf"), -0.0])
+    with open_checkpoint(write_model_dir(tmp_path / "m", state, shards=1, fmt=fmt)) as ckpt:
+        for name, tensor in state.items():
+            for target in (torch.float32, dtype):
+                got = ckpt.read(name, dtype=target)
+                assert got.dtype == target
+                assert torch.equal(got.view(torch.uint8), tensor.to(target).view(torch.uint8))
+                into = torch.full(tensor.shape, 7.0, dtype=target)
+                assert ckpt.read(name, dtype=target, out=into) is into
+                assert torch.equal(into.view(torch.uint8), got.view(torch.uint8))
+        with pytest.raises(ValueError, match="out must be"):
+            ckpt.read("a", dtype=torch.float32, out=torch.empty(13, 7))
+        with pytest.raises(ValueError, match="out must be"):
+            ckpt.read("a", out=torch.empty(7, 13, dtype=torch.float64 if dtype != torch.float64
+                                           else torch.float32))
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])

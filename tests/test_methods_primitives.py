@@ -195,6 +195,82 @@ def test_large_selections_sample_by_default(dtype):
         assert kthvalue(x, k) == torch.kthvalue(x, k).values
 
 
+def sorted_trim(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The plainest reference: a stable descending sort of |x|, the first k kept, the rest
+    +0.0 (a stable sort keeps tied entries lowest index first)."""
+    flat = x.reshape(-1)
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices
+    out = torch.zeros_like(flat)
+    out[order[:k]] = flat[order[:k]]
+    return out.view(x.shape)
+
+
+def float_bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(-1).view(primitives._INTEGER_OF[x.dtype])
+
+
+def same_trim(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal bit for bit, except that a kept -0.0 may come back as 0.0 (when the k-th
+    largest magnitude is 0 a trim keeps the non-zero entries: the same values)."""
+    nonzero = expected.reshape(-1) != 0
+    return torch.equal(got, expected) and torch.equal(float_bits(got)[nonzero],
+                                                      float_bits(expected)[nonzero])
+
+
+EDGES = ["normal", "ties", "zeros", "wide", "constant", "signed_zeros", "bf16_deltas"]
+
+
+def edge_case(n: int, seed: int, kind: str) -> torch.Tensor:
+    """``awkward``'s cases and two more: only +-0.0, and bfloat16 task vectors (few levels)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "signed_zeros":
+        return torch.where(torch.rand(n, generator=gen) < 0.5, -0.0, 0.0)
+    if kind == "bf16_deltas":
+        base = (0.02 * torch.randn(n, generator=gen)).bfloat16().float()
+        return (base + 0.001 * torch.randn(n, generator=gen)).bfloat16().float() - base
+    return awkward(n, seed, kind)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 3000), st.integers(0, 2**32 - 1), st.sampled_from(EDGES),
+       st.sampled_from([0.0, 4.0]), st.sampled_from(["random", "zero", "all", "one"]))
+def test_magnitude_trim_is_the_sorted_selection_bit_for_bit(n, seed, kind, spread, which):
+    x = edge_case(n, seed, kind)
+    k = {"random": seed % (n + 1), "zero": 0, "all": n, "one": 1}[which]
+    with sampling_everything(spread):
+        got = magnitude_trim_(x.clone(), k / n)
+    assert keep_count(k / n, n) == k
+    assert same_trim(got, sorted_trim(x, k))
+
+
+@pytest.mark.parametrize("kind", EDGES)
+def test_large_trims_are_the_sorted_selection_bit_for_bit(kind):
+    x = edge_case(300_007, 3, kind)  # the sampled bracket, several blocks
+    for k in (0, 1, 29_999, 60_001, 150_000, 300_006, 300_007):
+        got = magnitude_trim_(x.clone(), k / x.numel())
+        assert same_trim(got, sorted_trim(x, k)), k
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 500), st.integers(0, 2**32 - 1),
+       st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+       st.integers(-2, 2))
+def test_keep_magnitudes_is_keep_where_on_magnitude_keys(n, seed, dtype, offset):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randint(-6, 7, (n,), generator=gen) * 0.25).to(dtype)
+    x[torch.rand(n, generator=gen) < 0.1] = -0.0
+    x[torch.rand(n, generator=gen) < 0.05] = math.inf
+    x[torch.rand(n, generator=gen) < 0.05] = math.nan
+    keys = primitives.magnitude_keys(x)
+    limit = torch.iinfo(keys.dtype).max
+    pick = int(keys[seed % n])
+    for least in (pick + offset, 0, 1, 2, limit, int(primitives.magnitude_keys(T([math.inf]).to(
+            dtype))) + 1):
+        expected = keep_where_(x.clone(), keys.clone(), least)
+        got = primitives.keep_magnitudes_(x.clone(), least)
+        assert torch.equal(float_bits(got), float_bits(expected)), least
+
+
 def test_nan_ranks_above_every_magnitude():
     x = T([1.0, math.nan, -math.inf, 3.0])
     assert top_k_mask(x, 2).tolist() == [False, True, True, False]

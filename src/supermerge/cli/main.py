@@ -31,14 +31,22 @@ def _release_large_frees() -> None:
     1.83 -> 1.54 GiB with a fixed threshold of 1 MiB. A fixed 8 MiB keeps that bound and
     lets the heap recycle smaller buffers instead of page-faulting fresh ones: on a 200 M
     bfloat16 task-arithmetic merge, 2.67 -> 2.05 s at the same 0.87 GiB peak RSS.
+
+    A fixed mmap threshold also fixes glibc's trim threshold at its 128 KiB default (the
+    dynamic one would have grown with the mmap threshold): every free at the top of the
+    heap then gives the memory back and the next tensor under 8 MiB faults it in afresh.
+    So the heap keeps up to 128 MiB free at its top. Measured on a 200 M bfloat16 TIES
+    merge (3 experts, a loaded machine): 868 k -> 468 k minor page faults and 5.1 -> 2.1 s
+    of system time with 256 MiB, 471 k faults with 128 MiB; peak RSS unchanged (1.02 GB).
     No-op where glibc is absent.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    m_mmap_threshold = -3
+    m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 8 << 20)
+    libc.mallopt(m_trim_threshold, 128 << 20)
 
 
 class _Bar:

@@ -37,6 +37,7 @@ from supermerge.errors import InputValueError
 from supermerge.io import CheckpointWriter
 from supermerge.io.lora import ADAPTER_SAFE_WEIGHTS
 from supermerge.methods import TaskSpecific, TensorContext
+from supermerge.methods.primitives import PARALLEL_FROM
 from supermerge.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -83,14 +84,31 @@ def execute(
 
     ``threads`` read ahead; the methods compute with ``compute_threads`` torch threads
     (default: the cores the readers leave, at least 1 and at most torch's setting),
-    restored afterwards. Cost: each input tensor is read once (plus ``passes`` more times
+    restored afterwards, and run their independent work (one expert each, or blocks of
+    entries) on ``cores // compute_threads`` threads of their own for tensors of at least
+    ``PARALLEL_FROM`` entries (:func:`method_threads`); the output is the same bytes for
+    any of these counts. Cost: each input tensor is read once (plus ``passes`` more times
     for methods with a whole-model statistic); resident memory about (K + 2) x the largest
     tensor (a per-task method adds K boolean masks of one tensor). On any error the partial
     output, masks included, is removed and ``out`` is left as it was.
     """
-    with _torch_threads(compute_threads or default_compute_threads(threads)):
+    torch_threads = compute_threads or default_compute_threads(threads)
+    with _torch_threads(torch_threads):
         return _execute(plan, out, overwrite=overwrite, threads=threads,
+                        method_threads=method_threads(torch_threads),
                         shard_size=shard_size, recipe_yaml=recipe_yaml, progress=progress)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def method_threads(torch_threads: int) -> int:
+    """Threads a method may use for its independent work (``TensorContext.threads``) beside
+    ``torch_threads`` intra-op threads: ``cores // torch_threads``, at least 1, so the two
+    together never ask for more than the cores (docs/performance.md has the measurements).
+    """
+    return max(1, _cores() // max(1, torch_threads))
 
 
 def default_compute_threads(readers: int) -> int:
@@ -101,8 +119,7 @@ def default_compute_threads(readers: int) -> int:
     measured on 2 cores (502 M bfloat16 parameters, 3 experts), ties took 26.2 s with 2
     torch threads and 15.5 s with 1.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(torch.get_num_threads(), (cores or 1) - readers))
+    return max(1, min(torch.get_num_threads(), _cores() - readers))
 
 
 @contextmanager
@@ -116,7 +133,8 @@ def _torch_threads(count: int) -> Iterator[None]:
 
 
 def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
-             shard_size: int, recipe_yaml: str, progress: Progress | None) -> MergeResult:
+             method_threads: int, shard_size: int, recipe_yaml: str,
+             progress: Progress | None) -> MergeResult:
     started = time.perf_counter()
     compute = parse_dtype(plan.spec.compute_dtype, "compute_dtype") or torch.float32
     merged = copied = 0
@@ -133,12 +151,17 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
         total = len(plan.jobs)
         # No enumerate and an explicit del: a job's inputs must be freed before the next
         # job is awaited (enumerate's cached tuple and the loop variable would keep them).
-        for loaded in _stream(plan, plan.jobs, compute, threads):
-            tensor = _merge_one(plan, loaded, statistic)
+        # A per-task method's state keeps tensors past a job: its inputs are not recycled.
+        memory = _Memory(plan.memory_budget(), recycle=task_state is None)
+        for loaded in _stream(plan, plan.jobs, compute, threads, memory):
+            tensor = _merge_one(plan, loaded, statistic, method_threads)
             if task_state is not None and loaded.job.merge:
                 tensor = task_state.add(writer, loaded.job.name, tensor)
             if sink is None:
                 writer.add(loaded.job.name, tensor.to(loaded.job.out_dtype).contiguous())
+                if loaded.job.merge:  # written (the writer keeps no reference): reuse the inputs
+                    memory.recycle([*([loaded.base] if loaded.base is not None else []),
+                                    *loaded.experts])
             elif loaded.job.merge:
                 sink.add(writer, loaded.job.name, tensor, loaded.base, loaded.job.out_dtype)
             merged += loaded.job.merge
@@ -217,7 +240,8 @@ def _record_output_dtype(plan: MergePlan, writer: CheckpointWriter) -> None:
     writer.write_text("config.json", json.dumps({**config, **dict.fromkeys(keys, name)}, indent=2))
 
 
-def _merge_one(plan: MergePlan, loaded: LoadedJob, statistic) -> torch.Tensor | TaskSpecific:
+def _merge_one(plan: MergePlan, loaded: LoadedJob, statistic,
+               threads: int = 1) -> torch.Tensor | TaskSpecific:
     """Return the output of one job: the method's tensor (or TaskSpecific), or the
     reference's values where nothing is merged.
 
@@ -231,7 +255,8 @@ def _merge_one(plan: MergePlan, loaded: LoadedJob, statistic) -> torch.Tensor | 
     cut = (lambda t: t[:rows]) if rows is not None else (lambda t: t)
     base = cut(loaded.base) if loaded.base is not None else None
     ctx = TensorContext(name=job.name, seed=job.seed, statistic=statistic,
-                        position=job.position, scratch=True)
+                        position=job.position, scratch=True,
+                        threads=threads if job.numel >= PARALLEL_FROM else 1)
     result = plan.method.fn(base, [cut(e) for e in loaded.experts], job.params,
                             job.model_params, ctx)
     if rows is None:
@@ -259,7 +284,8 @@ def _whole_model_statistic(plan: MergePlan, compute, threads, progress):
     jobs = [j for j in plan.jobs if j.merge]
     for p in range(stat.passes):
         done = 0
-        for loaded in _stream(plan, jobs, compute, threads):
+        for loaded in _stream(plan, jobs, compute, threads,
+                              _Memory(plan.memory_budget(), recycle=False)):
             rows = loaded.job.rows
             base = loaded.base if rows is None else loaded.base[:rows]
             for i, expert in enumerate(loaded.experts):  # our own buffers: subtract in place
@@ -273,21 +299,84 @@ def _whole_model_statistic(plan: MergePlan, compute, threads, progress):
     return stat.result()
 
 
+class _Memory:
+    """The stream's byte budget: the reads in flight plus freed inputs kept for reuse.
+
+    A merged job's input buffers, once its output is written, are kept (newest last) for
+    later reads of as many entries: a Llama-like model repeats its shapes every layer, so
+    most reads land in memory already faulted in instead of fresh pages (on 2 cores the
+    page faults of fresh buffers cost about as much system time as the copies from the
+    page cache). Kept buffers count against the budget: the oldest are freed whenever a
+    read needs their room, so after each admission in-flight plus kept bytes are within
+    it; the consumer's current job comes on top, as without reuse (a kept buffer is
+    memory the finished job held). Used from the consumer's thread only (the stream's
+    generator runs there).
+    """
+
+    def __init__(self, budget: int, *, recycle: bool) -> None:
+        self.budget = budget
+        self.in_flight = 0
+        self._recycle = recycle
+        self._kept: list[torch.Tensor] = []
+        self._kept_bytes = 0
+
+    def admit(self, job: TensorJob, *, first: bool) -> list[torch.Tensor | None] | None:
+        """Reserve ``job``'s bytes and return a reused buffer (or None) per float input;
+        None, reserving nothing, when it does not fit beside the reads in flight (a job
+        with nothing else in flight, ``first``, always fits)."""
+        need = job.input_bytes()
+        if not first and self.in_flight + need > self.budget:
+            return None
+        sources = ([job.base] if job.base is not None else []) + list(job.experts)
+        reused = [self._take(source) for source in sources] if job.merge else []
+        while self._kept and self.in_flight + need + self._kept_bytes > self.budget:
+            self._kept_bytes -= self._kept.pop(0).nbytes  # the oldest first
+        self.in_flight += need
+        return reused
+
+    def done(self, job: TensorJob) -> None:
+        """The job's inputs are the consumer's now: no longer in flight."""
+        self.in_flight -= job.input_bytes()
+
+    def recycle(self, tensors: list[torch.Tensor]) -> None:
+        """Keep a finished job's input buffers (each once), up to the budget in all."""
+        if not self._recycle:
+            return
+        seen: set[int] = set()
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            whole = (tensor.is_contiguous() and tensor.storage_offset() == 0
+                     and storage.nbytes() == tensor.nbytes)
+            if not whole or storage.data_ptr() in seen:
+                continue
+            seen.add(storage.data_ptr())
+            if self._kept_bytes + tensor.nbytes <= self.budget:
+                self._kept.append(tensor.view(-1))
+                self._kept_bytes += tensor.nbytes
+
+    def _take(self, source: Source) -> torch.Tensor | None:
+        numel = int(torch.Size(source.checkpoint.info(source.name).shape).numel())
+        for i in range(len(self._kept) - 1, -1, -1):
+            if self._kept[i].numel() == numel:
+                self._kept_bytes -= self._kept[i].nbytes
+                return self._kept.pop(i)
+        return None
+
+
 def _stream(plan: MergePlan, jobs: list[TensorJob], compute: torch.dtype,
-            threads: int) -> Iterator[LoadedJob]:
-    """Yield the jobs' inputs in order, reading ahead on threads within the byte budget."""
-    budget = plan.memory_budget()
+            threads: int, memory: _Memory) -> Iterator[LoadedJob]:
+    """Yield the jobs' inputs in order, reading ahead on threads within ``memory``'s budget."""
     pending: deque[tuple[TensorJob, Future]] = deque()
-    in_flight = 0
     upcoming = iter(jobs)
     next_job = next(upcoming, None)
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="read") as pool:
         while pending or next_job is not None:
-            while next_job is not None and (
-                not pending or in_flight + next_job.input_bytes() <= budget
-            ):
-                pending.append((next_job, pool.submit(_load, plan, next_job, compute)))
-                in_flight += next_job.input_bytes()
+            while next_job is not None:
+                reused = memory.admit(next_job, first=not pending)
+                if reused is None:
+                    break
+                pending.append((next_job, pool.submit(_load, plan, next_job, compute, reused)))
+                del reused
                 next_job = next(upcoming, None)
             job, future = pending.popleft()
             try:
@@ -296,23 +385,30 @@ def _stream(plan: MergePlan, jobs: list[TensorJob], compute: torch.dtype,
                 for _, other in pending:
                     other.cancel()
                 raise
-            in_flight -= job.input_bytes()
+            memory.done(job)
             yield loaded
             del loaded, future  # free this job's inputs while the next one is awaited
 
 
-def _load(plan: MergePlan, job: TensorJob, compute: torch.dtype) -> LoadedJob:
-    """Read one job's inputs; the reference is the base (or the first expert), never read twice."""
+def _load(plan: MergePlan, job: TensorJob, compute: torch.dtype,
+          reused: list[torch.Tensor | None]) -> LoadedJob:
+    """Read one job's inputs, into the ``reused`` buffers where given (base first); the
+    reference is the base (or the first expert), never read twice."""
     if not job.merge:
         return LoadedJob(job, job.reference.checkpoint.read(job.reference.name), None, [])
-    base = _read(plan, job.base, compute) if job.base is not None else None
-    experts = [_read(plan, source, compute) for source in job.experts]
+    into = iter(reused)
+    base = _read(plan, job.base, compute, next(into)) if job.base is not None else None
+    experts = [_read(plan, source, compute, next(into)) for source in job.experts]
     return LoadedJob(job, base if base is not None else experts[0], base, experts)
 
 
-def _read(plan: MergePlan, source: Source, compute: torch.dtype) -> torch.Tensor:
-    """Read one float input in the compute dtype, applying the NaN/Inf policy."""
-    tensor = source.checkpoint.read(source.name).to(compute)
+def _read(plan: MergePlan, source: Source, compute: torch.dtype,
+          reused: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one float input in the compute dtype (into ``reused``, a flat buffer of as many
+    entries, when given), applying the NaN/Inf policy."""
+    shape = source.checkpoint.info(source.name).shape
+    out = reused.view(shape) if reused is not None and reused.dtype == compute else None
+    tensor = source.checkpoint.read(source.name, dtype=compute, out=out)
     if tensor.numel() and not all(map(math.isfinite, torch.aminmax(tensor))):
         # NaN and Inf show up in the min or max: 25x cheaper than torch.isfinite
         bad = int((~torch.isfinite(tensor)).sum())

@@ -26,6 +26,7 @@ import os
 import pickle
 import pickletools
 import struct
+import threading
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -174,10 +175,17 @@ class Checkpoint:
     def __contains__(self, name: object) -> bool:
         return name in self._store.infos
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, *, dtype: torch.dtype | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor into new CPU memory of its own (costs its nbytes); thread-safe.
 
-        Raises CheckpointError naming the file and tensor if the data cannot be read.
+        ``dtype`` returns it converted, as ``Tensor.to(dtype)`` would; ``out`` (a contiguous
+        CPU tensor of the tensor's shape and ``dtype``, or of its own dtype) receives the
+        values instead of new memory, and is returned. From a safetensors file either is
+        read without a tensor of the file's dtype: straight into the result, or, to convert,
+        through a reused buffer of a few MiB per thread (no page faults but the result's).
+        Raises CheckpointError naming the file and tensor if the data cannot be read, and
+        ValueError for an ``out`` of another shape or dtype.
         """
         info = self.info(name)
         if self._closed:
@@ -187,7 +195,20 @@ class Checkpoint:
                 tensor=name,
                 fix="read tensors before closing the checkpoint (or leaving its with-block)",
             )
-        return self._store.load(info)
+        target = dtype or info.dtype
+        if out is not None and (tuple(out.shape) != info.shape or out.dtype != target
+                                or not out.is_contiguous() or out.device.type != "cpu"):
+            raise ValueError(f"out must be a contiguous CPU {target} tensor of shape "
+                             f"{info.shape}, not {out.dtype} {tuple(out.shape)}")
+        load_into = getattr(self._store, "load_into", None)
+        if load_into is not None and (out is not None or target != info.dtype):
+            result = out if out is not None else torch.empty(info.shape, dtype=target)
+            load_into(info, result)
+            return result
+        tensor = self._store.load(info)  # a LoRA view returns float32 for a half base
+        if dtype is not None:
+            tensor = tensor.to(dtype)
+        return tensor if out is None else out.copy_(tensor)
 
     @property
     def config(self) -> dict | None:
@@ -609,6 +630,34 @@ def _clip(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+_STAGING_BYTES = 4 << 20
+"""Bytes of a reader thread's conversion buffer: a chunk read from the file at a time."""
+
+_per_thread = threading.local()
+
+
+def _staging_buffer() -> torch.Tensor:
+    """This thread's conversion buffer (``_STAGING_BYTES`` of uint8), made on first use.
+
+    Reused by every read of the thread, so converting reads fault in no memory but their
+    results'; one buffer per reader thread, freed with it."""
+    buffer = getattr(_per_thread, "staging", None)
+    if buffer is None:
+        buffer = _per_thread.staging = torch.empty(_STAGING_BYTES, dtype=torch.uint8)
+    return buffer
+
+
+def _pread(fd: int, target: torch.Tensor, offset: int, info: TensorInfo) -> None:
+    """Fill the contiguous uint8 tensor ``target`` from ``fd`` at ``offset``."""
+    buffer = memoryview(target.numpy())
+    done = 0
+    while done < len(buffer):  # preadv may return less than asked (2 GiB cap)
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got == 0:
+            raise _corrupt(info.file, "unexpected end of file", info.name)
+        done += got
+
+
 class _SafetensorsStore:
     """Tensors in safetensors files, read with positional reads (no mmap, no lock)."""
 
@@ -626,10 +675,13 @@ class _SafetensorsStore:
         self.infos = _merge_shards(per_file)
 
     def load(self, info: TensorInfo) -> torch.Tensor:
-        out = torch.empty(info.shape, dtype=info.dtype)
+        return self.load_into(info, torch.empty(info.shape, dtype=info.dtype))
+
+    def load_into(self, info: TensorInfo, out: torch.Tensor) -> torch.Tensor:
+        """Read the tensor into ``out`` (contiguous, its shape), converting to ``out``'s dtype
+        a chunk at a time through this thread's staging buffer; returns ``out``."""
         if info.nbytes == 0:
             return out
-        buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
         offset = self._offsets[info.file][info.name]
         try:
             with open(info.file, "rb", buffering=0) as f:
@@ -640,12 +692,17 @@ class _SafetensorsStore:
                         tensor=info.name,
                         fix="do not modify input checkpoints while a merge runs; run again",
                     )
-                done = 0
-                while done < info.nbytes:  # preadv may return less than asked (2 GiB cap)
-                    got = os.preadv(f.fileno(), [buffer[done:]], offset + done)
-                    if got == 0:
-                        raise _corrupt(info.file, "unexpected end of file", info.name)
-                    done += got
+                flat = out.view(-1)
+                if out.dtype == info.dtype:
+                    _pread(f.fileno(), flat.view(torch.uint8), offset, info)
+                    return out
+                staging = _staging_buffer()
+                per_chunk = staging.numel() // info.dtype.itemsize
+                for start in range(0, flat.numel(), per_chunk):
+                    count = min(per_chunk, flat.numel() - start)
+                    raw = staging[: count * info.dtype.itemsize]
+                    _pread(f.fileno(), raw, offset + start * info.dtype.itemsize, info)
+                    flat[start : start + count].copy_(raw.view(info.dtype))
         except OSError as exc:
             raise CheckpointError(
                 f"cannot read the tensor: {exc.strerror or exc}",

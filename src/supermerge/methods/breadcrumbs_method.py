@@ -51,7 +51,7 @@ from supermerge.methods.primitives import (
     l1_rescaled_,
     magnitude_band_,
     normalized_weights,
-    task_vectors,
+    prepared_task_vectors,
     weighted_sum,
 )
 from supermerge.methods.registry import Method, ModelParams, TensorContext, register
@@ -86,13 +86,17 @@ def merge_breadcrumbs(
 ) -> torch.Tensor:
     """Return ``base + lambda * sum_i w_i band(tau_i)``.
 
-    Cost: two top-k selections per model, a few temporaries while one is ranked; in place in
-    the experts' buffers when ``ctx.scratch``.
+    Cost: two top-k selections per model (one model per thread, up to ``ctx.threads``), a
+    few temporaries while one is ranked; in place in the experts' buffers when
+    ``ctx.scratch``.
     """
-    pairs = zip(task_vectors(base, experts, in_place=ctx.scratch), models, strict=True)
-    masked = (
-        l1_rescaled_(partial(magnitude_band_, density=m.density, gamma=m.gamma), tau)
-        if params.rescale else magnitude_band_(tau, m.density, m.gamma) for tau, m in pairs)
+    def band(i: int, tau: torch.Tensor) -> torch.Tensor:
+        m = models[i]
+        keep = partial(magnitude_band_, density=m.density, gamma=m.gamma)
+        return l1_rescaled_(keep, tau) if params.rescale else keep(tau)
+
+    masked = prepared_task_vectors(base, experts, band, in_place=ctx.scratch,
+                                   threads=ctx.threads)
     weights = normalized_weights([m.weight for m in models], params.normalize)
     total = weighted_sum(masked, weights, in_place=True)
     return torch.add(base, total, alpha=params.scale, out=total)

@@ -38,7 +38,7 @@ from supermerge.methods.primitives import (
     add_sign_consensus_,
     l1_rescaled_,
     magnitude_band_,
-    task_vectors,
+    prepared_task_vectors,
 )
 from supermerge.methods.registry import Method, TensorContext, register
 
@@ -65,14 +65,16 @@ def merge_breadcrumbs_ties(
 
     Cost: two top-k selections per model (and two L1 norms with ``rescale``), then the sign
     and one accumulator; in place in the experts' buffers when ``ctx.scratch``, else K new
-    task vectors.
+    task vectors; on up to ``ctx.threads`` threads.
     """
-    taus = task_vectors(base, experts, in_place=ctx.scratch)
-    banded = []
-    for tau, m in zip(taus, models, strict=True):
-        band = partial(magnitude_band_, density=m.density, gamma=m.gamma)
-        banded.append(l1_rescaled_(band, tau) if params.rescale else band(tau))
-    return add_sign_consensus_(base, banded, models, params)
+    def band(i: int, tau: torch.Tensor) -> torch.Tensor:
+        m = models[i]
+        keep = partial(magnitude_band_, density=m.density, gamma=m.gamma)
+        return l1_rescaled_(keep, tau) if params.rescale else keep(tau)
+
+    banded = list(prepared_task_vectors(base, experts, band, in_place=ctx.scratch,
+                                        threads=ctx.threads))
+    return add_sign_consensus_(base, banded, models, params, threads=ctx.threads)
 
 
 breadcrumbs_ties = register(

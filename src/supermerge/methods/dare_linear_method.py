@@ -60,12 +60,13 @@ def merge_dare_linear(
 ) -> torch.Tensor:
     """Return ``base + lambda * sum_i w_i dare(tau_i)``.
 
-    Cost: K draws; in place in the experts' buffers when ``ctx.scratch``, else one new
-    tensor at a time besides the sum.
+    Cost: K draws (one model per thread, up to ``ctx.threads``); in place in the experts'
+    buffers when ``ctx.scratch``, else one new tensor at a time besides the sum (K with
+    several threads).
     """
     densities = [m.density for m in models]
     sparse = dare_task_vectors(base, experts, densities, ctx.seed, in_place=ctx.scratch,
-                               rescale=params.rescale)
+                               rescale=params.rescale, threads=ctx.threads)
     weights = normalized_weights([m.weight for m in models], params.normalize)
     total = weighted_sum(sparse, weights, in_place=True)
     return torch.add(base, total, alpha=params.scale, out=total)

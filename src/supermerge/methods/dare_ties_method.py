@@ -54,12 +54,12 @@ def merge_dare_ties(
     """Return the DARE + TIES merge.
 
     Cost: K draws, then the sign and one accumulator; in place in the experts' buffers
-    when ``ctx.scratch``, else K new task vectors.
+    when ``ctx.scratch``, else K new task vectors; on up to ``ctx.threads`` threads.
     """
     densities = [m.density for m in models]
     sparse = list(dare_task_vectors(base, experts, densities, ctx.seed, in_place=ctx.scratch,
-                                    rescale=params.rescale))
-    return add_sign_consensus_(base, sparse, models, params)
+                                    rescale=params.rescale, threads=ctx.threads))
+    return add_sign_consensus_(base, sparse, models, params, threads=ctx.threads)
 
 
 dare_ties = register(

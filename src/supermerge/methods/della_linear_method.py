@@ -40,11 +40,13 @@ def merge_della_linear(
 ) -> torch.Tensor:
     """Return ``base + lambda * sum_i w_i MagPrune(tau_i)``.
 
-    Cost: K row sorts and K draws; in place in the experts' buffers when ``ctx.scratch``.
+    Cost: K row sorts and K draws (one model per thread, up to ``ctx.threads``); in place
+    in the experts' buffers when ``ctx.scratch``.
     """
     densities, epsilons = [m.density for m in models], [m.epsilon for m in models]
     pruned = magprune_task_vectors(
-        base, experts, densities, epsilons, ctx.seed, in_place=ctx.scratch, rescale=params.rescale
+        base, experts, densities, epsilons, ctx.seed, in_place=ctx.scratch, rescale=params.rescale,
+        threads=ctx.threads,
     )
     weights = normalized_weights([m.weight for m in models], params.normalize)
     total = weighted_sum(pruned, weights, in_place=True)

@@ -67,14 +67,15 @@ def merge_della(
     """Return the DELLA merge (MagPrune, elect, fuse).
 
     Cost: K row sorts and draws, then the sign and one accumulator; in place in the
-    experts' buffers when ``ctx.scratch``, else K new task vectors.
+    experts' buffers when ``ctx.scratch``, else K new task vectors; on up to
+    ``ctx.threads`` threads.
     """
     densities, epsilons = [m.density for m in models], [m.epsilon for m in models]
     pruned = list(
         magprune_task_vectors(base, experts, densities, epsilons, ctx.seed, in_place=ctx.scratch,
-                              rescale=params.rescale)
+                              rescale=params.rescale, threads=ctx.threads)
     )
-    return add_sign_consensus_(base, pruned, models, params)
+    return add_sign_consensus_(base, pruned, models, params, threads=ctx.threads)
 
 
 della = register(

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Self
+from typing import Annotated, ClassVar, Self, TypeVar
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -231,7 +233,47 @@ class TallModelParams(ModelParams):
     )
 
 
+# -- independent work on threads ----------------------------------------------------------
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+PARALLEL_FROM = 2 * (1 << 17)
+"""Entries from which a tensor's independent work is worth threads (two blocks of BLOCK)."""
+
+
+def each(
+    fn: Callable[[_Item], _Result], items: Iterable[_Item], threads: int = 1
+) -> Iterator[_Result]:
+    """Yield ``fn(item)`` for each item, in order, computed on up to ``threads`` threads.
+
+    For independent work on separate memory (one expert each, disjoint blocks of one
+    tensor): torch releases the GIL in its kernels, so the threads run on separate cores.
+    Each item is computed by the same code on its own data, so the results are those of
+    the plain loop whatever ``threads``. ``threads <= 1`` (or a single item) is that loop,
+    lazily; otherwise every item is computed before the first is yielded. An exception
+    in ``fn`` is raised here. Cost: a thread pool per call when threaded, about 0.1 ms.
+    """
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    items = list(items)
+    if len(items) <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix="merge") as pool:
+        results = list(pool.map(fn, items))
+    yield from results
+
+
 # -- task vectors and sums ----------------------------------------------------------------
+
+
+def task_vector(base: torch.Tensor, expert: torch.Tensor, *, in_place: bool = False
+                ) -> torch.Tensor:
+    """Return ``expert - base``, in ``expert``'s buffer when ``in_place`` (overwriting it),
+    else a new tensor. Cost: one subtraction."""
+    return expert.sub_(base) if in_place else torch.sub(expert, base)
 
 
 def task_vectors(
@@ -244,7 +286,28 @@ def task_vectors(
     per item, plus one new tensor when not in place.
     """
     for expert in experts:
-        yield expert.sub_(base) if in_place else torch.sub(expert, base)
+        yield task_vector(base, expert, in_place=in_place)
+
+
+def prepared_task_vectors(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    prepare: Callable[[int, torch.Tensor], torch.Tensor],
+    *,
+    in_place: bool = False,
+    threads: int = 1,
+) -> Iterator[torch.Tensor]:
+    """Yield ``prepare(i, expert_i - base)`` for each expert, model i's work on up to
+    ``threads`` threads (:func:`each`: the results do not depend on ``threads``).
+
+    ``prepare`` trims, drops or ranks one task vector (it may overwrite it) and returns
+    the result; ``in_place`` as in :func:`task_vectors`. Lazy, one task vector at a time,
+    when ``threads <= 1``. Cost: K subtractions and K ``prepare`` calls.
+    """
+    def one(i: int) -> torch.Tensor:
+        return prepare(i, task_vector(base, experts[i], in_place=in_place))
+
+    return each(one, range(len(experts)), threads)
 
 
 def writable(tensors: Iterable[torch.Tensor], scratch: bool) -> list[torch.Tensor]:
@@ -464,8 +527,53 @@ class TopK:
         """Zero the selected entries of ``x``, or the others, by blocks."""
         for entries, least in self._rules(x.view(-1)):
             for (part,) in blocks(entries):
-                keep_where_(part, magnitude_keys(part), least, at_least=not selected)
+                if selected:
+                    keep_where_(part, magnitude_keys(part), least, at_least=False)
+                else:
+                    keep_magnitudes_(part, least)
         return x
+
+
+def keep_magnitudes_(x: torch.Tensor, least: int) -> torch.Tensor:
+    """Zero the entries of ``x`` whose magnitude key (:func:`magnitude_keys`) is below
+    ``least``, in place; returns ``x``. The same as :func:`keep_where_` on
+    ``magnitude_keys(x)`` (a zeroed entry becomes +0.0, a NaN is kept) in one pass.
+
+    ``torch.hardshrink`` with ``lambd`` the largest magnitude below ``least`` keeps exactly
+    the entries of magnitude key ``>= least``: no float lies between two adjacent keys, and
+    a NaN fails both of its comparisons. Where that bound is a NaN pattern or a subnormal
+    (which ``torch.set_flush_denormal`` would compare as 0) it falls back to
+    :func:`keep_where_`. Cost: one elementwise pass (about 3x cheaper on a CPU than the
+    integer steps of :func:`keep_where_`).
+    """
+    if least <= 0:
+        return x
+    below = _magnitude_of_key(least - 1, x.dtype)
+    if below is None or 0 < below < torch.finfo(x.dtype).tiny:
+        return keep_where_(x, magnitude_keys(x), least)
+    return torch.hardshrink(x, below, out=x)
+
+
+_BITS_OF = {  # struct formats: (integer, float) of each float dtype's width
+    torch.float64: ("<q", "<d"),
+    torch.float32: ("<i", "<f"),
+    torch.float16: ("<h", "<e"),
+}
+
+
+def _magnitude_of_key(key: int, dtype: torch.dtype) -> float | None:
+    """Return the non-negative float of ``dtype`` whose magnitude key is ``key``, exactly
+    (a Python float holds every value of these dtypes); None for a NaN pattern or a key
+    outside the dtype's non-negative range. Cost: a few Python operations."""
+    width = torch.finfo(dtype).bits
+    if not 0 <= key < 1 << (width - 1):
+        return None
+    if dtype == torch.bfloat16:  # the upper half of a float32
+        value = struct.unpack("<f", struct.pack("<i", key << 16))[0]
+    else:
+        ints, floats = _BITS_OF[dtype]
+        value = struct.unpack(floats, struct.pack(ints, key))[0]
+    return None if math.isnan(value) else value
 
 
 def top_k(x: torch.Tensor, k: int, *, exact: bool = True) -> TopK:
@@ -703,20 +811,26 @@ def sign_consensus_(
     *,
     normalize: bool = True,
     sign_on_weighted: bool = False,
+    threads: int = 1,
 ) -> torch.Tensor:
     """Return the TIES merge of (already trimmed) task vectors: sign election + disjoint mean.
 
     ``sign_on_weighted`` elects, and tests agreement, on ``w_i * delta_i`` (mergekit);
     otherwise on the unweighted deltas (the paper). Overwrites ``deltas``; the result is in
     ``deltas[0]``'s buffer. Every entry is independent, so the work runs ``BLOCK`` entries at
-    a time (:func:`blocks`): each delta is read from memory once, and the sign and the
-    accumulator are temporaries of one block, in cache.
+    a time (:func:`blocks`), the blocks on up to ``threads`` threads (:func:`each`; the
+    result does not depend on it): each delta is read from memory once, and the sign and
+    the accumulator are temporaries of one block per thread, in cache.
     """
     electors = weights if sign_on_weighted else None
     signs = [math.copysign(1.0, w) if w != 0 else 0.0 for w in weights] if electors else None
-    for parts in blocks(*deltas):
+
+    def merge_block(parts: list[torch.Tensor]) -> None:
         sign = elect_sign(parts, electors)
         disjoint_mean_(parts, weights, sign, elector_signs=signs, normalize=normalize)
+
+    for _ in each(merge_block, blocks(*deltas), threads):
+        pass
     return deltas[0]
 
 
@@ -725,14 +839,17 @@ def add_sign_consensus_(
     deltas: Sequence[torch.Tensor],
     models: Sequence[ModelParams],
     params: SignConsensusParams,
+    threads: int = 1,
 ) -> torch.Tensor:
     """Return ``base + lambda * sign_consensus_(deltas)``: the TIES ending shared by ties,
-    dare_ties and della. Overwrites ``deltas``; the result is in ``deltas[0]``'s buffer."""
+    dare_ties and della, on up to ``threads`` threads. Overwrites ``deltas``; the result is
+    in ``deltas[0]``'s buffer."""
     merged = sign_consensus_(
         deltas,
         [m.weight for m in models],
         normalize=params.normalize,
         sign_on_weighted=params.sign_on_weighted,
+        threads=threads,
     )
     return torch.add(base, merged, alpha=params.scale, out=merged)
 
@@ -800,15 +917,21 @@ def dare_task_vectors(
     *,
     in_place: bool = False,
     rescale: bool = True,
+    threads: int = 1,
 ) -> Iterator[torch.Tensor]:
-    """Yield ``dare_(x_i - base, density_i)`` lazily, model i drawing from its own generator.
+    """Yield ``dare_(x_i - base, density_i)``, model i drawing from its own generator.
 
-    ``in_place`` as in :func:`task_vectors`; ``rescale`` as in :func:`dare_`. Cost per
+    ``in_place`` as in :func:`task_vectors`; ``rescale`` as in :func:`dare_`; the models on
+    up to ``threads`` threads, lazily with one (:func:`prepared_task_vectors`). Cost per
     item: one subtraction and one :func:`dare_`.
     """
-    taus = task_vectors(base, experts, in_place=in_place)
-    for i, (tau, density) in enumerate(zip(taus, densities, strict=True)):
-        yield dare_(tau, density, dare_generator(seed, i, tau.device), rescale=rescale)
+    if len(densities) != len(experts):
+        raise ValueError("dare_task_vectors needs one density per expert")
+
+    def drop(i: int, tau: torch.Tensor) -> torch.Tensor:
+        return dare_(tau, densities[i], dare_generator(seed, i, tau.device), rescale=rescale)
+
+    return prepared_task_vectors(base, experts, drop, in_place=in_place, threads=threads)
 
 
 def magprune_(
@@ -868,17 +991,23 @@ def magprune_task_vectors(
     *,
     in_place: bool = False,
     rescale: bool = True,
+    threads: int = 1,
 ) -> Iterator[torch.Tensor]:
-    """Yield ``magprune_(x_i - base)`` lazily, model i drawing from its own generator.
+    """Yield ``magprune_(x_i - base)``, model i drawing from its own generator.
 
     The generator is :func:`dare_generator` of (tensor seed, model index); ``in_place`` as
-    in :func:`task_vectors`, ``rescale`` as in :func:`magprune_`. Cost per model: one
-    subtraction and one :func:`magprune_`.
+    in :func:`task_vectors`, ``rescale`` as in :func:`magprune_`; the models on up to
+    ``threads`` threads, lazily with one (:func:`prepared_task_vectors`). Cost per model:
+    one subtraction and one :func:`magprune_`.
     """
-    taus = task_vectors(base, experts, in_place=in_place)
-    for i, (tau, density, epsilon) in enumerate(zip(taus, densities, epsilons, strict=True)):
-        yield magprune_(tau, density, epsilon, dare_generator(seed, i, tau.device),
-                        rescale=rescale)
+    if not len(densities) == len(epsilons) == len(experts):
+        raise ValueError("magprune_task_vectors needs one density and epsilon per expert")
+
+    def prune(i: int, tau: torch.Tensor) -> torch.Tensor:
+        return magprune_(tau, densities[i], epsilons[i], dare_generator(seed, i, tau.device),
+                         rescale=rescale)
+
+    return prepared_task_vectors(base, experts, prune, in_place=in_place, threads=threads)
 
 
 # -- TALL masks and consensus -------------------------------------------------------------

@@ -57,6 +57,7 @@ class TensorContext:
     statistic: Any = None
     position: float = 0.0  # relative depth in [0, 1]: 0 at the first block, 1 at the last
     scratch: bool = False  # True: the method may overwrite the expert tensors (never the base)
+    threads: int = 1  # threads the method may use for independent work (never changes a result)
 
 
 class ModelStatistic(Protocol):

@@ -51,7 +51,7 @@ from supermerge.methods.primitives import (
     add_sign_consensus_,
     l1_rescaled_,
     magnitude_trim_,
-    task_vectors,
+    prepared_task_vectors,
     threshold_trim_,
 )
 from supermerge.methods.registry import Method, ModelParams, TensorContext, register
@@ -88,19 +88,20 @@ def merge_ties(
 
     Cost: K trims (a top-k selection each, or a threshold), then the sign and one
     accumulator; in place in the experts' buffers when ``ctx.scratch``, else K new task
-    vectors.
+    vectors. The trims (one model each) and then the election (by blocks) run on up to
+    ``ctx.threads`` threads.
     """
-    taus = task_vectors(base, experts, in_place=ctx.scratch)
     if params.trim_scope == "model":
         trims = [partial(threshold_trim_, threshold=t) for t in _thresholds(ctx, len(experts))]
     else:
         trims = [partial(magnitude_trim_, density=m.density) for m in models]
-    pairs = zip(taus, trims, strict=True)
-    if params.rescale:
-        trimmed = [l1_rescaled_(trim, tau) for tau, trim in pairs]
-    else:
-        trimmed = [trim(tau) for tau, trim in pairs]
-    return add_sign_consensus_(base, trimmed, models, params)
+
+    def trim(i: int, tau: torch.Tensor) -> torch.Tensor:
+        return l1_rescaled_(trims[i], tau) if params.rescale else trims[i](tau)
+
+    trimmed = list(prepared_task_vectors(base, experts, trim, in_place=ctx.scratch,
+                                         threads=ctx.threads))
+    return add_sign_consensus_(base, trimmed, models, params, threads=ctx.threads)
 
 
 def _thresholds(ctx: TensorContext, count: int) -> tuple[float, ...]:
