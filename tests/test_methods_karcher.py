@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from supermerge.methods import karcher
@@ -56,6 +56,7 @@ def _mean_log_map(u: torch.Tensor, units: list[torch.Tensor]) -> torch.Tensor:
 
 @settings(max_examples=20, deadline=None)
 @given(st.integers(2, 4), st.integers(2, 6), st.integers(0, 2**32 - 1))
+@example(4, 2, 737)  # acos of a float32 dot stalled this one at a residual of 8.8e-5
 def test_fixed_point_copies_and_permutations(k, n, seed):
     gen = torch.Generator().manual_seed(seed)
     xs = [torch.randn(n, generator=gen, dtype=torch.float64).abs() + 0.1 for _ in range(k)]

@@ -64,6 +64,17 @@ def _norm(x: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(x, dtype=torch.float64))
 
 
+def _angle(u: torch.Tensor, unit: torch.Tensor) -> float:
+    """The angle between two unit tensors: from the chord for small angles (``acos`` of a
+    float32 dot product is off by up to ~3e-4 rad near 0, which stalled the iteration
+    above ``tol``), from the dot product otherwise. Cost: one pass (two when small)."""
+    cos = min(1.0, max(-1.0, _dot(u, unit)))
+    if cos < 0.5:
+        return math.acos(cos)
+    chord = float(torch.linalg.vector_norm(unit - u, dtype=torch.float64))
+    return 2.0 * math.asin(min(1.0, chord / 2.0))
+
+
 def karcher_direction_(units: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
     """Return the Karcher mean of the unit tensors ``units`` (equal weights), a unit tensor.
 
@@ -81,10 +92,10 @@ def karcher_direction_(units: list[torch.Tensor], max_iter: int, tol: float) -> 
     for _ in range(max_iter):
         tangent.zero_()
         for unit in units:
-            cos = min(1.0, max(-1.0, _dot(u, unit)))
-            theta = math.acos(cos)
+            theta = _angle(u, unit)
             if theta < tol or math.sin(theta) <= 0:
                 continue
+            cos = math.cos(theta)
             step = share * theta / math.sin(theta)
             tangent.add_(unit, alpha=step).add_(u, alpha=-step * cos)  # step * (u_i - cos u)
         size = _norm(tangent)
