@@ -44,7 +44,7 @@ def cpu_seconds() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", default="all")
+    parser.add_argument("--tasks", default="all", help="comma-separated task names, or all")
     parser.add_argument("--variants", default="", help="semicolon-separated names (default: all)")
     parser.add_argument("--extra", default="", help="JSON {name: params} of more variants")
     parser.add_argument("--common", default="{}", help="JSON params added to every variant")
@@ -59,7 +59,7 @@ def main() -> None:
     variants = dict(VARIANTS) | json.loads(args.extra or "{}")
     chosen = [v for v in args.variants.split(";") if v] or list(variants)
     common = json.loads(args.common)
-    tasks, skipped = resolve_tasks([args.tasks])
+    tasks, skipped = resolve_tasks([t.strip() for t in args.tasks.split(",") if t.strip()])
     base = default_base()
     config = BenchmarkConfig()
     experts = get_experts(base, tasks, config=config.expert, cache=ExpertCache(), workers=2)
