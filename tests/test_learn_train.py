@@ -166,3 +166,15 @@ def test_objectives_on_hand_computed_values() -> None:
     tokens = torch.tensor([[0, 1, -100]])
     torch.testing.assert_close(supervised_loss(lm_logits, tokens, "causal_lm"),
                                -torch.log(torch.tensor(0.8)))
+
+
+def test_paired_bootstrap_is_sure_only_of_a_consistent_difference() -> None:
+    from supermerge.learn.train import paired_bootstrap
+
+    incumbent = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.5, 0.5])]
+    lower = [t - 0.1 for t in incumbent]  # lower on every example: every resample agrees
+    assert paired_bootstrap(lower, incumbent) == 1.0
+    assert paired_bootstrap(incumbent, lower) == 0.0
+    assert paired_bootstrap(incumbent, incumbent) == 0.0  # a tie is not better
+    mixed = [incumbent[0] + torch.tensor([-1.0, 1.0, -1.0, 1.0]), incumbent[1]]
+    assert 0.2 < paired_bootstrap(mixed, incumbent, seed=3) < 0.8  # a coin toss

@@ -242,6 +242,38 @@ def prediction_loss(model: MergedModel, tasks: Sequence[Task], objective: Object
         return _loss(model, tasks, parts, predictions, model.merged_parameters())[0]
 
 
+def prediction_losses(model: MergedModel, tasks: Sequence[Task], objective: Objective, *,
+                      holdout: float, seed: int) -> list[torch.Tensor]:
+    """Return, per task, the prediction loss of each example of the part that
+    :func:`prediction_loss` scores (one forward pass per example): the paired evidence
+    with which two fits on the same tasks are compared (:func:`paired_bootstrap`)."""
+    splits, _ = draw_examples(tasks, holdout, 1, seed)
+    parts = [held if held is not None else train for train, held in splits]
+    predictions = replace(as_objective(objective), feature_weight=0.0)
+    with eval_mode(model), torch.no_grad():
+        weights = model.merged_parameters()
+        return [torch.tensor([_task_loss(model, task, part.select(torch.tensor([i])),
+                                         predictions, weights)[0].item()
+                              for i in range(len(part))], dtype=torch.float64)
+                for task, part in zip(tasks, parts, strict=True)]
+
+
+def paired_bootstrap(challenger: Sequence[torch.Tensor], incumbent: Sequence[torch.Tensor],
+                     *, resamples: int = 2000, seed: int = 0) -> float:
+    """Return the share of bootstrap resamples (examples drawn with replacement within each
+    task, the same draw for both) in which ``challenger``'s summed mean loss is below
+    ``incumbent``'s: how sure the held-out examples are that the challenger is better.
+    Costs ``resamples`` x examples additions."""
+    generator = torch.Generator().manual_seed(seed)
+    total = torch.zeros(resamples, dtype=torch.float64)
+    for ours, theirs in zip(challenger, incumbent, strict=True):
+        difference = ours - theirs
+        draws = torch.randint(len(difference), (resamples, len(difference)),
+                              generator=generator)
+        total += difference[draws].mean(dim=1)
+    return float((total < 0).double().mean())
+
+
 def draw_examples(tasks: Sequence[Task], holdout: float, batch_size: int, seed: int
                   ) -> tuple[list[tuple[TaskData, TaskData | None]], list[Iterator[torch.Tensor]]]:
     """Return each task's (training part, held-out part or None) and its endless training
