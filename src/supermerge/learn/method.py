@@ -15,16 +15,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 
-from supermerge.errors import MethodError, validation_details
+from supermerge.errors import MethodError
 from supermerge.learn.data import Task
 from supermerge.learn.memory import PeakRSS
 from supermerge.learn.model import Head, expert_heads
 from supermerge.learn.objectives import make_objective
 from supermerge.learn.train import DataParallel
-from supermerge.methods.registry import DataNeed, Method, Params
+from supermerge.methods.registry import DataNeed, Method, Params, validated_params
 from supermerge.progress import Progress
 
 if TYPE_CHECKING:
@@ -102,13 +101,7 @@ class LearnedMethod:
 def typed_params(name: str, params_type: type[Params], raw: Mapping[str, Any]) -> Any:
     """Return ``raw`` validated as ``params_type`` (values coerced, defaults filled in);
     MethodError naming method ``name`` and every invalid value."""
-    try:
-        return params_type.model_validate(dict(raw))
-    except ValidationError as err:
-        raise MethodError(
-            f"invalid parameters for method '{name}': {validation_details(err, '(all)')}",
-            fix=f"see `supermerge methods {name}` for valid values",
-        ) from None
+    return validated_params(name, params_type, raw)
 
 
 TRAINED_EXAMPLES = 32

@@ -276,13 +276,7 @@ class Method:
 
     # -- helpers ----------------------------------------------------------------------
     def _build(self, model: type[Params], values: Mapping[str, Any], where: str) -> Any:
-        try:
-            return model.model_validate(dict(values))
-        except ValidationError as err:
-            raise MethodError(
-                f"invalid {where} for method '{self.name}': {validation_details(err, '(all)')}",
-                fix=f"see `supermerge methods {self.name}` for valid values",
-            ) from None
+        return validated_params(self.name, model, values, where)
 
     def _unknown(self, unknown: list[str], valid: list[str], where: str) -> MethodError:
         return MethodError(
@@ -311,6 +305,19 @@ def _field_names(model: type[BaseModel]) -> set[str]:
 
 
 _REGISTRY: dict[str, Method] = {}
+
+
+def validated_params(method: str, model: type[BaseModel], values: Mapping[str, Any],
+                     where: str = "parameters") -> Any:
+    """Return ``values`` validated as ``model`` (coerced, defaults filled in); MethodError
+    naming the method, ``where`` the values were given and every invalid value."""
+    try:
+        return model.model_validate(dict(values))
+    except ValidationError as err:
+        raise MethodError(
+            f"invalid {where} for method '{method}': {validation_details(err, '(all)')}",
+            fix=f"see `supermerge methods {method}` for valid values",
+        ) from None
 
 
 def register(method: Method) -> Method:
