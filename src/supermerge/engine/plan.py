@@ -322,8 +322,8 @@ def _plan_jobs(plan: MergePlan, resolver: TensorParameters, problems) -> list[Te
             job.merge = False  # integer buffers are copied from the reference, never averaged
             continue
         job.experts = _expert_sources(plan, name, ref_info, job, problems)
-        typed, found = resolver.at(name, positions.position(name))
         job.position = positions.position(name)
+        typed, found = resolver.at(name, job.position)
         problems.extend(found)
         job.params, job.model_params = typed if typed is not None else (None, [])
     _report_extra_tensors(plan)
