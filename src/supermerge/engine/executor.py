@@ -36,6 +36,7 @@ from supermerge.engine.task_state import TaskStateWriter
 from supermerge.errors import InputValueError
 from supermerge.io import CheckpointWriter
 from supermerge.io.lora import ADAPTER_SAFE_WEIGHTS
+from supermerge.io.tokenizer import TOKENIZER_FILE_PATTERNS, tokenizer_files
 from supermerge.methods import TaskSpecific, TensorContext
 from supermerge.methods.primitives import PARALLEL_FROM
 from supermerge.progress import Progress
@@ -171,10 +172,14 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
             del loaded, tensor
         report = sink.finish(writer) if sink is not None else None
         if sink is None:
-            writer.copy_model_files(plan.reference.model_dir)  # the tokenizer, if experts lack it
+            # the reference's tokenizer (if experts lack it), unless the merge writes its own
+            skip = TOKENIZER_FILE_PATTERNS if plan.vocab is not None else ()
+            writer.copy_model_files(plan.reference.model_dir, skip)
             if plan.model_files is not plan.reference:
-                writer.copy_model_files(plan.model_files.model_dir)
-            _record_output_dtype(plan, writer)
+                writer.copy_model_files(plan.model_files.model_dir, skip)
+            _write_config(plan, writer)
+            for name, data in (tokenizer_files(plan.vocab.tokenizer) if plan.vocab else {}).items():
+                writer.write_bytes(name, data)
         _write_heads(plan, writer)
         writer.write_text("supermerge_recipe.yaml", recipe_yaml)
         if task_state is not None:
@@ -230,14 +235,25 @@ def _write_heads(plan: MergePlan, writer: CheckpointWriter) -> None:
         writer.write_bytes(name, data)
 
 
-def _record_output_dtype(plan: MergePlan, writer: CheckpointWriter) -> None:
-    """Say the recipe's output dtype in config.json, so transformers loads it as written."""
+def _write_config(plan: MergePlan, writer: CheckpointWriter) -> None:
+    """Rewrite the copied config.json where the merge changed it: the recipe's output dtype
+    (so transformers loads it as written) and the output vocabulary's rows (``vocab_size``,
+    in ``text_config`` where the model keeps it there)."""
     config = plan.model_files.config
-    if config is None or plan.spec.out_dtype is None:
+    if config is None or (plan.spec.out_dtype is None and plan.vocab is None):
         return
-    name = str(parse_dtype(plan.spec.out_dtype, "dtype")).removeprefix("torch.")
-    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
-    writer.write_text("config.json", json.dumps({**config, **dict.fromkeys(keys, name)}, indent=2))
+    config = dict(config)
+    if plan.spec.out_dtype is not None:
+        name = str(parse_dtype(plan.spec.out_dtype, "dtype")).removeprefix("torch.")
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+        config.update(dict.fromkeys(keys, name))
+    if plan.vocab is not None:
+        text = config.get("text_config")
+        if "vocab_size" not in config and isinstance(text, dict) and "vocab_size" in text:
+            config["text_config"] = {**text, "vocab_size": plan.vocab.rows}
+        else:
+            config["vocab_size"] = plan.vocab.rows
+    writer.write_text("config.json", json.dumps(config, indent=2))
 
 
 def _merge_one(plan: MergePlan, loaded: LoadedJob, statistic,
@@ -399,6 +415,11 @@ def _load(plan: MergePlan, job: TensorJob, compute: torch.dtype,
     into = iter(reused)
     base = _read(plan, job.base, compute, next(into)) if job.base is not None else None
     experts = [_read(plan, source, compute, next(into)) for source in job.experts]
+    if job.remap and plan.vocab is not None:  # rows onto the output vocabulary
+        sources = [*([job.base] if job.base is not None else []), *job.experts]
+        remapped = plan.vocab.remap([s.checkpoint for s in sources],
+                                    [*([base] if base is not None else []), *experts])
+        base, experts = (remapped[0], remapped[1:]) if base is not None else (None, remapped)
     return LoadedJob(job, base if base is not None else experts[0], base, experts)
 
 

@@ -19,6 +19,7 @@ import torch
 
 from supermerge.engine.params import LayerPositions, TensorParameters, is_tensor_dependent
 from supermerge.engine.spec import MergeSpec, parse_dtype
+from supermerge.engine.vocab import VOCAB_HINTS, VocabPlan, plan_vocab
 from supermerge.errors import MethodError, OutputError, PlanError, Problem, SupermergeError
 from supermerge.io import Checkpoint, TensorInfo, open_checkpoint, tied_aliases
 from supermerge.io.guard import check_output
@@ -27,9 +28,6 @@ from supermerge.methods import Method, get_method
 from supermerge.names import prefix_shift, shifted_name
 
 log = logging.getLogger(__name__)
-
-_VOCAB_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "output.weight", "shared.weight")
-
 
 @dataclass(frozen=True)
 class Source:
@@ -64,6 +62,7 @@ class TensorJob:
     base: Source | None = None
     merge: bool = True
     rows: int | None = None  # merge only the first `rows` rows (vocabulary mismatch)
+    remap: bool = False  # an embedding matrix: map its rows onto the output vocabulary
     params: Any = None
     model_params: list[Any] = field(default_factory=list)
     seed: int = 0
@@ -94,6 +93,7 @@ class MergePlan:
     heads: list[TaskHead] = field(default_factory=list)
     name_maps: list[dict[str, str]] = field(default_factory=list)
     unaligned: set[int] = field(default_factory=set)  # experts lacking most tensors
+    vocab: VocabPlan | None = None  # the output vocabulary of the tokenizer options
 
     @property
     def model_files(self) -> Checkpoint:
@@ -159,6 +159,10 @@ def plan_merge(spec: MergeSpec, *, out: Path | None = None, overwrite: bool = Fa
                       for model, expert in zip(spec.models, experts, strict=True)]
     plan.heads = _task_heads(plan, problems)
     plan.unaligned = _check_missing(plan, problems)
+    if spec.tokenizer is not None:
+        plan.vocab = plan_vocab(spec.tokenizer, base, experts, reference,  # type: ignore[arg-type]
+                                plan.name_maps, problems)
+        plan.warnings += plan.vocab.warnings if plan.vocab else []
     plan.jobs = _plan_jobs(plan, resolver, problems)
     if method.statistic is not None and not problems:
         plan.statistic_params = _statistic_params(method, resolver.global_specs,
@@ -206,6 +210,11 @@ def _check_adapter_output(spec: MergeSpec, method: Method | None,
         problems.append(Problem(f"method '{method.name}' writes per-task masks beside the "
                                 "model, which an adapter cannot hold",
                                 fix="write a model (leave out `output: adapter`)"))
+    if spec.tokenizer is not None:
+        problems.append(Problem("an adapter cannot change the base's vocabulary, and the "
+                                "recipe builds a new one (`tokenizer_source` / `tokenizer`)",
+                                fix="write a model (leave out `output: adapter`), or remove "
+                                "the tokenizer options"))
 
 
 def spec_inputs(spec: MergeSpec) -> list[str]:
@@ -321,6 +330,8 @@ def _plan_jobs(plan: MergePlan, resolver: TensorParameters, problems) -> list[Te
         if not ref_info.is_float:
             job.merge = False  # integer buffers are copied from the reference, never averaged
             continue
+        if plan.vocab is not None and name in plan.vocab.names:
+            job.remap, job.shape = True, (plan.vocab.rows, *ref_info.shape[1:])
         job.experts = _expert_sources(plan, name, ref_info, job, problems)
         job.position = positions.position(name)
         typed, found = resolver.at(name, job.position)
@@ -385,7 +396,7 @@ def _expert_sources(plan, name, ref_info, job, problems) -> list[Source]:
             problems.append(Problem(f"dtype {info.dtype} is not a float dtype but the reference's "
                                     f"is {ref_info.dtype}", file=str(expert.path), tensor=name,
                                     fix="merge checkpoints of the same model"))
-        elif tuple(info.shape) != tuple(ref_info.shape):
+        elif tuple(info.shape) != tuple(ref_info.shape) and not job.remap:
             _shape_mismatch(plan, name, ref_info, info, expert, job, problems)
         if info.dtype != ref_info.dtype and info.is_float:
             log.info("%s: %s is %s, reference is %s (computed in float32)",
@@ -397,7 +408,7 @@ def _expert_sources(plan, name, ref_info, job, problems) -> list[Source]:
 def _shape_mismatch(plan, name, ref_info, info, expert, job, problems) -> None:
     same_width = len(info.shape) == len(ref_info.shape) and tuple(info.shape[1:]) == tuple(
         ref_info.shape[1:])
-    vocab_like = same_width and any(h in name for h in _VOCAB_HINTS)
+    vocab_like = same_width and any(h in name for h in VOCAB_HINTS)
     if vocab_like and plan.spec.vocab == "common_rows":
         job.rows = min(job.rows or ref_info.shape[0], info.shape[0])
         plan.warnings.append(

@@ -61,6 +61,39 @@ class ModelSpec:
                              else path.name)
 
 
+@dataclass(frozen=True)
+class TokenSource:
+    """Where a token's embedding row comes from (mergekit's ``tokens: {T: {source: ...}}``):
+    ``model`` (the row of the same token in the model at ``model``), ``model_token`` (the
+    row of ``token`` or of row ``token_id`` in ``model``) or ``zero`` (a row of zeros)."""
+
+    kind: Literal["model", "model_token", "zero"]
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """One token's embedding rule: its ``source`` (None: the automatic rule), and ``force``
+    (every model gets that row, even the models that have the token)."""
+
+    source: TokenSource | None = None
+    force: bool = False
+
+
+@dataclass
+class TokenizerSpec:
+    """The output vocabulary (mergekit's ``tokenizer_source`` / ``tokenizer:``): ``source``
+    is ``union``, ``base`` or a model path; ``tokens`` set rows of single tokens (added to
+    the vocabulary when it lacks them); rows are padded to a multiple of
+    ``pad_to_multiple_of``. See :mod:`supermerge.engine.vocab`."""
+
+    source: str = "union"
+    tokens: dict[str, TokenSpec] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
+
+
 @dataclass
 class MergeSpec:
     """A data-free merge: method, inputs, parameters and the policies for awkward inputs.
@@ -73,7 +106,9 @@ class MergeSpec:
     extra rows) or ``refuse``. ``on_nonfinite``: ``refuse`` or ``warn`` on NaN/Inf inputs.
     ``output``: ``model`` (a whole model folder) or ``adapter`` (the merged update as a PEFT
     LoRA adapter of rank ``rank``; needs a base model, see :mod:`supermerge.engine.adapter`),
-    factored by an ``exact`` or a seeded ``randomized`` SVD (``svd``).
+    factored by an ``exact`` or a seeded ``randomized`` SVD (``svd``). ``tokenizer``
+    builds an output vocabulary and maps every model's embedding rows onto it (None: the
+    reference's tokenizer is copied and ``vocab`` applies).
     """
 
     method: str
@@ -90,6 +125,7 @@ class MergeSpec:
     rank: int | None = None
     svd: Literal["exact", "randomized"] = "exact"
     heads: list[str] = field(default_factory=list)
+    tokenizer: TokenizerSpec | None = None
 
     def is_head(self, name: str) -> bool:
         """Whether tensor ``name`` belongs to a task head (``heads``)."""

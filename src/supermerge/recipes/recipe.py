@@ -34,20 +34,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from supermerge.engine import MergeSpec, ModelSpec
 from supermerge.errors import RecipeError, validation_details
 from supermerge.io.lora import split_base_adapter
 from supermerge.learn.registry import LEARNED_METHODS
 from supermerge.methods import get_method
+from supermerge.recipes.tokenizer import RecipeTokenizer, locate_source, tokenizer_spec
 
 log = logging.getLogger(__name__)
 
 _UNSUPPORTED = {
     "slices": "supermerge merges whole models; list them under `models:`",
-    "tokenizer_source": "supermerge copies the tokenizer of the base model (or the first model)",
-    "tokenizer": "supermerge copies the tokenizer of the base model (or the first model)",
     "chat_template": "the chat template is copied from the base model's tokenizer files",
     "modules": "per-module recipes are not supported; use `filter` values in `parameters`",
 }
@@ -100,6 +99,14 @@ class Recipe(BaseModel):
     rank: int | None = Field(None, ge=1)
     svd: Literal["exact", "randomized"] = "exact"  # how output: adapter factors
     name: str | None = None
+    tokenizer_source: str | None = None  # mergekit's legacy spelling of `tokenizer: {source}`
+    tokenizer: RecipeTokenizer | None = None
+
+    @model_validator(mode="after")
+    def _one_tokenizer_key(self) -> Recipe:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give `tokenizer_source` or `tokenizer:`, not both (as mergekit)")
+        return self
 
     @field_validator("heads", mode="before")
     @classmethod
@@ -135,12 +142,20 @@ class Recipe(BaseModel):
             parameters=dict(self.parameters), out_dtype=self.out_dtype or self.dtype,
             compute_dtype=self.compute_dtype, seed=self.seed, on_missing=self.on_missing,
             vocab=self.vocab, on_nonfinite=self.on_nonfinite, heads=list(self.heads),
-            output=self.output, rank=self.rank, svd=self.svd)
+            output=self.output, rank=self.rank, svd=self.svd,
+            tokenizer=tokenizer_spec(self.tokenizer_source, self.tokenizer,
+                                     lambda p: locate_path(p, root)))
 
     def located(self, root: Path | None) -> Recipe:
         """Return a copy whose model paths are resolved as :meth:`to_spec` resolves them
         (against ``root`` where they exist there): it runs from any working directory."""
+        def locate(path: str) -> str:
+            return locate_path(path, root)
+
         return self.model_copy(update={
+            "tokenizer_source": self.tokenizer_source and locate_source(self.tokenizer_source,
+                                                                        locate),
+            "tokenizer": self.tokenizer and self.tokenizer.located(locate),
             "base_model": locate_path(self.base_model, root) if self.base_model else None,
             "models": [m.model_copy(update={"model": locate_path(m.model, root)})
                        for m in self.models]})

@@ -1,0 +1,88 @@
+"""Tokenizers of model folders, read and written through transformers.
+
+A tokenizer is loaded from a private copy of the folder's tokenizer files (the allow-list
+below, links followed only inside the folder, as the writer copies side files), so loading
+one never opens a path outside the model folder and never runs remote code.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from supermerge.errors import CheckpointError
+from supermerge.io.writer import side_file_source
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILE_PATTERNS = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+"""The files of a tokenizer (and its chat template) in a Hugging Face model folder."""
+
+_DEFINING = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+             "vocab.json", "vocab.txt")
+
+
+def has_tokenizer(model_dir: Path | None) -> bool:
+    """Whether ``model_dir`` holds a tokenizer's vocabulary file (tokenizer.json, a
+    sentencepiece model, vocab.json or vocab.txt). Costs a few ``stat`` calls."""
+    return model_dir is not None and any((Path(model_dir) / n).is_file() for n in _DEFINING)
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """Return the fast tokenizer (transformers) of the model folder ``model_dir``.
+
+    Raises CheckpointError naming the folder when it holds no tokenizer or transformers
+    cannot load it. Cost: a copy of the tokenizer files into a temporary folder (links
+    out of the folder are not followed) and one ``AutoTokenizer.from_pretrained`` of it.
+    """
+    import transformers
+
+    model_dir = Path(model_dir)
+    if not has_tokenizer(model_dir):
+        raise CheckpointError(
+            "this model folder has no tokenizer files (tokenizer.json, tokenizer.model, "
+            "vocab.json or vocab.txt), which the recipe's tokenizer options need",
+            file=model_dir,
+            fix="copy the tokenizer files of the model it was fine-tuned from into this "
+            "folder, or remove `tokenizer_source` / `tokenizer` from the recipe (the base's "
+            "tokenizer is then copied)")
+    with tempfile.TemporaryDirectory(prefix="supermerge-tok-") as tmp:
+        for pattern in (*TOKENIZER_FILE_PATTERNS, "config.json"):
+            for entry in model_dir.glob(pattern):
+                source = side_file_source(entry, model_dir)
+                if source is not None:
+                    shutil.copyfile(source, Path(tmp) / entry.name)
+        try:
+            return transformers.AutoTokenizer.from_pretrained(
+                tmp, use_fast=True, trust_remote_code=False)
+        except Exception as err:  # transformers raises many types for a bad tokenizer
+            raise CheckpointError(
+                f"transformers cannot load this folder's tokenizer: {err}", file=model_dir,
+                fix="repair or replace its tokenizer files (AutoTokenizer.from_pretrained "
+                "must load them)") from None
+
+
+def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
+    """Return {file name: bytes} of the files ``tokenizer.save_pretrained`` writes (as the
+    transformers version installed saves them: tokenizer.json, tokenizer_config.json and,
+    where it writes them, special_tokens_map.json, the chat template). Cost: one save into
+    a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="supermerge-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
