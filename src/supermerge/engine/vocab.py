@@ -300,7 +300,13 @@ def _perm(vocab: dict[str, int], size: int, model_vocab: dict[str, int]) -> torc
 def _default_rows(plan: VocabPlan, spec: TokenizerSpec, vocab: dict[str, int],
                   models: dict[str, _Model], base_key: str, problems: list[Problem]) -> None:
     """Fill ``plan.default_ids``, ``contributions`` and ``forced`` by the rules of the
-    module docstring."""
+    module docstring. Cost: one pass over the vocabulary in torch, then Python work only
+    for the tokens some model lacks and the ``tokens:`` entries."""
+    keys = list(models)
+    present_in = torch.stack([plan.perms[k] >= 0 for k in keys])  # models x tokens
+    token_of = {i: t for t, i in vocab.items()}
+    wanted = set((~present_in.all(dim=0)).nonzero().flatten().tolist()) & set(token_of)
+    wanted |= {vocab[t] for t in spec.tokens}
     ids: list[int] = []
     parts: dict[str, tuple[list[int], list[int], list[float]]] = {}
 
@@ -310,11 +316,10 @@ def _default_rows(plan: VocabPlan, spec: TokenizerSpec, vocab: dict[str, int],
         rows.append(row)
         weights.append(weight)
 
-    for token, index in sorted(vocab.items(), key=lambda kv: kv[1]):
+    for index in sorted(wanted):
+        token = token_of[index]
         rule = spec.tokens.get(token)
-        present = [k for k in models if plan.perms[k][index] >= 0]
-        if rule is None and len(present) == len(models):
-            continue
+        present = [k for k, has in zip(keys, present_in[:, index].tolist(), strict=True) if has]
         ids.append(index)
         if rule is not None and rule.force:
             plan.forced[index] = True
