@@ -93,7 +93,7 @@ def run(tmp_path, models, names, base="base", method="linear", **extra) -> Path:
 
 def loads(out: Path, tokens: int, rows: int | None = None):
     """The output loads in transformers (model and tokenizer), has ``tokens`` tokens and
-    ``rows`` embedding rows (config and tensors), and runs a forward pass."""
+    ``rows`` embedding rows (config and tensors), and runs a forward pass and generates."""
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert len(tok.get_vocab()) == tokens
@@ -105,6 +105,9 @@ def loads(out: Path, tokens: int, rows: int | None = None):
     assert (ids != tok.unk_token_id).all()
     with torch.no_grad():
         assert model(ids).logits.shape == (1, ids.shape[1], rows)
+    generated = model.generate(ids, max_new_tokens=3, do_sample=False,
+                               pad_token_id=tok.eos_token_id)
+    assert generated.shape == (1, ids.shape[1] + 3)
     return tok
 
 
@@ -351,3 +354,30 @@ def test_relative_tokenizer_paths_resolve_against_the_recipe_folder(tmp_path, mo
     got, chatml = Rows(tmp_path / "out"), Rows(models["chatml"])
     close(got.row(EMBED, "_tok_3"), chatml.row(EMBED, "_tok_3"))
     assert len(got.vocab) == 66
+
+
+def test_hub_ids_from_the_local_cache_name_models_and_token_sources(tmp_path, models,
+                                                                    monkeypatch):
+    """Models, the tokenizer source and a token's source given as hub ids (``org/name``)
+    resolve through the local Hugging Face cache, offline (a fake cache here)."""
+    import shutil
+
+    pytest.importorskip("huggingface_hub")
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for name in ("base", "chatml"):
+        repo = cache / f"models--tiny-org--{name}"
+        shutil.copytree(models[name], repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    supermerge.merge({"merge_method": "linear", "base_model": "tiny-org/base",
+                      "models": ["tiny-org/base", "tiny-org/chatml"],
+                      "tokenizer": {"source": "tiny-org/chatml", "tokens": {
+                          "_tok_3": {"source": "tiny-org/chatml", "force": True}}}},
+                     tmp_path / "out")
+    got, chatml = Rows(tmp_path / "out"), Rows(models["chatml"])
+    assert len(got.vocab) == 66
+    close(got.row(EMBED, "_tok_3"), chatml.row(EMBED, "_tok_3"))

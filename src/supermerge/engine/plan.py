@@ -160,7 +160,7 @@ def plan_merge(spec: MergeSpec, *, out: Path | None = None, overwrite: bool = Fa
     plan.heads = _task_heads(plan, problems)
     plan.unaligned = _check_missing(plan, problems)
     if spec.tokenizer is not None:
-        plan.vocab = plan_vocab(spec.tokenizer, base, experts, reference,  # type: ignore[arg-type]
+        plan.vocab = plan_vocab(spec, base, experts, reference,  # type: ignore[arg-type]
                                 plan.name_maps, problems)
         plan.warnings += plan.vocab.warnings if plan.vocab else []
     plan.jobs = _plan_jobs(plan, resolver, problems)

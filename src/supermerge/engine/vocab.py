@@ -43,9 +43,10 @@ from typing import Any
 
 import torch
 
-from supermerge.engine.spec import TokenizerSpec, TokenSource
+from supermerge.engine.spec import MergeSpec, TokenizerSpec, TokenSource
 from supermerge.errors import Problem, SupermergeError
 from supermerge.io import Checkpoint
+from supermerge.io.hub import resolve_cached
 from supermerge.io.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class _Model:
     rows: int
     vocab: dict[str, int]
     added: dict[int, Any]  # its added tokens with a row: id -> AddedToken
+    spellings: set[str] = field(default_factory=set)  # as the recipe names it
 
 
 @dataclass
@@ -128,16 +130,21 @@ class VocabPlan:
         return out
 
 
-def plan_vocab(spec: TokenizerSpec, base: Checkpoint | None, experts: list[Checkpoint],
+def plan_vocab(merge: MergeSpec, base: Checkpoint | None, experts: list[Checkpoint],
                reference: Checkpoint, name_maps: list[dict[str, str]],
                problems: list[Problem]) -> VocabPlan | None:
-    """Build the output tokenizer and the row maps of a merge (see the module docstring);
-    None, with the reasons added to ``problems``, when it cannot.
+    """Build the output tokenizer of ``merge.tokenizer`` and the row maps of the merge's
+    checkpoints (see the module docstring); None, with the reasons added to ``problems``,
+    when it cannot.
 
     Cost: each distinct model's tokenizer loaded once (its files, never its weights), one
     more load for the output tokenizer, and O(tokens x models) dictionary look-ups.
     """
-    models = _models(base, experts, problems)
+    spec = merge.tokenizer
+    assert spec is not None
+    spelled = [(merge.base_model, base)] if base is not None else []
+    spelled += zip([m.path for m in merge.models], experts, strict=True)
+    models = _models(spelled, problems)
     names = _vocab_names(reference, models, experts, name_maps, problems)
     if problems or not models:
         return None
@@ -166,14 +173,16 @@ def _key(checkpoint: Checkpoint) -> str:
     return str(Path(checkpoint.path).resolve())
 
 
-def _models(base: Checkpoint | None, experts: list[Checkpoint],
+def _models(spelled: list[tuple[str | None, Checkpoint]],
             problems: list[Problem]) -> dict[str, _Model]:
-    """The distinct models (base first), each with its rows and its tokens below them."""
+    """The distinct models (base first; each with the recipe's spellings of it), each with
+    its rows and its tokens below them."""
     models: dict[str, _Model] = {}
     loaded: dict[Path, Any] = {}  # tokenizer folder -> its tokenizer
-    for checkpoint in [*([base] if base is not None else []), *experts]:
+    for spelling, checkpoint in spelled:
         key = _key(checkpoint)
         if key in models:
+            models[key].spellings.add(str(spelling))
             continue
         rows = config_vocab_size(checkpoint.config)
         if rows is None:
@@ -200,7 +209,7 @@ def _models(base: Checkpoint | None, experts: list[Checkpoint],
             log.info("%s: %d tokenizer entries have no embedding row (ids >= vocab_size %d): "
                      "absent from this model", checkpoint.path, len(full) - len(vocab), rows)
         added = {i: t for i, t in loaded[folder].added_tokens_decoder.items() if i < rows}
-        models[key] = _Model(key, checkpoint, rows, vocab, added)
+        models[key] = _Model(key, checkpoint, rows, vocab, added, {str(spelling)})
     return models
 
 
@@ -260,15 +269,18 @@ def _output_tokenizer(spec: TokenizerSpec, models: dict[str, _Model], base_key: 
 
 
 def _source_folder(source: str, models: dict[str, _Model]) -> Path | None:
-    """The tokenizer folder of a ``source`` path: a merged model's, or any model folder."""
+    """The tokenizer folder of a ``source``: a merged model's, any model folder, or a hub
+    id's snapshot in the local cache."""
     model = _find(source, models)
     if model is not None:
         return model.checkpoint.model_dir
-    return Path(source) if Path(source).is_dir() else None
+    return Path(source) if Path(source).is_dir() else resolve_cached(source)
 
 
 def _find(path: str, models: dict[str, _Model]) -> _Model | None:
-    return models.get(str(Path(path).resolve()))
+    """The merged model ``path`` names: as the recipe spells it, or the same folder."""
+    spelled = next((m for m in models.values() if path in m.spellings), None)
+    return spelled or models.get(str(Path(path).resolve()))
 
 
 def _add_union(tokenizer: Any, models: dict[str, _Model]) -> None:
