@@ -262,7 +262,8 @@ def _output_tokenizer(spec: TokenizerSpec, models: dict[str, _Model], base_key: 
         tokenizer = load_tokenizer(folder)
     if spec.source == "union":
         _add_union(tokenizer, models)
-    missing = [t for t in spec.tokens if t not in tokenizer.get_vocab()]
+    have = set(tokenizer.get_vocab())
+    missing = [t for t in spec.tokens if t not in have]
     if missing:
         tokenizer.add_tokens(missing)
     return tokenizer
@@ -297,15 +298,17 @@ def _add_union(tokenizer: Any, models: dict[str, _Model]) -> None:
     ordinary = list(dict.fromkeys(ordinary))
     if ordinary:
         tokenizer.add_tokens(ordinary)
-    new = [t for c, t in added.items() if c not in tokenizer.get_vocab()]
+    have = set(tokenizer.get_vocab())
+    new = [t for c, t in added.items() if c not in have]
     if new:
         tokenizer.add_tokens(new)
 
 
 def _perm(vocab: dict[str, int], size: int, model_vocab: dict[str, int]) -> torch.Tensor:
+    """Output id -> the token's row in the model (-1: absent). Cost: one look-up a token."""
     perm = torch.full((size,), -1, dtype=torch.long)
-    for token, index in vocab.items():
-        perm[index] = model_vocab.get(token, -1)
+    perm[torch.tensor(list(vocab.values()), dtype=torch.long)] = torch.tensor(
+        [model_vocab.get(token, -1) for token in vocab], dtype=torch.long)
     return perm
 
 
