@@ -182,7 +182,9 @@ def test_force_token(tmp_path, models):
         "source": "union",
         "tokens": {"_tok_10": {"source": str(models["chatml"]), "force": True},
                    "_tok_11": {"source": str(models["base"]), "force": True},
-                   "_tok_12": {"source": str(models["chatml"])}}})  # not forced: no change
+                   "_tok_12": {"source": str(models["chatml"])},  # not forced: no change
+                   # no source: the automatic rule's row (the base's: both have it), forced
+                   "_tok_13": {"force": True}}})
     loads(out, 66)
     got, base, chatml = Rows(out), Rows(models["base"]), Rows(models["chatml"])
     for tensor in (EMBED, HEAD):
@@ -190,6 +192,7 @@ def test_force_token(tmp_path, models):
         close(got.row(tensor, "_tok_11"), base.row(tensor, "_tok_11"))
         close(got.row(tensor, "_tok_12"),
               (base.row(tensor, "_tok_12") + chatml.row(tensor, "_tok_12")) / 2)
+        close(got.row(tensor, "_tok_13"), base.row(tensor, "_tok_13"))
 
 
 def test_model_token_and_token_id(tmp_path, models):
@@ -255,6 +258,15 @@ def test_a_token_one_model_lacks_gets_the_base_row_if_the_base_has_it(tmp_path, 
         s = Rows(models["short"]).row(tensor, "_tok_59")
         close(got.row(tensor, "_tok_59"), (base.row(tensor, "_tok_59") + chatml.row(
             tensor, "_tok_59") + s) / 3)
+
+
+def test_merging_a_model_with_itself_on_the_union_gives_it_back(tmp_path, models):
+    out = run(tmp_path, models, ["chatml", "chatml"], base="chatml", tokenizer_source="union")
+    got, chatml = Rows(out), Rows(models["chatml"])
+    assert got.vocab == chatml.vocab
+    assert got.tensors.keys() == chatml.tensors.keys()
+    for name, tensor in chatml.tensors.items():
+        assert torch.equal(got.tensors[name], tensor), name
 
 
 def test_task_arithmetic_union_remaps_the_base_too(tmp_path, models):

@@ -142,11 +142,12 @@ def plan_vocab(merge: MergeSpec, base: Checkpoint | None, experts: list[Checkpoi
     """
     spec = merge.tokenizer
     assert spec is not None
+    known = len(problems)  # found before: not this function's
     spelled = [(merge.base_model, base)] if base is not None else []
     spelled += zip([m.path for m in merge.models], experts, strict=True)
     models = _models(spelled, problems)
     names = _vocab_names(reference, models, experts, name_maps, problems)
-    if problems or not models:
+    if len(problems) > known or not models:
         return None
     base_key = _key(base) if base is not None else _key(experts[0])
     try:
@@ -166,7 +167,7 @@ def plan_vocab(merge: MergeSpec, base: Checkpoint | None, experts: list[Checkpoi
                      default_ids=torch.zeros(0, dtype=torch.long), contributions={})
     _default_rows(plan, spec, vocab, models, base_key, problems)
     log.info("output vocabulary: %d tokens, %d rows (%s)", size, plan.rows, spec.source)
-    return None if problems else plan
+    return None if len(problems) > known else plan
 
 
 def _key(checkpoint: Checkpoint) -> str:
