@@ -150,6 +150,20 @@ def test_source_union(tmp_path, models):
             tensor, "_tok_30") + chatml.row(tensor, "_tok_30")) / 3)
 
 
+@pytest.mark.parametrize("source, tokens", [("base", 64), ("union", 66)])
+def test_a_base_tokenizer_listing_tokens_past_its_rows_is_stripped(tmp_path, models, source,
+                                                                    tokens):
+    """padded lists 4 added tokens past its 64 rows: as mergekit, the output (base or
+    union with padded as the base) leaves them out."""
+    out = run(tmp_path, models, ["padded", "chatml"], base="padded", tokenizer_source=source)
+    tok = loads(out, tokens)
+    assert not set(UNUSED) & set(tok.get_vocab())
+    assert tok.convert_tokens_to_ids("</s>") == 2 and tok.eos_token == "</s>"
+    got, padded, chatml = Rows(out), Rows(models["padded"]), Rows(models["chatml"])
+    close(got.row(EMBED, "_tok_8"), (padded.row(EMBED, "_tok_8") + chatml.row(EMBED,
+                                                                              "_tok_8")) / 2)
+
+
 def test_source_model(tmp_path, models):
     out = run(tmp_path, models, ["base", "padded", "chatml"],
               tokenizer_source=str(models["chatml"]))

@@ -16,8 +16,10 @@ The output vocabulary (``source``):
 
 Tokens named under ``tokens:`` are added when the vocabulary lacks them. A tokenizer entry
 whose id is not below its model's ``vocab_size`` (config.json) has no row there and counts
-as absent from that model, as in mergekit (which also strips such entries from a BPE base
-tokenizer; here they stay in the output vocabulary and get the rows the rules below give).
+as absent from that model, as in mergekit; for ``base`` and ``union`` the base's added
+tokens past its rows are left out of the output, as mergekit strips them (mergekit also
+strips ordinary BPE entries past the rows by editing tokenizer.json; those stay here and
+get the rows the rules below give).
 
 Rows, as mergekit's ``PermutedEmbeddings`` computes them (mergekit's default; it has no
 embed_slerp or zero default for missing tokens):
@@ -47,7 +49,7 @@ from supermerge.engine.spec import MergeSpec, TokenizerSpec, TokenSource
 from supermerge.errors import Problem, SupermergeError
 from supermerge.io import Checkpoint
 from supermerge.io.hub import resolve_cached
-from supermerge.io.tokenizer import load_tokenizer
+from supermerge.io.tokenizer import load_tokenizer, without_tokens_past
 
 log = logging.getLogger(__name__)
 
@@ -249,10 +251,12 @@ def _vocab_names(reference: Checkpoint, models: dict[str, _Model], experts: list
 
 def _output_tokenizer(spec: TokenizerSpec, models: dict[str, _Model], base_key: str,
                       problems: list[Problem]) -> Any:
-    """The output tokenizer: a fresh load (ours to change) of the source's tokenizer, the
-    union's tokens and the ``tokens:`` added."""
+    """The output tokenizer: a fresh load (ours to change) of the source's tokenizer (the
+    base's without the added tokens past its rows, as mergekit strips them), the union's
+    tokens and the ``tokens:`` added."""
     if spec.source in ("base", "union"):
-        tokenizer = load_tokenizer(models[base_key].checkpoint.model_dir)
+        base = models[base_key]
+        tokenizer = without_tokens_past(load_tokenizer(base.checkpoint.model_dir), base.rows)
     else:
         folder = _source_folder(spec.source, models)
         if folder is None:

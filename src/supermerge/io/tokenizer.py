@@ -86,3 +86,34 @@ def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory(prefix="supermerge-tok-") as tmp:
         tokenizer.save_pretrained(tmp)
         return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+
+def without_tokens_past(tokenizer: Any, rows: int) -> Any:
+    """Return ``tokenizer`` without its added tokens whose ids are not below ``rows`` (the
+    entries a tokenizer lists past its model's embedding rows: unused), or ``tokenizer``
+    itself when it has none (or is no fast tokenizer). Its ordinary vocabulary stays.
+
+    The tokenizers library rebuilds it (the same model, normalizer, pre-tokenizer,
+    post-processor and decoder; the kept added tokens re-added in id order, so their ids
+    stay) and transformers reloads it beside the original's tokenizer_config.json. Cost:
+    one save and one load of the tokenizer.
+    """
+    import tokenizers
+    import transformers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    added = backend.get_added_tokens_decoder() if backend is not None else {}
+    if all(index < rows for index in added):
+        return tokenizer
+    rebuilt = tokenizers.Tokenizer(backend.model)
+    for part in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        if getattr(backend, part) is not None:
+            setattr(rebuilt, part, getattr(backend, part))
+    for index, token in sorted(added.items()):
+        if index < rows:
+            (rebuilt.add_special_tokens if token.special else rebuilt.add_tokens)([token])
+    with tempfile.TemporaryDirectory(prefix="supermerge-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        rebuilt.save(str(Path(tmp) / "tokenizer.json"))
+        return transformers.AutoTokenizer.from_pretrained(tmp, use_fast=True,
+                                                          trust_remote_code=False)
