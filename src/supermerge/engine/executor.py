@@ -35,8 +35,9 @@ from supermerge.engine.spec import parse_dtype
 from supermerge.engine.task_state import TaskStateWriter
 from supermerge.errors import InputValueError
 from supermerge.io import CheckpointWriter
+from supermerge.io.guard import TOKENIZER_FILE_PATTERNS
 from supermerge.io.lora import ADAPTER_SAFE_WEIGHTS
-from supermerge.io.tokenizer import TOKENIZER_FILE_PATTERNS, tokenizer_files
+from supermerge.io.tokenizer import tokenizer_files
 from supermerge.methods import TaskSpecific, TensorContext
 from supermerge.methods.primitives import PARALLEL_FROM
 from supermerge.progress import Progress

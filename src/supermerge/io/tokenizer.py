@@ -1,38 +1,21 @@
 """Tokenizers of model folders, read and written through transformers.
 
 A tokenizer is loaded from a private copy of the folder's tokenizer files (the allow-list
-below, links followed only inside the folder, as the writer copies side files), so loading
-one never opens a path outside the model folder and never runs remote code.
+TOKENIZER_FILE_PATTERNS, links followed only inside the folder, as the writer copies side
+files), so loading one never opens a path outside the model folder and never runs remote
+code.
 """
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from supermerge.errors import CheckpointError
+from supermerge.io.guard import TOKENIZER_FILE_PATTERNS
 from supermerge.io.writer import side_file_source
-
-log = logging.getLogger(__name__)
-
-TOKENIZER_FILE_PATTERNS = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-"""The files of a tokenizer (and its chat template) in a Hugging Face model folder."""
 
 _DEFINING = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
              "vocab.json", "vocab.txt")
