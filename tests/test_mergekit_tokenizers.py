@@ -407,3 +407,20 @@ def test_hub_ids_from_the_local_cache_name_models_and_token_sources(tmp_path, mo
     got, chatml = Rows(tmp_path / "out"), Rows(models["chatml"])
     assert len(got.vocab) == 66
     close(got.row(EMBED, "_tok_3"), chatml.row(EMBED, "_tok_3"))
+
+
+def test_a_tokenizer_file_linking_out_of_its_folder_is_not_read(tmp_path, models, caplog):
+    """As the writer's side files: a tokenizer.json that links outside the model folder
+    is not followed, and the plan names it."""
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for file in ("config.json", "model.safetensors", "tokenizer_config.json"):
+        (linked / file).write_bytes((models["chatml"] / file).read_bytes())
+    (linked / "tokenizer.json").symlink_to(models["chatml"] / "tokenizer.json")
+    with pytest.raises(PlanError) as err:
+        run(tmp_path, {**models, "linked": linked}, ["base", "linked"],
+            tokenizer_source="union")
+    assert f"file {linked / 'tokenizer.json'}" in str(err.value)
+    assert "links out of the model folder" in str(err.value)
+    assert "outside the model folder" in caplog.text
+    assert not (tmp_path / "out").exists()

@@ -30,12 +30,16 @@ def has_tokenizer(model_dir: Path | None) -> bool:
 def load_tokenizer(model_dir: Path) -> Any:
     """Return the fast tokenizer (transformers) of the model folder ``model_dir``.
 
-    Raises CheckpointError naming the folder when it holds no tokenizer or transformers
-    cannot load it. Cost: a copy of the tokenizer files into a temporary folder (links
-    out of the folder are not followed) and one ``AutoTokenizer.from_pretrained`` of it.
+    Raises CheckpointError naming the folder when it holds no tokenizer, transformers
+    cannot load it or is not installed (the ``hf`` extra), and naming the file when one
+    of its tokenizer files links out of the folder (never followed). Cost: a copy of the
+    tokenizer files into a temporary folder and one ``AutoTokenizer.from_pretrained``.
     """
-    import transformers
-
+    try:
+        import transformers
+    except ImportError:
+        raise CheckpointError("reading a tokenizer needs transformers, which is not installed",
+                              file=model_dir, fix="pip install 'supermerge[hf]'") from None
     model_dir = Path(model_dir)
     if not has_tokenizer(model_dir):
         raise CheckpointError(
@@ -49,8 +53,12 @@ def load_tokenizer(model_dir: Path) -> Any:
         for pattern in (*TOKENIZER_FILE_PATTERNS, "config.json"):
             for entry in model_dir.glob(pattern):
                 source = side_file_source(entry, model_dir)
-                if source is not None:
-                    shutil.copyfile(source, Path(tmp) / entry.name)
+                if source is None:
+                    raise CheckpointError(
+                        f"{entry.name} links out of the model folder or is no regular file: "
+                        "not read", file=entry,
+                        fix="replace the link with a copy of the file it points to")
+                shutil.copyfile(source, Path(tmp) / entry.name)
         try:
             return transformers.AutoTokenizer.from_pretrained(
                 tmp, use_fast=True, trust_remote_code=False)
