@@ -424,3 +424,54 @@ def test_a_tokenizer_file_linking_out_of_its_folder_is_not_read(tmp_path, models
     assert "links out of the model folder" in str(err.value)
     assert "outside the model folder" in caplog.text
     assert not (tmp_path / "out").exists()
+
+
+# -- other architectures: GPT-2 (tied `wte`, no lm_head), Llava (`text_config.vocab_size`) ---
+
+
+def make_arch(folder: Path, arch: str, rows: int, added: list[str], seed: int) -> Path:
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=rows, n_embd=16, n_layer=1, n_head=2, n_positions=32,
+            bos_token_id=1, eos_token_id=2))
+    else:
+        text = transformers.LlamaConfig(vocab_size=rows, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=1)
+        vision = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2,
+                                               image_size=8, patch_size=4, projection_dim=16)
+        model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+            vision_config=vision, text_config=text, image_token_index=3))
+    model.save_pretrained(folder)
+    make_tokenizer(SPECIAL + ORDINARY, added).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llava"])
+def test_other_architectures_union(tmp_path, arch):
+    base = make_arch(tmp_path / "base", arch, 64, [], seed=0)
+    chat = make_arch(tmp_path / "chat", arch, 66, CHATML, seed=1)
+    out = tmp_path / "out"
+    supermerge.merge({"merge_method": "linear", "base_model": str(base), "models": [
+        str(base), str(chat)], "tokenizer_source": "union"}, out)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(tok.get_vocab()) == 66
+    config = transformers.AutoConfig.from_pretrained(out)
+    assert (config.vocab_size if arch == "gpt2" else config.text_config.vocab_size) == 66
+    got, b, c = Rows(out), Rows(base), Rows(chat)
+    names = [n for n in c.tensors if n.endswith(("wte.weight", "embed_tokens.weight",
+                                                  "lm_head.weight"))]
+    assert len(names) == (1 if arch == "gpt2" else 2)
+    for name in names:
+        assert got.tensors[name].shape == (66, 16)
+        close(got.row(name, "<|im_start|>"), c.row(name, "<|im_start|>"))
+        close(got.row(name, "_tok_40"), (b.row(name, "_tok_40") + c.row(name, "_tok_40")) / 2)
+    cls = (transformers.GPT2LMHeadModel if arch == "gpt2"
+           else transformers.LlavaForConditionalGeneration)
+    model = cls.from_pretrained(out)
+    assert model.get_input_embeddings().weight.shape == (66, 16)
+    ids = tok("<s> _tok_5 <|im_end|>", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.shape == (1, 3, 66)
