@@ -6,14 +6,18 @@ hand-computed oracle (which row each model contributes for each token)."""
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import supermerge
+from supermerge.engine.spec import TokenizerSpec, TokenSource, TokenSpec
 from supermerge.errors import PlanError, RecipeError
+from supermerge.recipes import parse_recipe
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -207,6 +211,13 @@ def test_force_token(tmp_path, models):
         close(got.row(tensor, "_tok_12"),
               (base.row(tensor, "_tok_12") + chatml.row(tensor, "_tok_12")) / 2)
         close(got.row(tensor, "_tok_13"), base.row(tensor, "_tok_13"))
+    # the recipe saved beside the model reads back as the same tokenizer options
+    saved = parse_recipe(yaml.safe_load((out / "supermerge_recipe.yaml").read_text()))
+    chatml_source = TokenSource("model", str(models["chatml"]))
+    assert saved.to_spec().tokenizer == TokenizerSpec("union", {
+        "_tok_10": TokenSpec(chatml_source, True),
+        "_tok_11": TokenSpec(TokenSource("model", str(models["base"])), True),
+        "_tok_12": TokenSpec(chatml_source, False), "_tok_13": TokenSpec(None, True)})
 
 
 def test_model_token_and_token_id(tmp_path, models):
@@ -366,8 +377,6 @@ def test_an_adapter_output_cannot_change_the_vocabulary(tmp_path, models):
 
 def test_relative_tokenizer_paths_resolve_against_the_recipe_folder(tmp_path, models):
     """A recipe file's tokenizer paths, as its model paths, are relative to its folder."""
-    import yaml
-
     root = models["base"].parent
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -386,7 +395,6 @@ def test_hub_ids_from_the_local_cache_name_models_and_token_sources(tmp_path, mo
                                                                     monkeypatch):
     """Models, the tokenizer source and a token's source given as hub ids (``org/name``)
     resolve through the local Hugging Face cache, offline (a fake cache here)."""
-    import shutil
 
     pytest.importorskip("huggingface_hub")
     cache = tmp_path / "hf-cache"
