@@ -395,7 +395,6 @@ def test_hub_ids_from_the_local_cache_name_models_and_token_sources(tmp_path, mo
                                                                     monkeypatch):
     """Models, the tokenizer source and a token's source given as hub ids (``org/name``)
     resolve through the local Hugging Face cache, offline (a fake cache here)."""
-
     pytest.importorskip("huggingface_hub")
     cache = tmp_path / "hf-cache"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
