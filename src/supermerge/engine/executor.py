@@ -179,8 +179,9 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
             if plan.model_files is not plan.reference:
                 writer.copy_model_files(plan.model_files.model_dir, skip)
             _write_config(plan, writer)
-            for name, data in (tokenizer_files(plan.vocab.tokenizer) if plan.vocab else {}).items():
-                writer.write_bytes(name, data)
+            if plan.vocab is not None:  # the tokenizer of the output vocabulary
+                for name, data in tokenizer_files(plan.vocab.tokenizer).items():
+                    writer.write_bytes(name, data)
         _write_heads(plan, writer)
         writer.write_text("supermerge_recipe.yaml", recipe_yaml)
         if task_state is not None:
@@ -414,13 +415,12 @@ def _load(plan: MergePlan, job: TensorJob, compute: torch.dtype,
     if not job.merge:
         return LoadedJob(job, job.reference.checkpoint.read(job.reference.name), None, [])
     into = iter(reused)
-    base = _read(plan, job.base, compute, next(into)) if job.base is not None else None
-    experts = [_read(plan, source, compute, next(into)) for source in job.experts]
-    if job.remap and plan.vocab is not None:  # rows onto the output vocabulary
-        sources = [*([job.base] if job.base is not None else []), *job.experts]
-        remapped = plan.vocab.remap([s.checkpoint for s in sources],
-                                    [*([base] if base is not None else []), *experts])
-        base, experts = (remapped[0], remapped[1:]) if base is not None else (None, remapped)
+    sources = [*([job.base] if job.base is not None else []), *job.experts]
+    inputs = [_read(plan, source, compute, next(into)) for source in sources]
+    if job.remap and plan.vocab is not None:  # rows onto the output vocabulary, in place
+        plan.vocab.remap([source.checkpoint for source in sources], inputs)
+    base = inputs[0] if job.base is not None else None
+    experts = inputs[1:] if job.base is not None else inputs
     return LoadedJob(job, base if base is not None else experts[0], base, experts)
 
 

@@ -105,31 +105,31 @@ class VocabPlan:
     contributions: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     warnings: list[str] = field(default_factory=list)
 
-    def remap(self, checkpoints: list[Checkpoint], tensors: list[torch.Tensor]
-              ) -> list[torch.Tensor]:
-        """Return each tensor (read from the checkpoint at the same position) as a matrix of
-        the output vocabulary (``rows`` rows, the same width and dtype). Cost: one new
-        matrix per tensor plus the default rows, O(rows x width) each."""
-        by_key: dict[str, torch.Tensor] = {}
-        for checkpoint, tensor in zip(checkpoints, tensors, strict=True):
-            by_key.setdefault(self.model_of[id(checkpoint)], tensor)
+    def remap(self, checkpoints: list[Checkpoint], tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor of ``tensors`` (read from the checkpoint at the same position)
+        by its matrix on the output vocabulary (``rows`` rows, the same width and dtype), in
+        place, one at a time, so that about one matrix more than the inputs is resident
+        (when the caller holds no other reference to them). Cost: O(rows x width) a tensor.
+        """
         first = tensors[0]
         defaults = torch.zeros((len(self.default_ids), *first.shape[1:]), dtype=first.dtype)
-        for key, (positions, rows, weights) in self.contributions.items():
-            source = by_key[key][rows]
-            defaults.index_add_(0, positions, source * weights.to(first.dtype).view(
-                -1, *([1] * (first.dim() - 1))))
-        out = []
+        by_key = {}
         for checkpoint, tensor in zip(checkpoints, tensors, strict=True):
-            perm = self.perms[self.model_of[id(checkpoint)]]
+            by_key.setdefault(self.model_of[id(checkpoint)], tensor)
+        for key, (positions, rows, weights) in self.contributions.items():
+            defaults.index_add_(0, positions, by_key[key][rows] * weights.to(first.dtype).view(
+                -1, *([1] * (first.dim() - 1))))
+        del by_key, first
+        for i, checkpoint in enumerate(checkpoints):
+            tensor, perm = tensors[i], self.perms[self.model_of[id(checkpoint)]]
             matrix = torch.zeros((self.rows, *tensor.shape[1:]), dtype=tensor.dtype)
             matrix[self.default_ids] = defaults
             own = ((perm >= 0) & ~self.forced).nonzero().flatten()
             matrix[own] = tensor[perm[own]]
             if self.rows > self.size:
                 matrix[self.size:] = matrix[:self.size].mean(dim=0)
-            out.append(matrix)
-        return out
+            tensors[i] = matrix
+            del tensor
 
 
 def plan_vocab(merge: MergeSpec, base: Checkpoint | None, experts: list[Checkpoint],
