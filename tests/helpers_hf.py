@@ -45,6 +45,15 @@ def tiny_llava(seed: int):
     return transformers.LlavaForConditionalGeneration(config)
 
 
+def perturbed(model, seed: int, scale: float = 0.02):
+    """A stand-in 'fine-tune': the model plus a seeded small update of every weight."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def save(model, path: Path) -> Path:
     """Save ``model`` as a Hugging Face folder at ``path``; returns it."""
     model.save_pretrained(path)
