@@ -238,6 +238,19 @@ def test_ties_in_a_slice_takes_the_base_from_its_sources(llamas, tmp_path):
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
 
 
+def test_one_model_twice_in_a_slice_averages_its_own_layers(llamas, tmp_path):
+    paths, states = llamas
+    out = tmp_path / "self"
+    supermerge.merge(sliced([[(paths["a"], 0, 2), (paths["a"], 2, 4)]], "linear"), out)
+    got = weights(out)
+    for index in range(2):
+        mine, low, high = layer(got, index), layer(states["a"], index), layer(states["a"],
+                                                                              index + 2)
+        for name in mine:
+            torch.testing.assert_close(mine[name], (low[name] + high[name]) / 2)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+
+
 # -- refusals before any weight is read --------------------------------------------------
 
 
@@ -296,11 +309,35 @@ def test_malformed_slices_are_refused_at_load(bad, message):
         supermerge.merge(data, "unused-out")
 
 
-def test_heads_and_adapters_are_refused_with_slices(llamas, tmp_path, no_reads):
+@pytest.mark.parametrize("extra, message", [
+    ({"heads": ["lm_head."]}, "`heads`"),
+    ({"output": "adapter", "rank": 2, "base_model": "A"}, "output: adapter"),
+    ({"merge_method": "ties", "base_model": "A", "parameters": {"trim_scope": "model"}},
+     "whole-model statistic"),
+    ({"merge_method": "tall_masks", "base_model": "A"}, "per-task masks"),
+])
+def test_whole_model_options_are_refused_with_slices(llamas, tmp_path, no_reads, extra,
+                                                     message):
     paths, _ = llamas
-    recipe = sliced([[(paths["a"], 0, 2)]], heads=["lm_head."])
-    with pytest.raises(PlanError, match="heads"):
+    a = str(paths["a"])
+    extra = {k: a if v == "A" else v for k, v in extra.items()}
+    recipe = {**sliced([[(paths["a"], 0, 2)], [(paths["b"], 0, 2)]]), **extra}
+    if extra.get("merge_method") in ("ties", "tall_masks"):  # the base among the sources
+        recipe["slices"] = [{"sources": [{"model": a, "layer_range": [0, 2]},
+                                         {"model": str(paths["b"]), "layer_range": [0, 2]}]}]
+    with pytest.raises(PlanError, match=message):
         supermerge.merge(recipe, tmp_path / "o")
+
+
+def test_a_merge_spec_with_slices_fills_its_models():
+    from supermerge.engine import MergeSpec, ModelSpec, SliceSource, SliceSpec
+
+    pieces = [SliceSpec([SliceSource("x", [0, 2]), SliceSource("y", [0, 2])]),
+              SliceSpec([SliceSource("y", [2, 3])])]
+    spec = MergeSpec("linear", [], slices=pieces)
+    assert [m.path for m in spec.models] == ["x", "y"]
+    with pytest.raises(RecipeError, match="leave `models` empty"):
+        MergeSpec("linear", [ModelSpec("z")], slices=pieces)
 
 
 def test_several_block_stacks_are_refused(tmp_path, no_reads):

@@ -98,8 +98,8 @@ class MergeSpec:
 
     ``slices`` (mergekit's): the output's numbered blocks are the slices' layers in order,
     renumbered, each slice merging its sources position by position
-    (:mod:`supermerge.engine.slices`); ``models`` then lists each source model once (filled
-    from the slices when left empty) and their own ``parameters`` are not used.
+    (:mod:`supermerge.engine.slices`); ``models`` then lists each source model once, filled
+    from the slices (RecipeError if given otherwise).
     """
 
     method: str
@@ -119,9 +119,14 @@ class MergeSpec:
     slices: list[SliceSpec] | None = None
 
     def __post_init__(self) -> None:
-        if self.slices and not self.models:
-            paths = dict.fromkeys(s.path for piece in self.slices for s in piece.sources)
-            self.models = [ModelSpec(path) for path in paths]
+        if not self.slices:
+            return
+        paths = list(dict.fromkeys(s.path for piece in self.slices for s in piece.sources))
+        if self.models and [m.path for m in self.models] != paths:
+            raise RecipeError("with `slices`, `models` lists each slice source's model once, "
+                              "in order of first use", fix="leave `models` empty: it is "
+                              "filled from the slices")
+        self.models = [ModelSpec(path) for path in paths]
 
     def is_head(self, name: str) -> bool:
         """Whether tensor ``name`` belongs to a task head (``heads``)."""
