@@ -358,6 +358,29 @@ def readme_recipe(heading: str) -> str:
     return section.split("```yaml\n", 1)[1].split("```", 1)[0]
 
 
+def test_slices_recipe_from_the_readme(tmp_path):
+    """The README's slices example, run as written (a: 4 layers, b: 6)."""
+    a = weights(save(tiny_causal_lm("llama", 5, layers=4), tmp_path / "a"))
+    b = weights(save(tiny_causal_lm("llama", 6, layers=6), tmp_path / "b"))
+    (tmp_path / "slices.yaml").write_text(readme_recipe("### Slices"))
+    out = tmp_path / "out"
+    supermerge.merge(tmp_path / "slices.yaml", out)
+    got = weights(out)
+    for index in range(4):  # slice 0: t by the filters' gradient over 4 layers
+        mine = layer(got, index)
+        name = "self_attn.q_proj.weight"
+        t = [0.0, 1 / 3, 2 / 3, 1.0][index]
+        torch.testing.assert_close(mine[name], slerp(layer(a, index)[name],
+                                                     layer(b, index)[name], t))
+    for index in (4, 5):  # slice 1: b is the base (t = 0), t = 0.3 from the recipe
+        mine, low, high = layer(got, index), layer(b, index), layer(a, index - 2)
+        for name in mine:
+            torch.testing.assert_close(mine[name], slerp(low[name], high[name], 0.3),
+                                       rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6
+    loads_and_generates(out)
+
+
 def test_layer_swapping_recipe_from_the_readme(tmp_path):
     """The README's recipe, run as written: the math expert's middle layers between the
     language expert's bottom and top ones, embeddings and head from the language expert."""
