@@ -174,7 +174,7 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
             writer.copy_model_files(plan.reference.model_dir)  # the tokenizer, if experts lack it
             if plan.model_files is not plan.reference:
                 writer.copy_model_files(plan.model_files.model_dir)
-            _record_output_dtype(plan, writer)
+            _write_config(plan, writer)
         _write_heads(plan, writer)
         writer.write_text("supermerge_recipe.yaml", recipe_yaml)
         if task_state is not None:
@@ -230,14 +230,18 @@ def _write_heads(plan: MergePlan, writer: CheckpointWriter) -> None:
         writer.write_bytes(name, data)
 
 
-def _record_output_dtype(plan: MergePlan, writer: CheckpointWriter) -> None:
-    """Say the recipe's output dtype in config.json, so transformers loads it as written."""
+def _write_config(plan: MergePlan, writer: CheckpointWriter) -> None:
+    """Write config.json with the plan's changes (a sliced merge's layer count) and the
+    recipe's output dtype, so transformers loads the output as written."""
     config = plan.model_files.config
-    if config is None or plan.spec.out_dtype is None:
+    if config is None or (plan.spec.out_dtype is None and not plan.config_changes):
         return
-    name = str(parse_dtype(plan.spec.out_dtype, "dtype")).removeprefix("torch.")
-    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
-    writer.write_text("config.json", json.dumps({**config, **dict.fromkeys(keys, name)}, indent=2))
+    changes = dict(plan.config_changes)
+    if plan.spec.out_dtype is not None:
+        name = str(parse_dtype(plan.spec.out_dtype, "dtype")).removeprefix("torch.")
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+        changes.update(dict.fromkeys(keys, name))
+    writer.write_text("config.json", json.dumps({**config, **changes}, indent=2))
 
 
 def _merge_one(plan: MergePlan, loaded: LoadedJob, statistic,
