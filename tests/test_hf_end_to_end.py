@@ -9,6 +9,7 @@ import torch
 import yaml
 
 import supermerge
+from helpers_hf import perturbed
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,15 +21,6 @@ def tiny_llama(seed: int, tie: bool):
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
         tie_word_embeddings=tie)
     return transformers.LlamaForCausalLM(config)
-
-
-def perturbed(model, seed: int, scale: float = 0.02):
-    """A stand-in 'fine-tune': the model plus a seeded small update of every weight."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -200,8 +200,10 @@ def test_learn_refuses_weights_outside_fisher_and_merge_refuses_data_methods(lea
 def _parallel_learn_worker(rank: int, world: int, port: int, recipe: str, out: str) -> None:
     import os
 
+    # The test process hosts the store (as torchrun's agent does): no rank binds a port.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
     result = CliRunner().invoke(cli, ["learn", recipe, "-o", out, "--data-parallel"])
     with open(f"{out}.rank{rank}.json", "w") as f:
@@ -209,17 +211,16 @@ def _parallel_learn_worker(rank: int, world: int, port: int, recipe: str, out: s
 
 
 def test_learn_data_parallel_over_two_processes_matches_one(learn_setup, tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
+    from torch.distributed import TCPStore
 
     root, recipe = learn_setup
     path = write(root, recipe)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # Port 0: the OS picks a free port and the store keeps it bound (no pick-then-bind race).
+    store = TCPStore("127.0.0.1", 0, world_size=2, is_master=True, wait_for_workers=False)
     out = tmp_path / "parallel"
-    mp.spawn(_parallel_learn_worker, args=(2, port, path, str(out)), nprocs=2)
+    mp.spawn(_parallel_learn_worker, args=(2, store.port, path, str(out)), nprocs=2)
+    del store
     ranks = [json.loads((tmp_path / f"parallel.rank{r}.json").read_text()) for r in range(2)]
     assert [r["exit_code"] for r in ranks] == [0, 0], ranks
     assert "supermerge merge ->" in ranks[0]["output"]

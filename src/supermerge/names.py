@@ -24,6 +24,26 @@ def layer_index(name: str) -> int | None:
     return int(match.group(2)) if match else None
 
 
+def layer_stack(name: str) -> tuple[str, int] | None:
+    """Return ``(stack, index)`` for a tensor in a numbered block: the name's prefix up to
+    the number (``model.layers.``, ``transformer.h.``, ``bert.encoder.layer.``) and the
+    number; None outside the numbered blocks."""
+    match = _BLOCK.match(name)
+    if match is None:
+        return None
+    return match.group(1)[: match.start(2)], int(match.group(2))
+
+
+def with_layer_index(name: str, index: int) -> str:
+    """Return ``name`` with its block number replaced by ``index``
+    (``model.layers.3.mlp.weight``, 7 -> ``model.layers.7.mlp.weight``); a name outside the
+    numbered blocks is returned as it is."""
+    match = _BLOCK.match(name)
+    if match is None:
+        return name
+    return f"{name[: match.start(2)]}{index}{name[match.end(2):]}"
+
+
 def _prefix_splits(name: str, most: int = 2) -> list[tuple[str, str]]:
     """Return ``(prefix, rest)`` splits of ``name`` at its first ``most`` dots, the empty
     prefix first: ``a.b.c`` -> ``("", "a.b.c"), ("a.", "b.c"), ("a.b.", "c")``."""

@@ -3,7 +3,7 @@
 from supermerge.engine.executor import MergeResult, execute
 from supermerge.engine.inspect import TensorDiff, compare_checkpoints, summarize_checkpoint
 from supermerge.engine.plan import MergePlan, TensorJob, plan_merge
-from supermerge.engine.spec import MergeSpec, ModelSpec
+from supermerge.engine.spec import MergeSpec, ModelSpec, SliceSource, SliceSpec
 from supermerge.engine.task_state import TaskState, load_task_state, read_task_state
 
 __all__ = [
@@ -11,6 +11,8 @@ __all__ = [
     "MergeResult",
     "MergeSpec",
     "ModelSpec",
+    "SliceSource",
+    "SliceSpec",
     "TaskState",
     "TensorDiff",
     "TensorJob",

@@ -238,24 +238,18 @@ def _write_heads(plan: MergePlan, writer: CheckpointWriter) -> None:
 
 
 def _write_config(plan: MergePlan, writer: CheckpointWriter) -> None:
-    """Rewrite the copied config.json where the merge changed it: the recipe's output dtype
-    (so transformers loads it as written) and the output vocabulary's rows (``vocab_size``,
-    in ``text_config`` where the model keeps it there)."""
+    """Write config.json with the plan's changes (a sliced merge's layer count, the output
+    vocabulary's size) and the recipe's output dtype, so transformers loads the output as
+    written."""
     config = plan.model_files.config
-    if config is None or (plan.spec.out_dtype is None and plan.vocab is None):
+    if config is None or (plan.spec.out_dtype is None and not plan.config_changes):
         return
-    config = dict(config)
+    changes = dict(plan.config_changes)
     if plan.spec.out_dtype is not None:
         name = str(parse_dtype(plan.spec.out_dtype, "dtype")).removeprefix("torch.")
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
-        config.update(dict.fromkeys(keys, name))
-    if plan.vocab is not None:
-        text = config.get("text_config")
-        if "vocab_size" not in config and isinstance(text, dict) and "vocab_size" in text:
-            config["text_config"] = {**text, "vocab_size": plan.vocab.rows}
-        else:
-            config["vocab_size"] = plan.vocab.rows
-    writer.write_text("config.json", json.dumps(config, indent=2))
+        changes.update(dict.fromkeys(keys, name))
+    writer.write_text("config.json", json.dumps({**config, **changes}, indent=2))
 
 
 def _merge_one(plan: MergePlan, loaded: LoadedJob, statistic,

@@ -154,44 +154,61 @@ class TensorParameters:
     per-model) parameters. Validation runs once per distinct set of values.
     """
 
-    def __init__(self, method: Method, global_specs: Mapping[str, Any],
+    def __init__(self, method: Method,
+                 global_layers: Sequence[tuple[Mapping[str, Any], str]],
                  model_layers: Sequence[Sequence[tuple[Mapping[str, Any], str]]]) -> None:
         self.method = method
-        self.global_specs = dict(global_specs)
+        self.global_layers = list(global_layers)
         self.model_layers = [list(layers) for layers in model_layers]
         self._validated: dict[str, tuple[Any, list[Any]] | None] = {}
+
+    @property
+    def global_specs(self) -> dict[str, Any]:
+        """The global parameters' specs, a key from the first layer that sets it."""
+        merged: dict[str, Any] = {}
+        for specs, _where in reversed(self.global_layers):
+            merged.update(specs)
+        return merged
 
     @classmethod
     def from_recipe(cls, method: Method, parameters: Mapping[str, Any],
                     model_parameters: Sequence[Mapping[str, Any]],
-                    model_names: Sequence[str] | None = None
+                    model_names: Sequence[str] | None = None, *,
+                    over: tuple[Mapping[str, Any], str] | None = None,
+                    models_key: str = "models",
                     ) -> tuple[TensorParameters, list[Problem]]:
         """Split the recipe's ``parameters`` into the method's global ones and defaults of
         the per-model ones, and stack each model's own over those defaults (mergekit's
-        lookup). Returns the resolver and the unknown keys as problems (``model_names``
+        lookup). ``over`` is ``(parameters, where)`` stacked between the models' own and the
+        recipe's (a slice's ``parameters``); ``models_key`` names the models' list in
+        messages. Returns the resolver and the unknown keys as problems (``model_names``
         name the models in them). Costs nothing: no tensor is read."""
         problems: list[Problem] = []
-        try:
-            global_specs, defaults = method.split_defaults(parameters)
-        except MethodError as err:
-            problems.append(Problem(err.message, fix=err.fix))
-            global_specs, defaults = {}, {}
+        global_layers, default_layers = [], []
+        for raw, where in [*([over] if over else []), (parameters, "parameters")]:
+            try:
+                global_specs, defaults = method.split_defaults(raw, where)
+            except MethodError as err:
+                problems.append(Problem(err.message, fix=err.fix))
+                global_specs, defaults = {}, {}
+            global_layers.append((global_specs, where))
+            default_layers.append((defaults, where))
         layers = []
         for i, own in enumerate(model_parameters):
-            where = f"models[{i}]" + (f" ({model_names[i]})" if model_names else "")
+            where = f"{models_key}[{i}]" + (f" ({model_names[i]})" if model_names else "")
             try:
                 method.check_model_keys(own, where)
             except MethodError as err:
                 problems.append(Problem(err.message, fix=err.fix))
-            layers.append([(own, f"models[{i}].parameters"), (defaults, "parameters")])
-        return cls(method, global_specs, layers), problems
+            layers.append([(own, f"{models_key}[{i}].parameters"), *default_layers])
+        return cls(method, global_layers, layers), problems
 
     def at(self, name: str, position: float) -> tuple[tuple[Any, list[Any]] | None,
                                                       list[Problem]]:
         """Return tensor ``name``'s validated (global, per-model) parameters at relative
         depth ``position``, or None with the problems when a value is malformed or the
         method refuses it (a refusal is reported at the first tensor that has it)."""
-        glob, problems = resolve_all(self.global_specs, name, position, "parameters")
+        glob, problems = resolve_layers(self.global_layers, name, position)
         rows = []
         for layers in self.model_layers:
             values, more = resolve_layers(layers, name, position)

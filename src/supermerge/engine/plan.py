@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from supermerge.engine.params import LayerPositions, TensorParameters, is_tensor_dependent
+from supermerge.engine.slices import SliceLayout, slice_layout
 from supermerge.engine.spec import MergeSpec, parse_dtype
-from supermerge.engine.vocab import VOCAB_HINTS, VocabPlan, plan_vocab
+from supermerge.engine.vocab import VOCAB_HINTS, VocabPlan, plan_vocab, vocab_size_change
 from supermerge.errors import MethodError, OutputError, PlanError, Problem, SupermergeError
 from supermerge.io import Checkpoint, TensorInfo, open_checkpoint, tied_aliases
 from supermerge.io.guard import check_output
@@ -94,12 +95,14 @@ class MergePlan:
     name_maps: list[dict[str, str]] = field(default_factory=list)
     unaligned: set[int] = field(default_factory=set)  # experts lacking most tensors
     vocab: VocabPlan | None = None  # the output vocabulary of the tokenizer options
+    config_changes: dict[str, Any] = field(default_factory=dict)  # keys set in config.json
 
     @property
     def model_files(self) -> Checkpoint:
         """Whose config and tokenizer files the output gets: the first expert's when the
         output carries its head (its config names those classes), else the reference's."""
-        if any(job.reference.checkpoint is not self.reference for job in self.jobs):
+        if any(job.reference.checkpoint is not self.reference for job in self.jobs
+               if self.spec.is_head(job.name)):
             return self.experts[0]
         return self.reference
 
@@ -150,23 +153,24 @@ def plan_merge(spec: MergeSpec, *, out: Path | None = None, overwrite: bool = Fa
     reference = base if base is not None else experts[0]
     plan = MergePlan(spec=spec, method=method, base=base, experts=experts,  # type: ignore[arg-type]
                      reference=reference, jobs=[])
-    resolver, found = TensorParameters.from_recipe(
-        method, spec.parameters, [m.parameters for m in spec.models],
-        [m.path for m in spec.models])
-    problems.extend(found)
     _log_ignored(method, spec)
-    plan.name_maps = [_name_map(plan, model, expert)
-                      for model, expert in zip(spec.models, experts, strict=True)]
-    plan.heads = _task_heads(plan, problems)
-    plan.unaligned = _check_missing(plan, problems)
-    if spec.tokenizer is not None:
-        plan.vocab = plan_vocab(spec, base, experts, reference,  # type: ignore[arg-type]
-                                plan.name_maps, problems)
-        plan.warnings += plan.vocab.warnings if plan.vocab else []
-    plan.jobs = _plan_jobs(plan, resolver, problems)
-    if method.statistic is not None and not problems:
-        plan.statistic_params = _statistic_params(method, resolver.global_specs,
-                                                  resolver.model_layers, problems)
+    if spec.slices:
+        _plan_slices(plan, problems)
+    else:
+        resolver, found = TensorParameters.from_recipe(
+            method, spec.parameters, [m.parameters for m in spec.models],
+            [m.path for m in spec.models])
+        problems.extend(found)
+        plan.name_maps = [_name_map(plan, model, expert)
+                          for model, expert in zip(spec.models, experts, strict=True)]
+        plan.heads = _task_heads(plan, problems)
+        plan.unaligned = _check_missing(plan, problems)
+        if spec.tokenizer is not None:
+            _plan_vocab(plan, problems)
+        plan.jobs = _plan_jobs(plan, resolver, problems)
+        if method.statistic is not None and not problems:
+            plan.statistic_params = _statistic_params(method, resolver.global_specs,
+                                                      resolver.model_layers, problems)
     if problems:
         plan.close()
         raise PlanError(problems)
@@ -184,7 +188,8 @@ def _check_output(spec: MergeSpec, out: Path, overwrite: bool, problems: list[Pr
 def _method_or_problem(spec: MergeSpec, problems: list[Problem]) -> Method | None:
     try:
         method = get_method(spec.method)
-        method.check_count(len(spec.models))
+        if not spec.slices:  # a sliced merge counts each slice's sources (engine.slices)
+            method.check_count(len(spec.models))
         return method
     except MethodError as err:
         problems.append(Problem(err.message, fix=err.fix))
@@ -234,7 +239,9 @@ def _open(path: str, problems: list[Problem], base: str | None = None) -> Checkp
 def _log_ignored(method: Method, spec: MergeSpec) -> None:
     """Log once per key that a mergekit parameter is accepted but changes nothing here
     (``ignored`` on the method's parameter classes maps the key to the reason)."""
-    given = set(spec.parameters).union(*(m.parameters for m in spec.models))
+    given = set(spec.parameters).union(*(m.parameters for m in spec.models), *(
+        p for piece in spec.slices or [] for p in (piece.parameters, *(
+            source.parameters for source in piece.sources))))
     for params in (method.params, method.model_params):
         for key, why in getattr(params, "ignored", {}).items():
             if key in given:
@@ -391,18 +398,94 @@ def _expert_sources(plan, name, ref_info, job, problems) -> list[Source]:
                                     fix="merge models of the same architecture, or set "
                                         "`on_missing: base` to use the base's tensor"))
             continue
-        info = expert.info(actual)
-        if not info.is_float:
-            problems.append(Problem(f"dtype {info.dtype} is not a float dtype but the reference's "
-                                    f"is {ref_info.dtype}", file=str(expert.path), tensor=name,
-                                    fix="merge checkpoints of the same model"))
-        elif tuple(info.shape) != tuple(ref_info.shape) and not job.remap:
-            _shape_mismatch(plan, name, ref_info, info, expert, job, problems)
-        if info.dtype != ref_info.dtype and info.is_float:
-            log.info("%s: %s is %s, reference is %s (computed in float32)",
-                     expert.path, name, info.dtype, ref_info.dtype)
+        _check_source(plan, name, ref_info, Source(expert, actual), job, problems)
         sources.append(Source(expert, actual))
     return sources
+
+
+def _check_source(plan, name, ref_info, source: Source, job, problems) -> None:
+    """A problem unless ``source`` is a float tensor of the reference's shape (or, for an
+    embedding, of another vocabulary size: ``job.rows``, as ``vocab`` says, or remapped onto
+    the output vocabulary, ``job.remap``, whose plan checked its shape)."""
+    info, expert = source.info, source.checkpoint
+    if not info.is_float:
+        problems.append(Problem(f"dtype {info.dtype} is not a float dtype but the reference's "
+                                f"is {ref_info.dtype}", file=str(expert.path), tensor=name,
+                                fix="merge checkpoints of the same model"))
+    elif tuple(info.shape) != tuple(ref_info.shape) and not job.remap:
+        _shape_mismatch(plan, name, ref_info, info, expert, job, problems)
+    if info.dtype != ref_info.dtype and info.is_float:
+        log.info("%s: %s is %s, reference is %s (computed in float32)",
+                 expert.path, source.name, info.dtype, ref_info.dtype)
+
+
+def _plan_vocab(plan: MergePlan, problems: list[Problem]) -> None:
+    """The output vocabulary of the tokenizer options (:mod:`supermerge.engine.vocab`) and
+    its ``vocab_size`` in the output config."""
+    plan.vocab = plan_vocab(plan.spec, plan.base, plan.experts, plan.reference,
+                            plan.name_maps, problems)
+    if plan.vocab is not None:
+        plan.warnings += plan.vocab.warnings
+        plan.config_changes.update(vocab_size_change(plan.reference.config, plan.vocab.rows))
+
+
+def _plan_slices(plan: MergePlan, problems: list[Problem]) -> None:
+    """Plan a sliced merge (:mod:`supermerge.engine.slices`): one job per output tensor,
+    the output config's layer count, and the options a sliced merge cannot take refused."""
+    spec, method = plan.spec, plan.method
+    for refused, why, fix in (
+            (spec.heads, "`heads` keeps each model's task head", "remove `heads`"),
+            (spec.output == "adapter", "`output: adapter` stores an update over one base "
+             "model, and slices change the layers", "write a model (leave out `output`)"),
+            (method.per_task, f"method '{method.name}' writes per-task masks of whole "
+             "models", "use a method without task masks"),
+            (spec.tokenizer is not None, "the tokenizer options (`tokenizer_source`, "
+             "`tokenizer:`) remap whole models' embeddings", "merge whole models (`models:`) "
+             "to change the vocabulary, or leave out the tokenizer options")):
+        if refused:
+            problems.append(Problem(f"{why}: not possible with `slices`", fix=fix))
+    opened = {m.path: expert for m, expert in zip(spec.models, plan.experts, strict=True)}
+    layout = slice_layout(spec, method, opened, plan.reference, problems)
+    plan.jobs = _slice_jobs(plan, layout, problems)
+    plan.config_changes = layout.config_changes
+    plan.warnings.extend(layout.warnings)
+    if method.statistic is not None and layout.tensors and not problems:
+        resolver = layout.tensors[0].resolver
+        if _statistic_params(method, resolver.global_specs, resolver.model_layers,
+                             problems) is not None:
+            problems.append(Problem(
+                f"method '{method.name}' with these parameters computes a whole-model "
+                "statistic, and a sliced merge has no single set of models",
+                fix="use the per-tensor scope (e.g. leave out `trim_scope: model`)"))
+
+
+def _slice_jobs(plan: MergePlan, layout: SliceLayout, problems: list[Problem]
+                ) -> list[TensorJob]:
+    """One job per output tensor of a sliced merge: merged from its sources (whose first,
+    the base where there is one, gives the shape and is copied for non-float tensors)."""
+    out_dtype = parse_dtype(plan.spec.out_dtype, "dtype")
+    jobs = []
+    for piece in layout.tensors:
+        base = Source(*piece.base) if piece.base is not None else None
+        experts = [Source(*expert) for expert in piece.experts]
+        reference = base or experts[0]
+        ref_info = reference.info
+        keep_dtype = out_dtype is None or not ref_info.is_float
+        job = TensorJob(name=piece.name, shape=tuple(ref_info.shape),
+                        out_dtype=ref_info.dtype if keep_dtype else out_dtype,
+                        reference=reference, base=base, position=piece.position,
+                        seed=tensor_seed(plan.spec.seed, piece.name))
+        jobs.append(job)
+        if not ref_info.is_float:
+            job.merge = False
+            continue
+        job.experts = experts
+        for source in experts:
+            _check_source(plan, piece.name, ref_info, source, job, problems)
+        typed, found = piece.resolver.at(piece.name, piece.position)
+        problems.extend(found)
+        job.params, job.model_params = typed if typed is not None else (None, [])
+    return jobs
 
 
 def _shape_mismatch(plan, name, ref_info, info, expert, job, problems) -> None:

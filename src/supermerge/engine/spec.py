@@ -95,6 +95,27 @@ class TokenizerSpec:
 
 
 @dataclass
+class SliceSource:
+    """One input of an output slice: layers ``layer_range[0]`` to ``layer_range[1] - 1`` of
+    the model at ``path`` (mergekit's half-open ``layer_range``), with its own parameters."""
+
+    path: str
+    layer_range: list[int]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SliceSpec:
+    """One output slice (mergekit's ``slices:`` entry): its sources' layers merged position
+    by position; ``parameters`` sit between each source's own and the recipe's, and
+    ``base_model`` (else the recipe's) is the base of this slice's merge."""
+
+    sources: list[SliceSource]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    base_model: str | None = None
+
+
+@dataclass
 class MergeSpec:
     """A data-free merge: method, inputs, parameters and the policies for awkward inputs.
 
@@ -109,6 +130,11 @@ class MergeSpec:
     factored by an ``exact`` or a seeded ``randomized`` SVD (``svd``). ``tokenizer``
     builds an output vocabulary and maps every model's embedding rows onto it (None: the
     reference's tokenizer is copied and ``vocab`` applies).
+
+    ``slices`` (mergekit's): the output's numbered blocks are the slices' layers in order,
+    renumbered, each slice merging its sources position by position
+    (:mod:`supermerge.engine.slices`); ``models`` then lists each source model once, filled
+    from the slices (RecipeError if given otherwise).
     """
 
     method: str
@@ -125,7 +151,18 @@ class MergeSpec:
     rank: int | None = None
     svd: Literal["exact", "randomized"] = "exact"
     heads: list[str] = field(default_factory=list)
+    slices: list[SliceSpec] | None = None
     tokenizer: TokenizerSpec | None = None
+
+    def __post_init__(self) -> None:
+        if not self.slices:
+            return
+        paths = list(dict.fromkeys(s.path for piece in self.slices for s in piece.sources))
+        if self.models and [m.path for m in self.models] != paths:
+            raise RecipeError("with `slices`, `models` lists each slice source's model once, "
+                              "in order of first use", fix="leave `models` empty: it is "
+                              "filled from the slices")
+        self.models = [ModelSpec(path) for path in paths]
 
     def is_head(self, name: str) -> bool:
         """Whether tensor ``name`` belongs to a task head (``heads``)."""

@@ -67,6 +67,16 @@ def config_vocab_size(config: dict | None) -> int | None:
     return None
 
 
+def vocab_size_change(config: dict | None, rows: int) -> dict[str, Any]:
+    """The config.json keys to set for a vocabulary of ``rows`` rows: ``vocab_size``, or
+    ``text_config`` with it where the model keeps it there (Llava)."""
+    config = config or {}
+    text = config.get("text_config")
+    if "vocab_size" not in config and isinstance(text, dict) and "vocab_size" in text:
+        return {"text_config": {**text, "vocab_size": rows}}
+    return {"vocab_size": rows}
+
+
 def padded_rows(tokens: int, multiple: int | None) -> int:
     """``tokens`` rounded up to a multiple of ``multiple`` (unchanged for None)."""
     return tokens if not multiple else -(-tokens // multiple) * multiple

@@ -4,9 +4,10 @@ Formula, per tensor: ``merged = scale * x`` (``scale`` 1: the tensor itself, bit
 
 Useful to copy a model through the engine (re-shard, convert dtype, write a model card), or,
 with a per-tensor ``scale`` (a filter list), to silence or damp chosen tensors, as
-mergekit's ``scale`` does. Method: mergekit's ``passthrough`` (Goddard et al. 2024, arXiv
-2403.13257). Difference: mergekit's passthrough also stacks layer slices (frankenmerges);
-here it takes exactly one model. A ``weight`` is accepted and ignored, as in mergekit.
+mergekit's ``scale`` does; with a recipe's ``slices`` (one source each) it stacks layer
+ranges (frankenmerges, depth up-scaling: :mod:`supermerge.engine.slices`). Method:
+mergekit's ``passthrough`` (Goddard et al. 2024, arXiv 2403.13257). A ``weight`` is
+accepted and ignored, as in mergekit.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from supermerge.engine import MergeSpec, ModelSpec
+from supermerge.engine import MergeSpec, ModelSpec, SliceSource, SliceSpec
+from supermerge.engine.slices import order_for_method, same_path
 from supermerge.errors import RecipeError, validation_details
 from supermerge.io.lora import split_base_adapter
 from supermerge.learn.registry import LEARNED_METHODS
@@ -46,7 +47,6 @@ from supermerge.recipes.tokenizer import RecipeTokenizer, locate_source, tokeniz
 log = logging.getLogger(__name__)
 
 _UNSUPPORTED = {
-    "slices": "supermerge merges whole models; list them under `models:`",
     "chat_template": "the chat template is copied from the base model's tokenizer files",
     "modules": "per-module recipes are not supported; use `filter` values in `parameters`",
 }
@@ -78,6 +78,38 @@ class RecipeModel(BaseModel):
         return value
 
 
+class RecipeSliceSource(BaseModel):
+    """One source of an output slice: a model's layers ``layer_range[0]`` to
+    ``layer_range[1] - 1`` (half-open, as mergekit's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    layer_range: list[int] = Field(min_length=2, max_length=2)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: list[int]) -> list[int]:
+        start, end = value
+        if not 0 <= start < end:
+            raise ValueError(f"layer_range [{start}, {end}] must be [start, end] with "
+                             "0 <= start < end (half-open: [0, 4] is layers 0 to 3)")
+        return value
+
+
+class RecipeSlice(BaseModel):
+    """One output slice (mergekit's ``slices:`` entry)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[RecipeSliceSource] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    base_model: str | None = None
+    residual_weight: float | None = Field(
+        None, description="accepted as mergekit accepts it; mergekit's planner never uses it")
+
+
 class Recipe(BaseModel):
     """A whole merge recipe (mergekit-compatible where the two overlap)."""
 
@@ -86,6 +118,7 @@ class Recipe(BaseModel):
     merge_method: str
     base_model: str | None = None
     models: list[RecipeModel] = Field(default_factory=list)
+    slices: list[RecipeSlice] | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
@@ -122,6 +155,19 @@ class Recipe(BaseModel):
             return [{"model": v} if isinstance(v, str) else v for v in value]
         return value
 
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> Recipe:
+        """mergekit's rule: a recipe lists `models` or `slices`, not both."""
+        if self.slices is not None and self.models:
+            raise ValueError("give either `models` (whole models) or `slices` (layer ranges), "
+                             "not both")
+        if self.slices is not None and not self.slices:
+            raise ValueError("`slices` is empty: list at least one slice")
+        if self.slices is not None and any(piece.residual_weight is not None
+                                           for piece in self.slices):
+            log.info("`residual_weight` changes nothing (mergekit never uses it either)")
+        return self
+
     def to_spec(self, root: Path | None = None) -> MergeSpec:
         """Return the engine's MergeSpec; relative paths resolve against ``root`` when they
         exist there (the recipe's folder), else against the working directory."""
@@ -130,19 +176,21 @@ class Recipe(BaseModel):
         base = locate_path(self.base_model, root) if self.base_model else None
         models = [ModelSpec(locate_path(m.model, root), dict(m.parameters), prefix=m.prefix,
                             task=m.task) for m in self.models]
-        if base is not None and method.needs_base:
-            kept = [m for m in models if not _same(m.path, base)]
-            if len(kept) != len(models):
+        if base is not None:
+            models, listed = order_for_method(method, models, lambda m: same_path(m.path, base))
+            if listed is not None and method.needs_base:
                 log.info("base model listed under models: dropped (its task vector is zero)")
-            models = kept
-        elif base is not None and method.base_first:
-            models.sort(key=lambda m: not _same(m.path, base))
         return MergeSpec(
             method=self.merge_method, models=models, base_model=base,
             parameters=dict(self.parameters), out_dtype=self.out_dtype or self.dtype,
             compute_dtype=self.compute_dtype, seed=self.seed, on_missing=self.on_missing,
             vocab=self.vocab, on_nonfinite=self.on_nonfinite, heads=list(self.heads),
             output=self.output, rank=self.rank, svd=self.svd,
+            slices=[SliceSpec([SliceSource(locate_path(s.model, root), list(s.layer_range),
+                                           dict(s.parameters)) for s in piece.sources],
+                              dict(piece.parameters),
+                              locate_path(piece.base_model, root) if piece.base_model else None)
+                    for piece in self.slices] if self.slices else None,
             tokenizer=tokenizer_spec(self.tokenizer_source, self.tokenizer,
                                      lambda p: locate_path(p, root)))
 
@@ -158,7 +206,12 @@ class Recipe(BaseModel):
             "tokenizer": self.tokenizer and self.tokenizer.located(locate),
             "base_model": locate_path(self.base_model, root) if self.base_model else None,
             "models": [m.model_copy(update={"model": locate_path(m.model, root)})
-                       for m in self.models]})
+                       for m in self.models],
+            "slices": [piece.model_copy(update={
+                "base_model": locate_path(piece.base_model, root) if piece.base_model else None,
+                "sources": [s.model_copy(update={"model": locate_path(s.model, root)})
+                            for s in piece.sources]}) for piece in self.slices]
+            if self.slices else None})
 
     def to_yaml(self) -> str:
         """The recipe as YAML (what is saved beside the merged model)."""
@@ -178,10 +231,6 @@ def locate_path(path: str, root: Path | None) -> str:
             if split_base_adapter(spelled) is not None:
                 return spelled
     return path
-
-
-def _same(a: str, b: str) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
 
 
 def warn_repeated_models(paths: list[str], root: Path | None, key: str) -> None:
