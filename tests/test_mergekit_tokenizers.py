@@ -482,3 +482,12 @@ def test_other_architectures_union(tmp_path, arch):
     ids = tok("<s> _tok_5 <|im_end|>", return_tensors="pt").input_ids
     with torch.no_grad():
         assert model(input_ids=ids).logits.shape == (1, 3, 66)
+
+
+def test_tokenizer_options_with_slices_are_refused_before_reading(tmp_path, models):
+    with pytest.raises(PlanError, match="tokenizer options .* not possible with `slices`"):
+        supermerge.merge({"merge_method": "passthrough", "tokenizer_source": "union",
+                          "slices": [{"sources": [{"model": str(models["base"]),
+                                                   "layer_range": [0, 1]}]}]},
+                         tmp_path / "out")
+    assert not (tmp_path / "out").exists()
