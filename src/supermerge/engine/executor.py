@@ -30,6 +30,7 @@ import torch
 
 from supermerge.engine.adapter import AdapterReport, AdapterSink, lora_targets
 from supermerge.engine.heads import HeadMeta, head_files, heads_card_note
+from supermerge.engine.merge_state import write_merge_state
 from supermerge.engine.plan import MergePlan, Source, TensorJob, spec_inputs
 from supermerge.engine.spec import parse_dtype
 from supermerge.engine.task_state import TaskStateWriter
@@ -179,6 +180,7 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
         writer.write_text("supermerge_recipe.yaml", recipe_yaml)
         if task_state is not None:
             task_state.finish(writer)
+        _write_merge_state(plan, writer, statistic)
         writer.write_model_card(
             base_models=[*([plan.spec.base_model] if plan.spec.base_model else []),
                          *(m.path for m in plan.spec.models)],
@@ -217,6 +219,21 @@ def _task_state_writer(plan: MergePlan) -> TaskStateWriter | None:
     return TaskStateWriter(plan.method.name, [m.path for m in plan.spec.models],
                            str(Path(base).resolve()) if base is not None else None,
                            [(job.name, job.shape) for job in plan.jobs if job.merge])
+
+
+def _write_merge_state(plan: MergePlan, writer: CheckpointWriter, statistic) -> None:
+    """Write ``merge_state.json`` for a method that can be continued (OPCM): its record of
+    the statistic, the base's digest (one read of its weight files, unless the merge
+    continued carries it) and every expert merged so far."""
+    if plan.method.state is None or plan.base is None:
+        return
+    previous = plan.resumed
+    experts = [m.path for m in plan.spec.models]
+    if previous is not None:
+        experts = [*previous.experts, *experts[1:]]
+    write_merge_state(writer, method=plan.method.name, parameters=dict(plan.spec.parameters),
+                      base=plan.base, base_digest=previous.base_digest if previous else None,
+                      experts=experts, record=plan.method.state(statistic))
 
 
 def _write_heads(plan: MergePlan, writer: CheckpointWriter) -> None:

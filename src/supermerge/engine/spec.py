@@ -73,7 +73,9 @@ class MergeSpec:
     extra rows) or ``refuse``. ``on_nonfinite``: ``refuse`` or ``warn`` on NaN/Inf inputs.
     ``output``: ``model`` (a whole model folder) or ``adapter`` (the merged update as a PEFT
     LoRA adapter of rank ``rank``; needs a base model, see :mod:`supermerge.engine.adapter`),
-    factored by an ``exact`` or a seeded ``randomized`` SVD (``svd``).
+    factored by an ``exact`` or a seeded ``randomized`` SVD (``svd``). ``resume`` is the
+    folder of a previous merge that this one continues (``models[0]``, whose
+    ``merge_state.json`` gave its parameters; see :mod:`supermerge.engine.merge_state`).
     """
 
     method: str
@@ -90,6 +92,7 @@ class MergeSpec:
     rank: int | None = None
     svd: Literal["exact", "randomized"] = "exact"
     heads: list[str] = field(default_factory=list)
+    resume: str | None = None
 
     def is_head(self, name: str) -> bool:
         """Whether tensor ``name`` belongs to a task head (``heads``)."""
