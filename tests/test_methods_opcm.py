@@ -224,6 +224,11 @@ def test_continual_with_another_method_is_refused(tmp_path):
     with pytest.raises(RecipeError, match="cannot do"):
         supermerge.merge({"merge_method": "ties", "continual": str(first),
                           "models": [str(paths[1])]}, tmp_path / "o")
+    with pytest.raises(RecipeError, match="without new experts"):
+        supermerge.merge({"merge_method": "opcm", "continual": str(first)}, tmp_path / "o")
+    adapter = tmp_path / "adapter"  # a truncated update: no state to continue from
+    supermerge.merge(recipe("opcm", base_path, paths, output="adapter", rank=2), adapter)
+    assert not (adapter / "merge_state.json").exists()
     shutil.copytree(first, tmp_path / "moved")  # a copy continues as well: same record
     state = tmp_path / "moved" / "merge_state.json"
     state.write_text(state.read_text().replace('"opcm"', '"ties"', 1))

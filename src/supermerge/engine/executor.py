@@ -225,8 +225,8 @@ def _write_merge_state(plan: MergePlan, writer: CheckpointWriter, statistic) -> 
     """Write ``merge_state.json`` for a method that can be continued (OPCM): its record of
     the statistic, the base's digest (one read of its weight files, unless the merge
     continued carries it) and every expert merged so far."""
-    if plan.method.state is None or plan.base is None:
-        return
+    if plan.method.state is None or plan.base is None or plan.spec.output != "model":
+        return  # an adapter holds a truncated update: nothing to continue from
     previous = plan.resumed
     experts = [m.path for m in plan.spec.models]
     if previous is not None:

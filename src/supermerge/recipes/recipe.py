@@ -139,6 +139,9 @@ class Recipe(BaseModel):
         if self.continual is not None:
             resume = locate_path(self.continual, root)
             state = read_merge_state(resume)  # RecipeError naming the file if absent
+            if not self.models:
+                raise RecipeError("`continual:` without new experts under `models:`",
+                                  fix="list the experts to merge into it under `models:`")
             if method.resume is None:
                 raise RecipeError(
                     f"`continual:` continues a merge, which method '{method.name}' cannot do",
