@@ -10,6 +10,8 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 from tests.conftest import make_family, recipe, save_family
 
@@ -17,6 +19,7 @@ import supermerge
 from supermerge.cli.main import cli
 from supermerge.errors import MethodError, PlanError, RecipeError
 from supermerge.methods import opcm
+from supermerge.methods.opcm_method import orthogonal_part
 
 T = torch.tensor
 
@@ -91,6 +94,25 @@ def test_projected_update_is_orthogonal_to_the_running_one():
     projected = out / c - taus[0]
     assert abs(float((projected * taus[0]).sum())) < 1e-4 * float(taus[0].norm() * taus[1].norm())
     assert projected.norm() > 0.1 * taus[1].norm()  # but not all of tau_2 is removed
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 6), n=st.integers(1, 6), rank=st.integers(0, 6),
+       alpha=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_projection_is_an_orthogonal_contraction(m, n, rank, alpha, seed):
+    # P removes orthonormal components u_i v_j^T of tau: <P(tau), S> = 0, ||P(tau)|| <=
+    # ||tau||, P(S) = 0; a running update of any rank (0: nothing is removed)
+    gen = torch.Generator().manual_seed(seed)
+    k = min(rank, m, n)
+    running = (torch.randn(m, k, generator=gen) @ torch.randn(k, n, generator=gen)).double()
+    tau = torch.randn(m, n, generator=gen).double()
+    kept = orthogonal_part(running, tau, alpha)
+    assert abs(float((kept * running).sum())) <= 1e-9 * (1 + float(running.norm() * tau.norm()))
+    assert float(kept.norm()) <= float(tau.norm()) * (1 + 1e-12)
+    assert float(orthogonal_part(running, running.clone(), alpha).norm()) <= 1e-9 * (
+        1 + float(running.norm()))
+    if k == 0:
+        assert torch.equal(kept, tau)
 
 
 def test_one_expert_is_base_plus_its_task_vector(family, tmp_path):
