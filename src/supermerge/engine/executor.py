@@ -9,7 +9,8 @@ number of threads.
 A ``per_task`` method (TALL masks, EMR) returns a shared tensor plus per-task masks: the
 shared tensors are written as the model, the masks 1 bit per entry into the output's
 ``task_state.safetensors`` through the same streaming writer, and ``task_state.json``
-records the tasks and their scales (:mod:`supermerge.engine.task_state`).
+records the tasks and their scales (:mod:`supermerge.engine.task_state`). A method that
+can be continued (OPCM) gets ``merge_state.json`` (:mod:`supermerge.engine.merge_state`).
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def execute(
     ``PARALLEL_FROM`` entries (:func:`method_threads`); the output is the same bytes for
     any of these counts. Cost: each input tensor is read once (plus ``passes`` more times
     for methods with a whole-model statistic); resident memory about (K + 2) x the largest
-    tensor (a per-task method adds K boolean masks of one tensor). On any error the partial
+    tensor (a per-task method adds K boolean masks of one tensor); a method that can be
+    continued adds one read of the base's weight files (their digest, for merge_state.json)
+    unless it continues a merge. On any error the partial
     output, masks included, is removed and ``out`` is left as it was.
     """
     torch_threads = compute_threads or default_compute_threads(threads)
