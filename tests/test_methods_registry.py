@@ -12,8 +12,8 @@ from supermerge.methods import Method, available_methods, get_method
 NAMES = [
     "arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "consensus", "dare_linear", "dare_ties",
     "della", "della_linear", "doge", "iso_c", "iso_cts", "karcher", "linear", "lines", "magmax",
-    "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "pcb", "ram", "ramplus_tl",
-    "sce", "slerp", "task_arithmetic", "ties", "tsv", "widen", "wudi",
+    "model_stock", "multislerp", "nearswap", "nuslerp", "opcm", "passthrough", "pcb", "ram",
+    "ramplus_tl", "sce", "slerp", "task_arithmetic", "ties", "tsv", "widen", "wudi",
 ]
 PER_TASK = ["emr", "tall_masks"]  # return a TaskSpecific: tested in test_task_specific_*.py
 # methods that normalise their weights or take none: all-zero weights are not a no-op there

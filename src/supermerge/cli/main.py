@@ -95,9 +95,13 @@ def _echo_json(document: Any) -> None:
 
 
 @cli.command()
-@click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, metavar="RECIPE | EXPERT...",
+                type=click.Path(path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Output model directory (published atomically).")
+@click.option("--into", type=click.Path(path_type=Path), default=None, metavar="MERGED",
+              help="Continue this merge (an opcm output with merge_state.json) with the "
+              "EXPERT folders, in order, into OUT; MERGED itself is never modified.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--threads", default=2, show_default=True, help="Reader threads.")
 @click.option("--compute-threads", type=click.IntRange(min=1), default=None,
@@ -108,17 +112,13 @@ def _echo_json(document: Any) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as JSON on stdout (see the README for its keys).")
 @friendly
-def merge(recipe: Path, out: Path, overwrite: bool, threads: int, compute_threads: int | None,
-          shard_size: int, as_json: bool) -> None:
+def merge(inputs: tuple[Path, ...], out: Path, into: Path | None, overwrite: bool,
+          threads: int, compute_threads: int | None, shard_size: int, as_json: bool) -> None:
     """Merge the models named in RECIPE (YAML, mergekit format; `-` reads it from stdin)
-    into OUT."""
+    into OUT; or, with --into MERGED, merge the EXPERT folders into that continual merge."""
     from supermerge.api import merge as run_merge
 
-    source: Any = recipe
-    if is_stdin(recipe):
-        from supermerge.recipes import parse_recipe
-
-        source = parse_recipe(stdin_document(), STDIN_NAME)
+    source: Any = _merge_source(inputs, into)
     _release_large_frees()
     bar = _Bar("merging")
     try:
@@ -142,6 +142,25 @@ def merge(recipe: Path, out: Path, overwrite: bool, threads: int, compute_thread
                f"{result.seconds:.1f} s -> {result.out}")
     if result.adapter:
         _echo_adapter(result.adapter)
+
+
+def _merge_source(inputs: tuple[Path, ...], into: Path | None) -> Any:
+    """What `merge` runs: the recipe file, the recipe on stdin, or (--into) a continual
+    recipe of MERGED's method with the experts; UsageError for the wrong count."""
+    if into is not None:
+        from supermerge.engine.merge_state import read_merge_state
+        from supermerge.recipes import parse_recipe
+
+        method = read_merge_state(into).method  # RecipeError naming the file if absent
+        return parse_recipe({"merge_method": method, "continual": str(into),
+                             "models": [str(p) for p in inputs]}, f"--into {into}")
+    if len(inputs) != 1:
+        raise click.UsageError("give one RECIPE (or --into MERGED with the new experts)")
+    if is_stdin(inputs[0]):
+        from supermerge.recipes import parse_recipe
+
+        return parse_recipe(stdin_document(), STDIN_NAME)
+    return inputs[0]
 
 
 @cli.command()

@@ -9,7 +9,8 @@ number of threads.
 A ``per_task`` method (TALL masks, EMR) returns a shared tensor plus per-task masks: the
 shared tensors are written as the model, the masks 1 bit per entry into the output's
 ``task_state.safetensors`` through the same streaming writer, and ``task_state.json``
-records the tasks and their scales (:mod:`supermerge.engine.task_state`).
+records the tasks and their scales (:mod:`supermerge.engine.task_state`). A method that
+can be continued (OPCM) gets ``merge_state.json`` (:mod:`supermerge.engine.merge_state`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 from supermerge.engine.adapter import AdapterReport, AdapterSink, lora_targets
 from supermerge.engine.heads import HeadMeta, head_files, heads_card_note
+from supermerge.engine.merge_state import write_merge_state
 from supermerge.engine.plan import MergePlan, Source, TensorJob, spec_inputs
 from supermerge.engine.spec import parse_dtype
 from supermerge.engine.task_state import TaskStateWriter
@@ -91,7 +93,9 @@ def execute(
     ``PARALLEL_FROM`` entries (:func:`method_threads`); the output is the same bytes for
     any of these counts. Cost: each input tensor is read once (plus ``passes`` more times
     for methods with a whole-model statistic); resident memory about (K + 2) x the largest
-    tensor (a per-task method adds K boolean masks of one tensor). On any error the partial
+    tensor (a per-task method adds K boolean masks of one tensor); a method that can be
+    continued adds one read of the base's weight files (their digest, for merge_state.json)
+    unless it continues a merge. On any error the partial
     output, masks included, is removed and ``out`` is left as it was.
     """
     torch_threads = compute_threads or default_compute_threads(threads)
@@ -186,6 +190,7 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
         writer.write_text("supermerge_recipe.yaml", recipe_yaml)
         if task_state is not None:
             task_state.finish(writer)
+        _write_merge_state(plan, writer, statistic)
         writer.write_model_card(
             base_models=[*([plan.spec.base_model] if plan.spec.base_model else []),
                          *(m.path for m in plan.spec.models)],
@@ -224,6 +229,21 @@ def _task_state_writer(plan: MergePlan) -> TaskStateWriter | None:
     return TaskStateWriter(plan.method.name, [m.path for m in plan.spec.models],
                            str(Path(base).resolve()) if base is not None else None,
                            [(job.name, job.shape) for job in plan.jobs if job.merge])
+
+
+def _write_merge_state(plan: MergePlan, writer: CheckpointWriter, statistic) -> None:
+    """Write ``merge_state.json`` for a method that can be continued (OPCM): its record of
+    the statistic, the base's digest (one read of its weight files, unless the merge
+    continued carries it) and every expert merged so far."""
+    if plan.method.state is None or plan.base is None or plan.spec.output != "model":
+        return  # an adapter holds a truncated update: nothing to continue from
+    previous = plan.resumed
+    experts = [m.path for m in plan.spec.models]
+    if previous is not None:
+        experts = [*previous.experts, *experts[1:]]
+    write_merge_state(writer, method=plan.method.name, parameters=dict(plan.spec.parameters),
+                      base=plan.base, base_digest=previous.base_digest if previous else None,
+                      experts=experts, record=plan.method.state(statistic))
 
 
 def _write_heads(plan: MergePlan, writer: CheckpointWriter) -> None:

@@ -17,6 +17,12 @@ from typing import Any
 
 import torch
 
+from supermerge.engine.merge_state import (
+    STATE_FILE,
+    MergeState,
+    read_merge_state,
+    weights_digest,
+)
 from supermerge.engine.params import LayerPositions, TensorParameters, is_tensor_dependent
 from supermerge.engine.slices import SliceLayout, slice_layout
 from supermerge.engine.spec import MergeSpec, parse_dtype
@@ -96,6 +102,7 @@ class MergePlan:
     unaligned: set[int] = field(default_factory=set)  # experts lacking most tensors
     vocab: VocabPlan | None = None  # the output vocabulary of the tokenizer options
     config_changes: dict[str, Any] = field(default_factory=dict)  # keys set in config.json
+    resumed: MergeState | None = None  # the record of the merge continued (spec.resume)
 
     @property
     def model_files(self) -> Checkpoint:
@@ -134,7 +141,7 @@ def plan_merge(spec: MergeSpec, *, out: Path | None = None, overwrite: bool = Fa
     """
     problems: list[Problem] = []
     method = _method_or_problem(spec, problems)
-    if out is not None:
+    if out is not None and not _is_resumed_folder(spec, Path(out), problems):
         _check_output(spec, Path(out), overwrite, problems)
     base = _open(spec.base_model, problems) if spec.base_model else None
     # an adapter folder among the models applies to the recipe's base (io.lora)
@@ -171,6 +178,8 @@ def plan_merge(spec: MergeSpec, *, out: Path | None = None, overwrite: bool = Fa
         if method.statistic is not None and not problems:
             plan.statistic_params = _statistic_params(method, resolver.global_specs,
                                                       resolver.model_layers, problems)
+    if spec.resume is not None and not problems:
+        plan.resumed = _resumed_state(plan, problems)
     if problems:
         plan.close()
         raise PlanError(problems)
@@ -183,6 +192,43 @@ def _check_output(spec: MergeSpec, out: Path, overwrite: bool, problems: list[Pr
         check_output(out, inputs=spec_inputs(spec), overwrite=overwrite)
     except OutputError as err:
         problems.append(Problem(err.message, file=err.file, fix=err.fix))
+
+
+def _is_resumed_folder(spec: MergeSpec, out: Path, problems: list[Problem]) -> bool:
+    """Whether ``out`` is the merge being continued (a problem then: it is only read)."""
+    if spec.resume is None or out.resolve() != Path(spec.resume).resolve():
+        return False
+    problems.append(Problem(
+        "the output is the merged model being continued: a continued merge never modifies "
+        "its input", file=str(out), fix="write the continued merge to a new folder (-o NEW)"))
+    return True
+
+
+def _resumed_state(plan: MergePlan, problems: list[Problem]) -> MergeState | None:
+    """The record of the merge ``spec.resume`` continues, checked against this merge:
+    the same method, entered first, on the same base (by digest: one read of the base's
+    weight files)."""
+    spec = plan.spec
+    try:
+        state = read_merge_state(spec.resume)
+    except SupermergeError as err:
+        problems.append(Problem(err.message, file=err.file, fix=err.fix))
+        return None
+    where = str(Path(spec.resume) / STATE_FILE)
+    if state.method != plan.method.name or plan.method.resume is None:
+        problems.append(Problem(
+            f"{spec.resume} is a '{state.method}' merge; '{plan.method.name}' cannot continue "
+            "it", file=where, fix=f"continue it with `merge_method: {state.method}`"))
+    elif not spec.models or Path(spec.models[0].path).resolve() != Path(spec.resume).resolve():
+        problems.append(Problem("the merged model continued must be the first model",
+                                file=where, fix="list it first (`continual:` does this)"))
+    elif plan.base is None or weights_digest(plan.base) != state.base_digest:
+        problems.append(Problem(
+            f"the base model is not the one {spec.resume} was merged on (its weights differ "
+            "from the digest recorded)", file=spec.base_model,
+            fix=f"use the recorded base, {state.base_model}, or merge the experts again "
+            "from this base"))
+    return state
 
 
 def _method_or_problem(spec: MergeSpec, problems: list[Problem]) -> Method | None:

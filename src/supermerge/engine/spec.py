@@ -127,9 +127,11 @@ class MergeSpec:
     extra rows) or ``refuse``. ``on_nonfinite``: ``refuse`` or ``warn`` on NaN/Inf inputs.
     ``output``: ``model`` (a whole model folder) or ``adapter`` (the merged update as a PEFT
     LoRA adapter of rank ``rank``; needs a base model, see :mod:`supermerge.engine.adapter`),
-    factored by an ``exact`` or a seeded ``randomized`` SVD (``svd``). ``tokenizer``
-    builds an output vocabulary and maps every model's embedding rows onto it (None: the
-    reference's tokenizer is copied and ``vocab`` applies).
+    factored by an ``exact`` or a seeded ``randomized`` SVD (``svd``). ``resume`` is the
+    folder of a previous merge that this one continues (``models[0]``, whose
+    ``merge_state.json`` gave its parameters; see :mod:`supermerge.engine.merge_state`).
+    ``tokenizer`` builds an output vocabulary and maps every model's embedding rows onto it
+    (None: the reference's tokenizer is copied and ``vocab`` applies).
 
     ``slices`` (mergekit's): the output's numbered blocks are the slices' layers in order,
     renumbered, each slice merging its sources position by position
@@ -151,6 +153,7 @@ class MergeSpec:
     rank: int | None = None
     svd: Literal["exact", "randomized"] = "exact"
     heads: list[str] = field(default_factory=list)
+    resume: str | None = None
     slices: list[SliceSpec] | None = None
     tokenizer: TokenizerSpec | None = None
 

@@ -68,6 +68,7 @@ OUTPUT_FILE_PATTERNS = (
     MODEL_CARD,
     RECIPE_FILE,
     "task_state.json",
+    "merge_state.json",  # what a continual merge (opcm) needs to be continued
     "adapter_config.json",  # a PEFT adapter output (output: adapter, `supermerge extract`)
     "coefficients.json",
     "coefficients.csv",

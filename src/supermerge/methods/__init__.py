@@ -32,6 +32,7 @@ from supermerge.methods.model_stock_method import model_stock
 from supermerge.methods.multislerp_method import multislerp
 from supermerge.methods.nearswap_method import nearswap
 from supermerge.methods.nuslerp_method import nuslerp
+from supermerge.methods.opcm_method import opcm
 from supermerge.methods.passthrough_method import passthrough
 from supermerge.methods.pcb_method import pcb
 from supermerge.methods.ram_method import ram
@@ -83,6 +84,7 @@ __all__ = [
     "multislerp",
     "nearswap",
     "nuslerp",
+    "opcm",
     "passthrough",
     "pcb",
     "ram",

@@ -11,6 +11,10 @@ least ``weight``), ``ctx`` the tensor's name, its seed and the result of the met
 whole-model statistic when it has one (TIES with ``trim_scope: model``). No I/O, no global
 state: random methods build their own ``torch.Generator`` from ``ctx.seed``.
 
+A method with ``state`` and ``resume`` (OPCM) can continue a merge: its output records the
+whole-model state it needs, and a later merge enters that output as its first model with
+the recorded state as that model's parameters (``supermerge.engine.merge_state``).
+
 A method with ``per_task=True`` (TALL masks, EMR) returns a :class:`TaskSpecific` instead
 of a tensor: one shared tensor plus, per task, a boolean mask and a scale, from which
 task t's own tensor is rebuilt with the task id (:func:`task_tensor`). The engine writes
@@ -151,6 +155,12 @@ class Method:
     linear_coefficients: Callable[[Any, list[Any]], list[float] | None] | None = None
     # a base model listed among the models goes first (mergekit's slerp: t = 0 is the base)
     base_first: bool = False
+    # continual merging (OPCM): ``state`` turns the whole-model statistic's result into a
+    # JSON record the engine writes beside the output (``merge_state.json``); ``resume``
+    # turns that record back into the per-model parameters of the merged model when a
+    # later merge enters it first, so the experts it holds are never read again
+    state: Callable[[Any], dict[str, Any]] | None = None
+    resume: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
 
     # -- parameters -------------------------------------------------------------------
     def parameter_names(self) -> tuple[set[str], set[str]]:

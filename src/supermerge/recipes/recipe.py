@@ -12,6 +12,13 @@ A recipe accepts mergekit's keys for the methods both tools have::
     parameters: {lambda: 1.0}
     dtype: bfloat16
 
+A ``continual:`` recipe continues a previous ``opcm`` merge with new experts (its base,
+parameters and state come from that output's ``merge_state.json``)::
+
+    merge_method: opcm
+    continual: ./merged-1-to-4      # never modified: the result is a new output
+    models: [./expert5]
+
 plus supermerge's own keys (``seed``, ``compute_dtype``, ``on_missing``, ``vocab``,
 ``on_nonfinite``, ``heads``, and per model ``task`` and ``prefix``)::
 
@@ -37,6 +44,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from supermerge.engine import MergeSpec, ModelSpec, SliceSource, SliceSpec
+from supermerge.engine.merge_state import read_merge_state
 from supermerge.engine.slices import order_for_method, same_path
 from supermerge.errors import RecipeError, validation_details
 from supermerge.io.lora import split_base_adapter
@@ -132,6 +140,10 @@ class Recipe(BaseModel):
     rank: int | None = Field(None, ge=1)
     svd: Literal["exact", "randomized"] = "exact"  # how output: adapter factors
     name: str | None = None
+    continual: str | None = Field(
+        None, description="a previous merge's output folder to continue (opcm): its "
+        "merge_state.json gives the base, the parameters and its state; `models` are the "
+        "new experts, merged after it in order")
     tokenizer_source: str | None = None  # mergekit's legacy spelling of `tokenizer: {source}`
     tokenizer: RecipeTokenizer | None = None
 
@@ -176,16 +188,30 @@ class Recipe(BaseModel):
         base = locate_path(self.base_model, root) if self.base_model else None
         models = [ModelSpec(locate_path(m.model, root), dict(m.parameters), prefix=m.prefix,
                             task=m.task) for m in self.models]
+        parameters, resume = dict(self.parameters), None
+        if self.continual is not None:
+            resume = locate_path(self.continual, root)
+            state = read_merge_state(resume)  # RecipeError naming the file if absent
+            if not self.models:
+                raise RecipeError("`continual:` without new experts under `models:`",
+                                  fix="list the experts to merge into it under `models:`")
+            if method.resume is None:
+                raise RecipeError(
+                    f"`continual:` continues a merge, which method '{method.name}' cannot do",
+                    fix="use `merge_method: opcm` (see `supermerge methods opcm`)")
+            base = base or state.base_model
+            parameters = {**state.parameters, **parameters}
+            models = [ModelSpec(resume, method.resume(state.state)), *models]
         if base is not None:
             models, listed = order_for_method(method, models, lambda m: same_path(m.path, base))
             if listed is not None and method.needs_base:
                 log.info("base model listed under models: dropped (its task vector is zero)")
         return MergeSpec(
             method=self.merge_method, models=models, base_model=base,
-            parameters=dict(self.parameters), out_dtype=self.out_dtype or self.dtype,
+            parameters=parameters, out_dtype=self.out_dtype or self.dtype,
             compute_dtype=self.compute_dtype, seed=self.seed, on_missing=self.on_missing,
             vocab=self.vocab, on_nonfinite=self.on_nonfinite, heads=list(self.heads),
-            output=self.output, rank=self.rank, svd=self.svd,
+            output=self.output, rank=self.rank, svd=self.svd, resume=resume,
             slices=[SliceSpec([SliceSource(locate_path(s.model, root), list(s.layer_range),
                                            dict(s.parameters)) for s in piece.sources],
                               dict(piece.parameters),
@@ -205,6 +231,7 @@ class Recipe(BaseModel):
                                                                         locate),
             "tokenizer": self.tokenizer and self.tokenizer.located(locate),
             "base_model": locate_path(self.base_model, root) if self.base_model else None,
+            "continual": locate_path(self.continual, root) if self.continual else None,
             "models": [m.model_copy(update={"model": locate_path(m.model, root)})
                        for m in self.models],
             "slices": [piece.model_copy(update={
