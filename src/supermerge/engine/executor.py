@@ -37,7 +37,9 @@ from supermerge.engine.spec import parse_dtype
 from supermerge.engine.task_state import TaskStateWriter
 from supermerge.errors import InputValueError
 from supermerge.io import CheckpointWriter
+from supermerge.io.guard import TOKENIZER_FILE_PATTERNS
 from supermerge.io.lora import ADAPTER_SAFE_WEIGHTS
+from supermerge.io.tokenizer import tokenizer_files
 from supermerge.methods import TaskSpecific, TensorContext
 from supermerge.methods.primitives import PARALLEL_FROM
 from supermerge.progress import Progress
@@ -175,10 +177,15 @@ def _execute(plan: MergePlan, out: str | Path, *, overwrite: bool, threads: int,
             del loaded, tensor
         report = sink.finish(writer) if sink is not None else None
         if sink is None:
-            writer.copy_model_files(plan.reference.model_dir)  # the tokenizer, if experts lack it
+            # the reference's tokenizer (if experts lack it), unless the merge writes its own
+            skip = TOKENIZER_FILE_PATTERNS if plan.vocab is not None else ()
+            writer.copy_model_files(plan.reference.model_dir, skip)
             if plan.model_files is not plan.reference:
-                writer.copy_model_files(plan.model_files.model_dir)
+                writer.copy_model_files(plan.model_files.model_dir, skip)
             _write_config(plan, writer)
+            if plan.vocab is not None:  # the tokenizer of the output vocabulary
+                for name, data in tokenizer_files(plan.vocab.tokenizer).items():
+                    writer.write_bytes(name, data)
         _write_heads(plan, writer)
         writer.write_text("supermerge_recipe.yaml", recipe_yaml)
         if task_state is not None:
@@ -251,8 +258,9 @@ def _write_heads(plan: MergePlan, writer: CheckpointWriter) -> None:
 
 
 def _write_config(plan: MergePlan, writer: CheckpointWriter) -> None:
-    """Write config.json with the plan's changes (a sliced merge's layer count) and the
-    recipe's output dtype, so transformers loads the output as written."""
+    """Write config.json with the plan's changes (a sliced merge's layer count, the output
+    vocabulary's size) and the recipe's output dtype, so transformers loads the output as
+    written."""
     config = plan.model_files.config
     if config is None or (plan.spec.out_dtype is None and not plan.config_changes):
         return
@@ -421,8 +429,12 @@ def _load(plan: MergePlan, job: TensorJob, compute: torch.dtype,
     if not job.merge:
         return LoadedJob(job, job.reference.checkpoint.read(job.reference.name), None, [])
     into = iter(reused)
-    base = _read(plan, job.base, compute, next(into)) if job.base is not None else None
-    experts = [_read(plan, source, compute, next(into)) for source in job.experts]
+    sources = [*([job.base] if job.base is not None else []), *job.experts]
+    inputs = [_read(plan, source, compute, next(into)) for source in sources]
+    if job.remap and plan.vocab is not None:  # rows onto the output vocabulary, in place
+        plan.vocab.remap([source.checkpoint for source in sources], inputs)
+    base = inputs[0] if job.base is not None else None
+    experts = inputs[1:] if job.base is not None else inputs
     return LoadedJob(job, base if base is not None else experts[0], base, experts)
 
 

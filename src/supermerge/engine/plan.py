@@ -26,6 +26,7 @@ from supermerge.engine.merge_state import (
 from supermerge.engine.params import LayerPositions, TensorParameters, is_tensor_dependent
 from supermerge.engine.slices import SliceLayout, slice_layout
 from supermerge.engine.spec import MergeSpec, parse_dtype
+from supermerge.engine.vocab import VOCAB_HINTS, VocabPlan, plan_vocab, vocab_size_change
 from supermerge.errors import MethodError, OutputError, PlanError, Problem, SupermergeError
 from supermerge.io import Checkpoint, TensorInfo, open_checkpoint, tied_aliases
 from supermerge.io.guard import check_output
@@ -34,9 +35,6 @@ from supermerge.methods import Method, get_method
 from supermerge.names import prefix_shift, shifted_name
 
 log = logging.getLogger(__name__)
-
-_VOCAB_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "output.weight", "shared.weight")
-
 
 @dataclass(frozen=True)
 class Source:
@@ -71,6 +69,7 @@ class TensorJob:
     base: Source | None = None
     merge: bool = True
     rows: int | None = None  # merge only the first `rows` rows (vocabulary mismatch)
+    remap: bool = False  # an embedding matrix: map its rows onto the output vocabulary
     params: Any = None
     model_params: list[Any] = field(default_factory=list)
     seed: int = 0
@@ -101,6 +100,7 @@ class MergePlan:
     heads: list[TaskHead] = field(default_factory=list)
     name_maps: list[dict[str, str]] = field(default_factory=list)
     unaligned: set[int] = field(default_factory=set)  # experts lacking most tensors
+    vocab: VocabPlan | None = None  # the output vocabulary of the tokenizer options
     config_changes: dict[str, Any] = field(default_factory=dict)  # keys set in config.json
     resumed: MergeState | None = None  # the record of the merge continued (spec.resume)
 
@@ -172,6 +172,8 @@ def plan_merge(spec: MergeSpec, *, out: Path | None = None, overwrite: bool = Fa
                           for model, expert in zip(spec.models, experts, strict=True)]
         plan.heads = _task_heads(plan, problems)
         plan.unaligned = _check_missing(plan, problems)
+        if spec.tokenizer is not None:
+            _plan_vocab(plan, problems)
         plan.jobs = _plan_jobs(plan, resolver, problems)
         if method.statistic is not None and not problems:
             plan.statistic_params = _statistic_params(method, resolver.global_specs,
@@ -259,6 +261,11 @@ def _check_adapter_output(spec: MergeSpec, method: Method | None,
         problems.append(Problem(f"method '{method.name}' writes per-task masks beside the "
                                 "model, which an adapter cannot hold",
                                 fix="write a model (leave out `output: adapter`)"))
+    if spec.tokenizer is not None:
+        problems.append(Problem("an adapter cannot change the base's vocabulary, and the "
+                                "recipe builds a new one (`tokenizer_source` / `tokenizer`)",
+                                fix="write a model (leave out `output: adapter`), or remove "
+                                "the tokenizer options"))
 
 
 def spec_inputs(spec: MergeSpec) -> list[str]:
@@ -376,6 +383,8 @@ def _plan_jobs(plan: MergePlan, resolver: TensorParameters, problems) -> list[Te
         if not ref_info.is_float:
             job.merge = False  # integer buffers are copied from the reference, never averaged
             continue
+        if plan.vocab is not None and name in plan.vocab.names:
+            job.remap, job.shape = True, (plan.vocab.rows, *ref_info.shape[1:])
         job.experts = _expert_sources(plan, name, ref_info, job, problems)
         job.position = positions.position(name)
         typed, found = resolver.at(name, job.position)
@@ -442,17 +451,28 @@ def _expert_sources(plan, name, ref_info, job, problems) -> list[Source]:
 
 def _check_source(plan, name, ref_info, source: Source, job, problems) -> None:
     """A problem unless ``source`` is a float tensor of the reference's shape (or, for an
-    embedding, of another vocabulary size: ``job.rows``, as ``vocab`` says)."""
+    embedding, of another vocabulary size: ``job.rows``, as ``vocab`` says, or remapped onto
+    the output vocabulary, ``job.remap``, whose plan checked its shape)."""
     info, expert = source.info, source.checkpoint
     if not info.is_float:
         problems.append(Problem(f"dtype {info.dtype} is not a float dtype but the reference's "
                                 f"is {ref_info.dtype}", file=str(expert.path), tensor=name,
                                 fix="merge checkpoints of the same model"))
-    elif tuple(info.shape) != tuple(ref_info.shape):
+    elif tuple(info.shape) != tuple(ref_info.shape) and not job.remap:
         _shape_mismatch(plan, name, ref_info, info, expert, job, problems)
     if info.dtype != ref_info.dtype and info.is_float:
         log.info("%s: %s is %s, reference is %s (computed in float32)",
                  expert.path, source.name, info.dtype, ref_info.dtype)
+
+
+def _plan_vocab(plan: MergePlan, problems: list[Problem]) -> None:
+    """The output vocabulary of the tokenizer options (:mod:`supermerge.engine.vocab`) and
+    its ``vocab_size`` in the output config."""
+    plan.vocab = plan_vocab(plan.spec, plan.base, plan.experts, plan.reference,
+                            plan.name_maps, problems)
+    if plan.vocab is not None:
+        plan.warnings += plan.vocab.warnings
+        plan.config_changes.update(vocab_size_change(plan.reference.config, plan.vocab.rows))
 
 
 def _plan_slices(plan: MergePlan, problems: list[Problem]) -> None:
@@ -464,7 +484,10 @@ def _plan_slices(plan: MergePlan, problems: list[Problem]) -> None:
             (spec.output == "adapter", "`output: adapter` stores an update over one base "
              "model, and slices change the layers", "write a model (leave out `output`)"),
             (method.per_task, f"method '{method.name}' writes per-task masks of whole "
-             "models", "use a method without task masks")):
+             "models", "use a method without task masks"),
+            (spec.tokenizer is not None, "the tokenizer options (`tokenizer_source`, "
+             "`tokenizer:`) remap whole models' embeddings", "merge whole models (`models:`) "
+             "to change the vocabulary, or leave out the tokenizer options")):
         if refused:
             problems.append(Problem(f"{why}: not possible with `slices`", fix=fix))
     opened = {m.path: expert for m, expert in zip(spec.models, plan.experts, strict=True)}
@@ -514,7 +537,7 @@ def _slice_jobs(plan: MergePlan, layout: SliceLayout, problems: list[Problem]
 def _shape_mismatch(plan, name, ref_info, info, expert, job, problems) -> None:
     same_width = len(info.shape) == len(ref_info.shape) and tuple(info.shape[1:]) == tuple(
         ref_info.shape[1:])
-    vocab_like = same_width and any(h in name for h in _VOCAB_HINTS)
+    vocab_like = same_width and any(h in name for h in VOCAB_HINTS)
     if vocab_like and plan.spec.vocab == "common_rows":
         job.rows = min(job.rows or ref_info.shape[0], info.shape[0])
         plan.warnings.append(

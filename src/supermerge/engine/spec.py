@@ -61,6 +61,39 @@ class ModelSpec:
                              else path.name)
 
 
+@dataclass(frozen=True)
+class TokenSource:
+    """Where a token's embedding row comes from (mergekit's ``tokens: {T: {source: ...}}``):
+    ``model`` (the row of the same token in the model at ``model``), ``model_token`` (the
+    row of ``token`` or of row ``token_id`` in ``model``) or ``zero`` (a row of zeros)."""
+
+    kind: Literal["model", "model_token", "zero"]
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """One token's embedding rule: its ``source`` (None: the automatic rule), and ``force``
+    (every model gets that row, even the models that have the token)."""
+
+    source: TokenSource | None = None
+    force: bool = False
+
+
+@dataclass
+class TokenizerSpec:
+    """The output vocabulary (mergekit's ``tokenizer_source`` / ``tokenizer:``): ``source``
+    is ``union``, ``base`` or a model path; ``tokens`` set rows of single tokens (added to
+    the vocabulary when it lacks them); rows are padded to a multiple of
+    ``pad_to_multiple_of``. See :mod:`supermerge.engine.vocab`."""
+
+    source: str = "union"
+    tokens: dict[str, TokenSpec] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
+
+
 @dataclass
 class SliceSource:
     """One input of an output slice: layers ``layer_range[0]`` to ``layer_range[1] - 1`` of
@@ -97,6 +130,8 @@ class MergeSpec:
     factored by an ``exact`` or a seeded ``randomized`` SVD (``svd``). ``resume`` is the
     folder of a previous merge that this one continues (``models[0]``, whose
     ``merge_state.json`` gave its parameters; see :mod:`supermerge.engine.merge_state`).
+    ``tokenizer`` builds an output vocabulary and maps every model's embedding rows onto it
+    (None: the reference's tokenizer is copied and ``vocab`` applies).
 
     ``slices`` (mergekit's): the output's numbered blocks are the slices' layers in order,
     renumbered, each slice merging its sources position by position
@@ -120,6 +155,7 @@ class MergeSpec:
     heads: list[str] = field(default_factory=list)
     resume: str | None = None
     slices: list[SliceSpec] | None = None
+    tokenizer: TokenizerSpec | None = None
 
     def __post_init__(self) -> None:
         if not self.slices:

@@ -30,9 +30,7 @@ from supermerge.io.checkpoint import SAFE_INDEX
 
 # Files copied from the base model's directory: config, tokenizer, processor, and the
 # Python files of remote-code models (config.json's auto_map points at them).
-MODEL_FILE_PATTERNS = (
-    "config.json",
-    "generation_config.json",
+TOKENIZER_FILE_PATTERNS = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -45,6 +43,13 @@ MODEL_FILE_PATTERNS = (
     "sentencepiece.bpe.model",
     "chat_template.jinja",
     "chat_template.json",
+)
+"""The files of a tokenizer (and its chat template) in a Hugging Face model folder."""
+
+MODEL_FILE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    *TOKENIZER_FILE_PATTERNS,
     "preprocessor_config.json",
     "processor_config.json",
     "*.py",

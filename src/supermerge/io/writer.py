@@ -160,10 +160,11 @@ class CheckpointWriter:
         self._write_tensor(spec, tensor, placements)
         self._side_names[file].add(name)
 
-    def copy_model_files(self, model_dir: Path | None) -> None:
+    def copy_model_files(self, model_dir: Path | None, skip: Sequence[str] = ()) -> None:
         """Copy config, generation config, tokenizer/processor files and remote-code ``*.py``
         from ``model_dir`` (only the names of MODEL_FILE_PATTERNS: never weights or its
-        README); no-op for ``None``.
+        README), except the names in ``skip`` (e.g. the tokenizer's files when the merge
+        writes its own); no-op for ``None``.
 
         A link is followed only to a regular file inside ``model_dir`` (or, for a Hugging
         Face cache snapshot, inside its repository's ``blobs/``); a link out of the folder,
@@ -177,7 +178,9 @@ class CheckpointWriter:
         copied = []
         for pattern in MODEL_FILE_PATTERNS:
             for entry in sorted(model_dir.glob(pattern)):
-                source = _side_file_source(entry, model_dir)
+                if entry.name in skip:
+                    continue
+                source = side_file_source(entry, model_dir)
                 if source is None:
                     continue
                 with self._writing(entry.name):
@@ -606,7 +609,7 @@ def _describe(spec: _Spec) -> str:
     return f"{str(spec.dtype).removeprefix('torch.')}{list(spec.shape)}"
 
 
-def _side_file_source(entry: Path, model_dir: Path) -> Path | None:
+def side_file_source(entry: Path, model_dir: Path) -> Path | None:
     """The regular file to copy for ``entry`` of ``model_dir``, links resolved; None (with a
     warning for a link out of the folder or a special file) if it must not be copied."""
     try:

@@ -50,12 +50,11 @@ from supermerge.errors import RecipeError, validation_details
 from supermerge.io.lora import split_base_adapter
 from supermerge.learn.registry import LEARNED_METHODS
 from supermerge.methods import get_method
+from supermerge.recipes.tokenizer import RecipeTokenizer, locate_source, tokenizer_spec
 
 log = logging.getLogger(__name__)
 
 _UNSUPPORTED = {
-    "tokenizer_source": "supermerge copies the tokenizer of the base model (or the first model)",
-    "tokenizer": "supermerge copies the tokenizer of the base model (or the first model)",
     "chat_template": "the chat template is copied from the base model's tokenizer files",
     "modules": "per-module recipes are not supported; use `filter` values in `parameters`",
 }
@@ -145,6 +144,14 @@ class Recipe(BaseModel):
         None, description="a previous merge's output folder to continue (opcm): its "
         "merge_state.json gives the base, the parameters and its state; `models` are the "
         "new experts, merged after it in order")
+    tokenizer_source: str | None = None  # mergekit's legacy spelling of `tokenizer: {source}`
+    tokenizer: RecipeTokenizer | None = None
+
+    @model_validator(mode="after")
+    def _one_tokenizer_key(self) -> Recipe:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give `tokenizer_source` or `tokenizer:`, not both (as mergekit)")
+        return self
 
     @field_validator("heads", mode="before")
     @classmethod
@@ -209,12 +216,20 @@ class Recipe(BaseModel):
                                            dict(s.parameters)) for s in piece.sources],
                               dict(piece.parameters),
                               locate_path(piece.base_model, root) if piece.base_model else None)
-                    for piece in self.slices] if self.slices else None)
+                    for piece in self.slices] if self.slices else None,
+            tokenizer=tokenizer_spec(self.tokenizer_source, self.tokenizer,
+                                     lambda p: locate_path(p, root)))
 
     def located(self, root: Path | None) -> Recipe:
         """Return a copy whose model paths are resolved as :meth:`to_spec` resolves them
         (against ``root`` where they exist there): it runs from any working directory."""
+        def locate(path: str) -> str:
+            return locate_path(path, root)
+
         return self.model_copy(update={
+            "tokenizer_source": self.tokenizer_source and locate_source(self.tokenizer_source,
+                                                                        locate),
+            "tokenizer": self.tokenizer and self.tokenizer.located(locate),
             "base_model": locate_path(self.base_model, root) if self.base_model else None,
             "continual": locate_path(self.continual, root) if self.continual else None,
             "models": [m.model_copy(update={"model": locate_path(m.model, root)})
