@@ -21,6 +21,7 @@ from supermerge.engine.task_state import TASK_STATE_JSON, load_task_state, read_
 from supermerge.errors import CheckpointError
 from supermerge.io import open_checkpoint
 from supermerge.learn.modules import MeanPooledEncoder, PooledClassifier, linear_head
+from supermerge.learn.twin import TWIN_JSON, load_twin
 from supermerge.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ def load_task_model(
     merged weights (task ``task``'s own for a per-task merge) and the task's head; for
     backbone-and-head-file experts a :class:`~supermerge.learn.modules.PooledClassifier`,
     which answers the same way (``model(**tokens).logits``, ``model.config.id2label``).
+    A Twin-Merging output gives a :class:`~supermerge.learn.twin.TwinModel`, which routes
+    each input through the task's mixture of exclusive parts (and answers the same way).
 
     ``task`` is an index in the recipe's order or a task name (a per-task merge also takes
     the expert's path). ``base``: the base model of a per-task merge, if not where the
@@ -55,16 +58,20 @@ def load_task_model(
             weights = {name: merged.read(name) for name in merged.names()}
     config_dict = head.config if head is not None and head.config else _config(out_dir)
     config = transformers.AutoConfig.for_model(**config_dict)
+    routed = (out_dir / TWIN_JSON).is_file()
     if head is not None and head.layout == "pooled_encoder":
-        return _pooled_classifier(transformers, config, weights, head, out_dir)
+        pooled = _pooled_classifier(transformers, config, weights, head, out_dir)
+        return load_twin(pooled, out_dir, head=pooled.head, prefix="encoder.") if routed \
+            else pooled
     model_class = _model_class(transformers, config)
     model = model_class(config)
     model.load_state_dict(_match(model, weights, head.tensors if head else {}, out_dir),
                           strict=False)
     model.tie_weights()
-    log.info("task %s: %s with the merged weights of %s%s", task, model_class.__name__,
-             out_dir, f" and head {head.task!r}" if head else "")
-    return model.eval()
+    log.info("task %s: %s with the merged weights of %s%s%s", task, model_class.__name__,
+             out_dir, f" and head {head.task!r}" if head else "",
+             ", routed per input (Twin-Merging)" if routed else "")
+    return load_twin(model.eval(), out_dir) if routed else model.eval()
 
 
 def _pooled_classifier(transformers: Any, config: Any, weights: Mapping[str, torch.Tensor],

@@ -254,7 +254,9 @@ def _selection_notes(merge: LearnedMerge) -> str:
 def export_outcome(out: str | Path, outcome: LearnedOutcome, **written: Any) -> Path:
     """Write a learned method's outcome; returns ``out``: with its coefficients
     (:func:`export_learned`) when the method trained them, else the merged weights and
-    heads (:func:`export_model`). ``written`` are those functions' keywords."""
+    heads (:func:`export_model`) with the method's own files and notes beside them.
+    ``written`` are those functions' keywords."""
     if outcome.merge is not None:
         return export_learned(out, outcome.merge, **written)
-    return export_model(out, outcome.state, outcome.heads, **written)
+    return export_model(out, outcome.state, outcome.heads, files=outcome.files,
+                        notes=outcome.notes, **written)
