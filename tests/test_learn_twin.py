@@ -15,7 +15,9 @@ from supermerge.cli.main import cli
 from supermerge.errors import MethodError
 from supermerge.learn.registry import get_learned_method
 from supermerge.learn.twin import (
+    Router,
     TwinModel,
+    TwinState,
     compress,
     dense,
     read_twin,
@@ -139,6 +141,30 @@ def test_learn_twin_end_to_end_routes_each_input_as_by_hand(learn_setup, tmp_pat
         oracle.load_state_dict(weights, strict=False)
         one = {k: v[row:row + 1] for k, v in tokens.items()}
         assert torch.allclose(output.logits[row], oracle.eval()(**one).logits[0], atol=1e-4)
+    model._hooked = None  # the per-input path gives the same logits
+    assert torch.allclose(model(**tokens).logits, output.logits, atol=1e-5)
+
+
+def test_a_parameter_outside_linear_layers_is_routed_input_by_input() -> None:
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(2))
+            self.head = torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.head(x * self.scale)
+
+    torch.manual_seed(0)
+    model, router = Scaled(), Router(2, 4, 2)
+    parts = {"scale": [(torch.tensor([1.0, 0.0]),), (torch.tensor([0.0, 1.0]),)]}
+    routed = TwinModel(model, TwinState(("a", "b"), parts, router, None), model.head)
+    x = torch.tensor([[1.0, 2.0], [-3.0, 0.5]])
+    output = routed(x)
+    for row in range(2):
+        w = torch.softmax(router(x[row:row + 1]), -1)[0]  # features: x * shared scale (1)
+        by_hand = model.head(x[row] * torch.stack([1 + w[0], 1 + w[1]]))
+        assert torch.allclose(output.logits[row], by_hand, atol=1e-6)
 
 
 def test_learn_twin_refuses_a_bad_rank_before_training(learn_setup, tmp_path) -> None:  # noqa: F811

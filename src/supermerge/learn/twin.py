@@ -356,13 +356,38 @@ class RoutedOutput:
     routing: torch.Tensor
 
 
+_HOOKED = (nn.Linear, nn.Embedding, nn.LayerNorm)
+"""Modules whose routed output is computed in one batched pass (their weight and bias)."""
+
+
+def _part_output(module: nn.Module, x: torch.Tensor, parts: Mapping[str, Part]) -> torch.Tensor:
+    """Return what one task's exclusive parts of ``module``'s weight and bias add to its
+    output on input ``x``, without forming a weight: ``x V^T U^T`` for a low-rank linear
+    weight, ``U[ids] V`` for an embedding, ``normalised(x) * dw + db`` for a layer norm."""
+    weight, bias = parts.get("weight"), parts.get("bias")
+    if isinstance(module, nn.Embedding):
+        return weight[0][x] if len(weight) == 1 else weight[0][x] @ weight[1]
+    if isinstance(module, nn.LayerNorm):
+        x = nn.functional.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        added = x * weight[0] if weight is not None else torch.zeros_like(x)
+    elif weight is None:
+        added = torch.zeros(*x.shape[:-1], module.out_features, dtype=x.dtype)
+    else:
+        added = x @ weight[0].T if len(weight) == 1 else (x @ weight[1].T) @ weight[0].T
+    return added + bias[0] if bias is not None else added
+
+
 class TwinModel(nn.Module):
     """A model whose forward routes each input: the wrapped model (holding the shared
     weights and a task's head) runs input ``x`` on ``shared + sum_t w_t(x) v~_t``.
 
     ``site`` is the submodule whose input is the router's features (None: the model's
     output); ``prefix`` what the merged tensor names carry inside the model (e.g.
-    ``encoder.`` for a pooled classifier). ``config`` is the wrapped model's.
+    ``encoder.`` for a pooled classifier). ``config`` is the wrapped model's. When every
+    routed tensor is the weight or bias of a Linear, Embedding or LayerNorm, a batch runs
+    in one pass, each module adding ``sum_t w_t(x) * part_t(x)`` to its output (low-rank
+    parts applied to the activations, never expanded); otherwise each input runs on its
+    own combined weights.
     """
 
     def __init__(self, model: nn.Module, twin: TwinState, site: nn.Module | None,
@@ -376,6 +401,14 @@ class TwinModel(nn.Module):
             raise CheckpointError(f"the model has no tensor {missing[0]!r} that the "
                                   "Twin-Merging parts name", tensor=missing[0],
                                   fix="load the model the merge produced")
+        self._hooked: dict[nn.Module, dict[str, list[Part]]] | None = {}
+        for name, parts in twin.parts.items():
+            path, _, attribute = (prefix + name).rpartition(".")
+            module = model.get_submodule(path)
+            if not isinstance(module, _HOOKED) or attribute not in ("weight", "bias"):
+                self._hooked = None
+                break
+            self._hooked.setdefault(module, {})[attribute] = parts
 
     @property
     def config(self) -> Any:
@@ -394,9 +427,39 @@ class TwinModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> RoutedOutput:
         """Return each input's logits on its own routed weights, and the routing.
 
-        Cost: the routing pass, then per input one forward pass and one combination of
-        every merged tensor (K low-rank products each)."""
+        Cost: the routing pass, then one pass with K low-rank corrections per routed
+        module (or, for other modules, per input one pass and one combination of every
+        routed tensor)."""
         weights = self.routing(*args, **kwargs)
+        if self._hooked is None:
+            return RoutedOutput(self._one_by_one(weights, args, kwargs), weights)
+        handles = [module.register_forward_hook(self._hook(parts, weights))
+                   for module, parts in self._hooked.items()]
+        try:
+            output = self.model(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return RoutedOutput(logits_of(output), weights)
+
+    @staticmethod
+    def _hook(parts: Mapping[str, list[Part]], weights: torch.Tensor):  # noqa: ANN205
+        """A forward hook adding ``sum_t w_t * part_t(x)``, each input its own ``w``."""
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor
+                 ) -> torch.Tensor:
+            shape = (len(weights),) + (1,) * (output.dim() - 1)
+            for t in range(weights.shape[1]):
+                task = {name: per_task[t] for name, per_task in parts.items()}
+                added = _part_output(module, inputs[0], task)
+                output = output + weights[:, t].reshape(shape).to(output.dtype) * added
+            return output
+
+        return hook
+
+    def _one_by_one(self, weights: torch.Tensor, args: Sequence[Any],
+                    kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """The logits of each input run on its own combined weights."""
         owned = dict(self.model.state_dict())
         logits = []
         for row in range(len(weights)):
@@ -407,7 +470,7 @@ class TwinModel(nn.Module):
             named = {k: v[row:row + 1] if isinstance(v, torch.Tensor) else v
                      for k, v in kwargs.items()}
             logits.append(logits_of(functional_call(self.model, merged, tuple(one), named)))
-        return RoutedOutput(torch.cat(logits), weights)
+        return torch.cat(logits)
 
 
 def load_twin(model: nn.Module, out_dir: str | Path, *, head: nn.Module | None = None,
