@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -50,12 +49,19 @@ from supermerge.errors import CheckpointError
 from supermerge.io import open_checkpoint
 from supermerge.learn.data import Task
 from supermerge.learn.errors import LearnError
+from supermerge.learn.features import (
+    data_free_merge,
+    feature_site,
+    head_features,
+    head_inputs,
+    pooled_features,
+)
 from supermerge.learn.method import ClosedForm, LearnedMethod, closed_form_run, register
-from supermerge.learn.model import Head, eval_mode, run_with_head
+from supermerge.learn.model import Head, eval_mode
 from supermerge.learn.objectives import logits_of
-from supermerge.learn.statistics import BATCH, State, finish_state, prepare_pairs
+from supermerge.learn.statistics import State, finish_state, prepare_pairs
 from supermerge.methods.primitives import Density
-from supermerge.methods.registry import Params, get_method
+from supermerge.methods.registry import Params
 from supermerge.progress import Progress
 
 TWIN_FILE = "twin.safetensors"
@@ -152,60 +158,6 @@ def train_router(features: torch.Tensor, labels: torch.Tensor, tasks: int, *,
     return router.eval()
 
 
-def pooled_features(features: torch.Tensor) -> torch.Tensor:
-    """Return one feature vector per input: the first position's for ``[batch, positions,
-    hidden]`` (the [CLS] state), the features themselves for ``[batch, hidden]``."""
-    if features.dim() == 3:
-        return features[:, 0]
-    return features.reshape(len(features), -1)
-
-
-@contextmanager
-def head_inputs(site: nn.Module | None, into: list[torch.Tensor]):  # noqa: ANN201
-    """While open, append to ``into`` the input of every call of ``site`` (the task head);
-    with no site the caller appends the module's outputs itself."""
-    if site is None:
-        yield
-        return
-
-    def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        into.append(pooled_features(inputs[0].detach()))
-
-    handle = site.register_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _site(module: nn.Module, head_prefix: str | None, head: Head | None) -> nn.Module | None:
-    """The module whose input is the features: a module head, the head under
-    ``head_prefix``, or None (the module's output is the features)."""
-    if isinstance(head, nn.Module):
-        return head
-    if head_prefix:
-        try:
-            return module.get_submodule(head_prefix.rstrip("."))
-        except AttributeError:
-            return None
-    return None
-
-
-def shared_features(module: nn.Module, shared: Mapping[str, torch.Tensor],
-                    site: nn.Module | None, head: Head | None, task: Task) -> torch.Tensor:
-    """Return ``[n, f]``: the features the head reads when the shared model runs on each of
-    ``task``'s inputs. Cost: one no-grad forward pass per example."""
-    found: list[torch.Tensor] = []
-    with torch.no_grad(), head_inputs(site, found):
-        for start in range(0, len(task.data), BATCH):
-            batch = task.data.select(torch.arange(start, min(start + BATCH, len(task.data))))
-            args, kwargs = batch.call_args()
-            output = run_with_head(module, shared, head, args, kwargs)
-            if site is None:
-                found.append(pooled_features(logits_of(output).detach()))
-    return torch.cat(found).float()
-
-
 def twin_merge(
     module: nn.Module,
     experts: Mapping[str, State],
@@ -239,20 +191,15 @@ def twin_merge(
     if empty:
         raise LearnError(f"task(s) {empty} have no inputs to train the router on",
                          fix="give each task some validation inputs")
-    method = get_method(shared)
-    options = {"lambda": scale, **({"density": density} if shared == "ties" else {})}
-    base = module.state_dict()
-    merged: dict[str, torch.Tensor] = {}
-    parts: dict[str, list[Part]] = {}
-    for name in names:
-        tensors = [experts[e][name] for e, _t, _h in pairs]
-        merged[name] = method(base[name], tensors, **options).to(base[name].dtype)
-        parts[name] = [compress(t.float() - merged[name].float(), rank) for t in tensors]
+    merged = data_free_merge(module, experts, [e for e, _t, _h in pairs], names, shared,
+                             scale, density)
+    parts = {name: [compress(experts[e][name].float() - merged[name].float(), rank)
+                    for e, _t, _h in pairs] for name in names}
     features, labels = [], []
     with eval_mode(module):
         for index, (_e, task, head) in enumerate(pairs):
-            found = shared_features(module, merged, _site(module, head_prefix, head), head,
-                                    task)
+            found = head_features(module, merged, feature_site(module, head_prefix, head),
+                                  head, task)
             features.append(found)
             labels.append(torch.full((len(found),), index, dtype=torch.long))
     router = train_router(torch.cat(features), torch.cat(labels), len(pairs), hidden=hidden,
@@ -480,7 +427,7 @@ def load_twin(model: nn.Module, out_dir: str | Path, *, head: nn.Module | None =
     head when the merge had no head prefix (a pooled classifier's ``head``); ``prefix``:
     what the merged names carry inside ``model``. Cost: reading the parts and router."""
     twin = read_twin(out_dir)
-    site = head if head is not None else _site(model, twin.head_prefix, None)
+    site = head if head is not None else feature_site(model, twin.head_prefix, None)
     return TwinModel(model, twin, site, prefix).eval()
 
 

@@ -18,6 +18,7 @@
         input_key: text
         label_key: topic
     parameters: {steps: 200, granularity: tensor, hierarchical: false, fan_in: 2}
+    surgery: true                       # or {rank: 16, steps: 200}: Representation Surgery
 
 The module is the experts' architecture (transformers' Auto class for ``architecture``)
 loaded with the base model's weights; each task's head comes from its own expert. With
@@ -65,9 +66,10 @@ from supermerge.learn import (
     load_task_data,
 )
 from supermerge.learn.distributed import TorchDataParallel
-from supermerge.learn.method import TRAINED_EXAMPLES
+from supermerge.learn.method import TRAINED_EXAMPLES, typed_params
 from supermerge.learn.modules import MeanPooledEncoder, read_linear_head
 from supermerge.learn.registry import LEARNED_METHODS
+from supermerge.learn.surgery import SurgeryParams, with_surgery
 from supermerge.progress import Progress
 from supermerge.recipes.recipe import check_file_name, load_yaml, locate_path, warn_repeated_models
 
@@ -126,6 +128,16 @@ class LearnRecipe(BaseModel):
         "adamerging, the `examples` parameter for fisher and regmean)")
     max_length: int = Field(128, ge=4)
     parameters: dict[str, Any] = Field(default_factory=dict)
+    surgery: bool | dict[str, Any] = Field(
+        False, description="Representation Surgery on the merged model: true, or its "
+        "parameters (rank, steps, lr, batch_size, seed)")
+
+    @property
+    def surgery_params(self) -> dict[str, Any] | None:
+        """The surgery's parameters as given (None: no surgery)."""
+        if self.surgery is False:
+            return None
+        return {} if self.surgery is True else dict(self.surgery)
 
     def to_yaml(self) -> str:
         """The recipe as YAML (saved beside the merged model)."""
@@ -187,6 +199,8 @@ def load_learn_recipe(source: str | Path | dict[str, Any]) -> tuple[LearnRecipe,
                           fix=f"valid top-level keys: {', '.join(LearnRecipe.model_fields)}"
                           ) from None
     params = _method_params(recipe)  # validated: MethodError naming every invalid value
+    if recipe.surgery_params is not None:
+        typed_params("surgery", SurgeryParams, recipe.surgery_params)
     if recipe.architecture == "causal_lm" and params.get("labels") == "exact":  # fisher
         raise RecipeError("labels: exact sums over the classes, which a language model's "
                           "vocabulary makes impractical", file=path,
@@ -251,6 +265,8 @@ def run_learn_recipe(
     """
     recipe, root = load_learn_recipe(source)
     method = recipe.method
+    if parallel is not None and recipe.surgery_params is not None:
+        raise RecipeError("surgery has no data-parallel mode", fix="run it in one process")
     if parallel is not None and not method.parallel:
         raise RecipeError(f"{recipe.merge_method} has no data-parallel mode",
                           fix="run it in one process; data parallelism is for " + ", ".join(
@@ -308,6 +324,9 @@ def run_learn_recipe(
         options["weights"] = {e.task_name: e.weight or 1.0 for e in recipe.experts}
     outcome = method.run(module, experts, tasks, head_prefix=recipe.head_prefix,
                          heads=heads, progress=progress, parallel=parallel, **options)
+    if recipe.surgery_params is not None:
+        outcome = with_surgery(outcome, module, experts, tasks, head_prefix=recipe.head_prefix,
+                               heads=heads, progress=progress, **recipe.surgery_params)
     if parallel is not None and parallel.rank != 0:
         return LearnOutcome(Path(out), recipe.merge_method, outcome.merge)
     return LearnOutcome(export_outcome(out, outcome, **written), recipe.merge_method,

@@ -44,8 +44,8 @@ from supermerge.progress import Progress, ignore
 
 log = logging.getLogger(__name__)
 
-LEARNED_RUNS = ("adamerging", "fisher", "regmean", "twin", "supermerge", "supermerge_paper",
-                "supermerge_hierarchical")
+LEARNED_RUNS = ("adamerging", "fisher", "regmean", "twin", "surgery", "supermerge",
+                "supermerge_paper", "supermerge_hierarchical")
 PAPER = {"objective": "labels", "basis": "task_vectors"}
 """SuperMerge as its paper configures it (cross-entropy on labels, raw task vectors)."""
 Row = dict[str, Any]
@@ -367,7 +367,7 @@ class _Bench:
             fit = outcome.merge.fits["root"]
             extra = {"heldout_loss": fit.heldout_loss, "objective": fit.objective,
                      "configuration": outcome.merge.chosen, "selection": outcome.merge.selection}
-        routed = bool(outcome.files)  # a router beside the model (twin): scored from disk
+        routed = bool(outcome.files)  # a router or surgery beside the model: scored from disk
         if self.config.keep_models or routed:
             export_outcome(self.target(name), outcome, method=method.name, overwrite=True,
                            model_dir=self.base,
