@@ -25,10 +25,13 @@ router), ``twin.safetensors`` (``u.<t>.<name>`` = ``U_r diag(S_r)`` and ``v.<t>.
 the routed model; :func:`supermerge.load_task_model` returns it for a task (the router
 picks the backbone's mixture, the task picks the head).
 
-Differences from the paper's code: it routes once per batch of a single task; here each
-input is routed on its own, as the paper's formula says. Its router reads the features of
-the shared model after its own fine-tuned embedding layer; here the features the task
-head reads, standardised.
+Differences from the reference code (LZY-the-boys/Twin-Merging, discriminative/): it
+sparsifies each exclusive part by magnitude; here, as the paper describes, each matrix is
+compressed by truncated SVD. Its router reads the mean of the shared model's last hidden
+states and is a deeper MLP (batch norm, dropout, width 2d) trained for 50 epochs; here the
+router reads what the task head reads (the mean-pooled states for pooled encoders, the
+pooler output for a BERT classifier), standardised, through one hidden layer. Both route
+each input on its own and mix the parts by the softmax of the router's logits.
 """
 
 from __future__ import annotations
