@@ -107,3 +107,28 @@ def test_learn_surgery_method_and_bad_surgery_parameters(learn_setup, tmp_path) 
     result = CliRunner().invoke(cli, ["learn", write(root, bad), "-o", str(tmp_path / "o")])
     assert result.exit_code != 0 and "rank" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_supermerge_surgery_repairs_a_model_merged_by_any_method(learn_setup,  # noqa: F811
+                                                                   tmp_path) -> None:
+    root, recipe = learn_setup
+    merged = tmp_path / "ta"
+    supermerge.merge({"merge_method": "task_arithmetic", "base_model": str(root / "base"),
+                      "models": [{"model": str(root / "apple")}, {"model": str(root / "red")}],
+                      "parameters": {"lambda": 0.5}}, merged)
+    learn = {**recipe, "merge_method": "fisher", "parameters": {},
+             "surgery": {"steps": 20, "lr": 0.01}}
+    out = tmp_path / "repaired"
+    result = CliRunner().invoke(cli, ["surgery", str(merged), "--recipe", write(root, learn),
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    before = safetensors.torch.load_file(merged / "model.safetensors")
+    after = safetensors.torch.load_file(out / "model.safetensors")
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(before[name], after[name])  # the merge itself is kept as it is
+    assert set(read_surgery(out).modules) == {"apple", "red"}
+    assert supermerge.load_task_model(out, "apple")(**{"input_ids": torch.tensor([[1, 2]])}
+                                                    ).logits.shape == (1, 2)
+    wrong = CliRunner().invoke(cli, ["surgery", str(root / "base" / "config.json"), "--recipe",
+                                     write(root, learn), "-o", str(tmp_path / "x")])
+    assert wrong.exit_code != 0 and not (tmp_path / "x").exists()

@@ -83,7 +83,7 @@ def _start_worker(queue: Any) -> None:
 
 def _report(stage: str, done: int, total: int, info: Any = None) -> None:
     """Send a progress event (the Progress signature, info included) to the parent."""
-    _QUEUE.put((stage, done, total, info))
+    _QUEUE.put((stage, done, total) if info is None else (stage, done, total, info))
 
 
 def _call(function: Callable[..., T], job: tuple[Any, ...]) -> T:
