@@ -6,16 +6,29 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from supermerge.learn.data import Task
 from supermerge.learn.model import Head, run_with_head
 from supermerge.learn.objectives import logits_of
 from supermerge.learn.statistics import BATCH, State
-from supermerge.methods.registry import get_method
+from supermerge.methods.primitives import Density
+from supermerge.methods.registry import Params, get_method
+
+
+class StartParams(Params):
+    """The data-free merge a method starts from (Twin-Merging's shared expert, the model
+    Representation Surgery repairs)."""
+
+    merge: Literal["task_arithmetic", "ties"] = Field(
+        "task_arithmetic", description="the data-free merge of the experts it starts from")
+    scale: float = Field(0.3, alias="lambda", allow_inf_nan=False,
+                         description="lambda of that merge")
+    density: Density = Field(0.2, description="merge: ties: fraction of entries kept")
 
 
 def pooled_features(features: torch.Tensor) -> torch.Tensor:

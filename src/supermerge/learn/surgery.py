@@ -28,18 +28,19 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field
 from safetensors.torch import save
 from torch import nn
 
+from supermerge.engine.task_state import side_description
 from supermerge.errors import CheckpointError
 from supermerge.io import open_checkpoint
 from supermerge.learn.data import Task
 from supermerge.learn.errors import LearnError
-from supermerge.learn.features import data_free_merge, feature_site, head_features
+from supermerge.learn.features import StartParams, data_free_merge, feature_site, head_features
 from supermerge.learn.method import (
     ClosedForm,
     LearnedMethod,
@@ -50,7 +51,6 @@ from supermerge.learn.method import (
 )
 from supermerge.learn.model import Head, eval_mode
 from supermerge.learn.statistics import State, finish_state, prepare_pairs
-from supermerge.methods.primitives import Density
 from supermerge.methods.registry import Params
 from supermerge.progress import Progress
 
@@ -69,14 +69,8 @@ class SurgeryParams(Params):
     seed: int = Field(0, description="seed of the initialisation and the batches")
 
 
-class SurgeryMergeParams(SurgeryParams):
-    """Parameters of ``surgery``: the merge it starts from, then its modules'."""
-
-    merge: Literal["task_arithmetic", "ties"] = Field(
-        "task_arithmetic", description="the data-free merge the surgery repairs")
-    scale: float = Field(0.3, alias="lambda", allow_inf_nan=False,
-                         description="lambda of that merge")
-    density: Density = Field(0.2, description="merge: ties: fraction of entries kept")
+class SurgeryMergeParams(StartParams, SurgeryParams):
+    """Parameters of ``surgery``: the merge it repairs, then its modules'."""
 
 
 class Surgery(nn.Module):
@@ -212,21 +206,11 @@ def read_surgery(out_dir: str | Path) -> SurgeryState:
     Raises CheckpointError naming the file if ``surgery.json`` or ``surgery.safetensors``
     is missing, malformed or incomplete. Cost: reads both (small) files.
     """
-    file = Path(out_dir) / SURGERY_JSON
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+    with side_description(out_dir, SURGERY_JSON, FORMAT, "surgery",
+                          missing="no Representation Surgery here",
+                          fix="learn with `surgery: true` or `merge_method: surgery`") as data:
         tasks = [str(t) for t in data["tasks"]]
         head_prefix = data.get("head_prefix")
-    except FileNotFoundError:
-        raise CheckpointError("no Representation Surgery here (no surgery.json)", file=out_dir,
-                              fix="learn with `surgery: true` or `merge_method: surgery`"
-                              ) from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"surgery.json is unreadable or malformed: {exc}", file=file,
-                              fix="merge again to rewrite it") from None
-    if data.get("format") != FORMAT:
-        raise CheckpointError(f"unknown surgery format {data.get('format')!r}", file=file,
-                              fix=f"this supermerge reads {FORMAT}; merge again")
     tensors_file = Path(out_dir) / SURGERY_FILE
     modules = {}
     with open_checkpoint(tensors_file) as checkpoint:

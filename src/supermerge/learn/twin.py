@@ -40,7 +40,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -48,11 +48,13 @@ from safetensors.torch import save
 from torch import nn
 from torch.func import functional_call
 
+from supermerge.engine.task_state import side_description
 from supermerge.errors import CheckpointError
 from supermerge.io import open_checkpoint
 from supermerge.learn.data import Task
 from supermerge.learn.errors import LearnError
 from supermerge.learn.features import (
+    StartParams,
     data_free_merge,
     feature_site,
     head_features,
@@ -63,8 +65,6 @@ from supermerge.learn.method import ClosedForm, LearnedMethod, closed_form_run, 
 from supermerge.learn.model import Head, eval_mode
 from supermerge.learn.objectives import logits_of
 from supermerge.learn.statistics import State, finish_state, prepare_pairs
-from supermerge.methods.primitives import Density
-from supermerge.methods.registry import Params
 from supermerge.progress import Progress
 
 TWIN_FILE = "twin.safetensors"
@@ -75,14 +75,9 @@ Part = tuple[torch.Tensor, ...]
 """A task's exclusive part of one tensor: ``(full,)`` or the factors ``(U_r S_r, V_r^T)``."""
 
 
-class TwinParams(Params):
-    """Parameters of ``twin``."""
+class TwinParams(StartParams):
+    """Parameters of ``twin``: the merge of its shared expert, the parts, the router."""
 
-    shared: Literal["task_arithmetic", "ties"] = Field(
-        "task_arithmetic", description="how the shared expert merges the experts")
-    scale: float = Field(0.3, alias="lambda", allow_inf_nan=False,
-                         description="lambda of the shared expert's merge")
-    density: Density = Field(0.2, description="shared: ties: fraction of entries kept")
     rank: int = Field(16, ge=1, description="rank of each matrix's exclusive part (SVD)")
     steps: int = Field(200, ge=1, description="router training steps (Adam)")
     lr: float = Field(1e-3, gt=0, description="router learning rate")
@@ -169,7 +164,7 @@ def twin_merge(
     head_prefix: str | None = None,
     heads: Mapping[str, Head] | None = None,
     progress: Progress | None = None,
-    shared: str = "task_arithmetic",
+    merge: str = "task_arithmetic",
     scale: float = 0.3,
     density: float = 0.2,
     rank: int = 16,
@@ -194,7 +189,7 @@ def twin_merge(
     if empty:
         raise LearnError(f"task(s) {empty} have no inputs to train the router on",
                          fix="give each task some validation inputs")
-    merged = data_free_merge(module, experts, [e for e, _t, _h in pairs], names, shared,
+    merged = data_free_merge(module, experts, [e for e, _t, _h in pairs], names, merge,
                              scale, density)
     parts = {name: [compress(experts[e][name].float() - merged[name].float(), rank)
                     for e, _t, _h in pairs] for name in names}
@@ -210,7 +205,7 @@ def twin_merge(
                           progress=progress)
     state = finish_state(module, experts, pairs[0][0], merged, names, aliases, head_prefix)
     description = {"format": FORMAT, "method": "twin", "tasks": [e for e, _t, _h in pairs],
-                   "rank": rank, "shared": shared, "lambda": scale, "head_prefix": head_prefix,
+                   "rank": rank, "shared": merge, "lambda": scale, "head_prefix": head_prefix,
                    "router": {"features": router.net[0].in_features, "hidden": hidden}}
     return ClosedForm(state, files={TWIN_FILE: _twin_tensors(parts, router),
                                     TWIN_JSON: json.dumps(description, indent=2) + "\n"},
@@ -257,22 +252,13 @@ def read_twin(out_dir: str | Path) -> TwinState:
     Raises CheckpointError naming the file if ``twin.json`` or ``twin.safetensors`` is
     missing, malformed or incomplete. Cost: reads both files (the K compressed parts).
     """
-    file = Path(out_dir) / TWIN_JSON
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+    with side_description(out_dir, TWIN_JSON, FORMAT, "Twin-Merging",
+                          missing="not a Twin-Merging output",
+                          fix="merge with `merge_method: twin`") as data:
         tasks = tuple(str(t) for t in data["tasks"])
         router = Router(int(data["router"]["features"]), int(data["router"]["hidden"]),
                         len(tasks))
         head_prefix = data.get("head_prefix")
-    except FileNotFoundError:
-        raise CheckpointError("not a Twin-Merging output (no twin.json)", file=out_dir,
-                              fix="merge with `merge_method: twin`") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"twin.json is unreadable or malformed: {exc}", file=file,
-                              fix="merge again to rewrite it") from None
-    if data.get("format") != FORMAT:
-        raise CheckpointError(f"unknown Twin-Merging format {data.get('format')!r}", file=file,
-                              fix=f"this supermerge reads {FORMAT}; merge again")
     tensors_file = Path(out_dir) / TWIN_FILE
     with open_checkpoint(tensors_file) as checkpoint:
         tensors = {name: checkpoint.read(name) for name in checkpoint.names()}
