@@ -202,7 +202,8 @@ def test_benchmark_smoke(built, tiny_base, tasks, tmp_path):
     run, not_run = runnable(2)
     assert {"linear", "task_arithmetic", "ties", "dare_ties", "slerp"} <= run
     assert set(on_disk["methods"]) == run | {"adamerging", "fisher", "regmean", "supermerge",
-                                             "supermerge_paper", "supermerge_hierarchical"}
+                                             "supermerge_paper", "supermerge_hierarchical",
+                                             "twin", "surgery"}
     assert set(on_disk["not_run"]) == not_run and "passthrough" in not_run
     for name, row in on_disk["methods"].items():
         assert set(row["per_task"]) == {"colour", "animal"}, name
@@ -216,6 +217,8 @@ def test_benchmark_smoke(built, tiny_base, tasks, tmp_path):
     assert on_disk["methods"]["adamerging"]["needs"] == "unlabelled"
     assert on_disk["methods"]["fisher"]["needs"] == on_disk["methods"]["regmean"]["needs"]
     assert on_disk["methods"]["regmean"]["peak_rss_mib"] >= 0
+    assert on_disk["methods"]["twin"]["needs"] == "unlabelled"  # routed: scored from disk
+    assert on_disk["methods"]["surgery"]["needs"] == "unlabelled"
     assert on_disk["methods"]["supermerge"]["non_default"] == {"steps": [2, 40]}
     markdown = (tmp_path / "demo" / "results.md").read_text()
     assert "supermerge ran with steps 2 (default 40)." in markdown

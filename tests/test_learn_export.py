@@ -83,7 +83,7 @@ def test_learned_methods_are_listed_with_parameters_and_data_needs() -> None:
     methods = {m.name: m for m in LEARNED_METHODS}
     assert {n: m.needs for n, m in methods.items()} == {
         "adamerging": "unlabelled", "fisher": "unlabelled", "regmean": "unlabelled",
-        "supermerge": "unlabelled"}
+        "supermerge": "unlabelled", "surgery": "unlabelled", "twin": "unlabelled"}
     supermerge = methods["supermerge"]
     assert supermerge.data_needed(supermerge.validate({})) == "unlabelled"  # distill
     assert supermerge.data_needed(supermerge.validate({"objective": "labels+distill"})

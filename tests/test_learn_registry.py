@@ -16,8 +16,10 @@ pytest.importorskip("transformers")
 
 
 def test_every_learned_method_is_registered_and_found_by_name() -> None:
-    assert [m.name for m in LEARNED_METHODS] == ["adamerging", "fisher", "regmean", "supermerge"]
-    assert {m.name for m in LEARNED_METHODS if m.trains} == {"adamerging", "supermerge"}
+    assert [m.name for m in LEARNED_METHODS] == ["adamerging", "fisher", "regmean", "supermerge",
+                                                 "surgery", "twin"]
+    assert {m.name for m in LEARNED_METHODS if m.trains} == {"adamerging", "supermerge",
+                                                              "surgery", "twin"}
     assert all(get_learned_method(m.name) is m for m in LEARNED_METHODS)
     with pytest.raises(MethodError, match="did you mean 'supermerge'"):
         get_learned_method("supermerg")

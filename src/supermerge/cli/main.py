@@ -225,6 +225,36 @@ def _echo_adapter(report: Any) -> None:
 
 
 @cli.command()
+@click.argument("merged", type=click.Path(path_type=Path))
+@click.option("--recipe", required=True, type=click.Path(path_type=Path),
+              help="A learn recipe naming the base, the experts and their tasks' inputs; "
+              "its `surgery:` parameters apply, its merge_method is not run.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Output model directory (published atomically).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@friendly
+def surgery(merged: Path, recipe: Path, out: Path, overwrite: bool) -> None:
+    """Representation Surgery on MERGED, a model merged from the recipe's experts by any
+    method: train each task's surgery module on its inputs; write MERGED with the modules
+    to OUT."""
+    from supermerge.recipes.learn import run_learn_recipe
+
+    quiet_transformers()
+    bar = screen.progress_bar("surgery", unit="step")
+
+    def progress(stage: str, done: int, planned: int, _info: Any = None, /) -> None:
+        bar.total = planned
+        bar.update(done - bar.n)
+
+    try:
+        result = run_learn_recipe(recipe, out, overwrite=overwrite, progress=progress,
+                                  merged=merged)
+    finally:
+        bar.close()
+    click.echo(f"wrote {result.out} (surgery modules in surgery.safetensors)")
+
+
+@cli.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Output model directory (published atomically).")

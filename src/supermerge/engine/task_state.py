@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -205,25 +206,44 @@ def read_task_state(out_dir: str | Path) -> TaskState:
     Raises CheckpointError if the directory has no (valid) ``task_state.json``. Cost: reads
     one small JSON file.
     """
-    file = Path(out_dir) / TASK_STATE_JSON
+    with side_description(out_dir, TASK_STATE_JSON, FORMAT, "task state",
+                          missing="not the output of a per-task merge",
+                          fix="merge with a per-task method (tall_masks, emr), or load this "
+                          "model as it is") as data:
+        tasks = data["tasks"]
+        return TaskState(directory=Path(out_dir), method=str(data["method"]),
+                         base_model=data.get("base_model"),
+                         tasks=tuple(str(t["name"]) for t in tasks),
+                         scales=tuple(float(t["scale"]) for t in tasks))
+
+
+@contextmanager
+def side_description(out_dir: str | Path, name: str, fmt: str, what: str, *, missing: str,
+                     fix: str) -> Iterator[dict[str, Any]]:
+    """Yield the JSON object ``out_dir/name`` that a merge wrote beside its model
+    (``task_state.json``, ``twin.json``, ...), of format ``fmt``.
+
+    Raises CheckpointError: ``missing`` (with ``fix``) if there is no such file; naming
+    the file if it is unreadable, is of another format (``what`` names it), or if reading
+    its fields in the block fails (KeyError, TypeError, ValueError). Cost: one small file.
+    """
+    file = Path(out_dir) / name
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-        tasks = data["tasks"]
-        state = TaskState(directory=Path(out_dir), method=str(data["method"]),
-                          base_model=data.get("base_model"),
-                          tasks=tuple(str(t["name"]) for t in tasks),
-                          scales=tuple(float(t["scale"]) for t in tasks))
+        found = data.get("format") if isinstance(data, dict) else None
     except FileNotFoundError:
-        raise CheckpointError("not the output of a per-task merge (no task_state.json)",
-                              file=out_dir, fix="merge with a per-task method (tall_masks, "
-                                                "emr), or load this model as it is") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"task_state.json is unreadable or malformed: {exc}", file=file,
+        raise CheckpointError(f"{missing} (no {name})", file=out_dir, fix=fix) from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{name} is unreadable: {exc}", file=file,
                               fix="merge again to rewrite it") from None
-    if data.get("format") != FORMAT:
-        raise CheckpointError(f"unknown task state format {data.get('format')!r}", file=file,
-                              fix=f"this supermerge reads {FORMAT}; merge again")
-    return state
+    if found != fmt:
+        raise CheckpointError(f"unknown {what} format {found!r}", file=file,
+                              fix=f"this supermerge reads {fmt}; merge again")
+    try:
+        yield data
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{name} is malformed: {exc!r}", file=file,
+                              fix="merge again to rewrite it") from None
 
 
 def load_task_state(

@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ from supermerge.eval.model import (
     tokenize,
 )
 from supermerge.eval.tasks import Split, Task, TaskError
+from supermerge.learn.modules import PooledClassifier
+from supermerge.learn.surgery import SURGERY_JSON, read_surgery
+from supermerge.learn.twin import TWIN_JSON, load_twin
 from supermerge.progress import Progress, ignore
 
 
@@ -103,7 +107,9 @@ def evaluate(
     directory's ``heads/<task>.safetensors`` (a learned merge's export), else the task's
     expert's head. A merge that needs task ids (``task_state.json``: TALL masks, EMR)
     answers each task with that task's own model, its id found from the task's expert or
-    name. Normalisation uses the experts' test scores (``split`` "test" only).
+    name; a Twin-Merging output (``twin.json``) routes each input through its router, and
+    Representation Surgery modules (``surgery.json``) act in front of each task's head.
+    Normalisation uses the experts' test scores (``split`` "test" only).
     The tokenizer defaults to the model directory's, else the first expert's. Costs one
     forward pass per ``batch_size`` examples (plus, for a per-task merge, one read of the
     model per task). Raises TaskError for a task without a head or with a head of the
@@ -132,14 +138,25 @@ def evaluate(
         progress(stage, done, total)
 
     state = _task_state(directory)
+    routed = directory is not None and (directory / TWIN_JSON).is_file()
+    surgery = read_surgery(directory) if directory is not None and (
+        directory / SURGERY_JSON).is_file() else None
     scores = {}
     for task in tasks:
         if state is not None:  # a per-task merge: this task's own model, by its task id
             encoder.load_weights(load_task_state(directory, _task_index(state, task, experts)))
         head = _head_for(task, directory, experts, heads or {})
+        if surgery is not None:  # Representation Surgery in front of the task's head
+            head = nn.Sequential(surgery.modules[task.name], head)
         texts, labels = data[task.name]
         ids = tokenize(tokenizer, texts, max_length)
-        predictions = predict(encoder, head, ids, tokenizer.pad_token_id, batch_size, tick)
+        if routed:  # Twin-Merging: each input on its own mixture, with the task's head
+            model_of_task = load_twin(PooledClassifier(encoder, head, None), directory,
+                                      head=head, prefix="encoder.")
+            predictions = predict(model_of_task, attrgetter("logits"), ids,
+                                  tokenizer.pad_token_id, batch_size, tick)
+        else:
+            predictions = predict(encoder, head, ids, tokenizer.pad_token_id, batch_size, tick)
         expert = experts.get(task.name)
         scores[task.name] = TaskScore(
             task.name, str(task.metric), task.score(predictions, labels),

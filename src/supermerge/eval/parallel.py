@@ -81,8 +81,9 @@ def _start_worker(queue: Any) -> None:
     transformers_logging.disable_progress_bar()  # a worker has no screen of its own
 
 
-def _report(stage: str, done: int, total: int) -> None:
-    _QUEUE.put((stage, done, total))
+def _report(stage: str, done: int, total: int, info: Any = None) -> None:
+    """Send a progress event (the Progress signature, info included) to the parent."""
+    _QUEUE.put((stage, done, total) if info is None else (stage, done, total, info))
 
 
 def _call(function: Callable[..., T], job: tuple[Any, ...]) -> T:

@@ -21,6 +21,8 @@ from supermerge.engine.task_state import TASK_STATE_JSON, load_task_state, read_
 from supermerge.errors import CheckpointError
 from supermerge.io import open_checkpoint
 from supermerge.learn.modules import MeanPooledEncoder, PooledClassifier, linear_head
+from supermerge.learn.surgery import SURGERY_JSON, apply_surgery, read_surgery
+from supermerge.learn.twin import TWIN_JSON, load_twin
 from supermerge.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ def load_task_model(
     merged weights (task ``task``'s own for a per-task merge) and the task's head; for
     backbone-and-head-file experts a :class:`~supermerge.learn.modules.PooledClassifier`,
     which answers the same way (``model(**tokens).logits``, ``model.config.id2label``).
+    A Twin-Merging output gives a :class:`~supermerge.learn.twin.TwinModel`, which routes
+    each input through the task's mixture of exclusive parts (and answers the same way).
 
     ``task`` is an index in the recipe's order or a task name (a per-task merge also takes
     the expert's path). ``base``: the base model of a per-task merge, if not where the
@@ -55,16 +59,39 @@ def load_task_model(
             weights = {name: merged.read(name) for name in merged.names()}
     config_dict = head.config if head is not None and head.config else _config(out_dir)
     config = transformers.AutoConfig.for_model(**config_dict)
+    routed = (out_dir / TWIN_JSON).is_file()
     if head is not None and head.layout == "pooled_encoder":
-        return _pooled_classifier(transformers, config, weights, head, out_dir)
+        pooled = _pooled_classifier(transformers, config, weights, head, out_dir)
+        _surgery(out_dir, pooled.head, head.task)
+        return load_twin(pooled, out_dir, head=pooled.head, prefix="encoder.") if routed \
+            else pooled
     model_class = _model_class(transformers, config)
     model = model_class(config)
     model.load_state_dict(_match(model, weights, head.tensors if head else {}, out_dir),
                           strict=False)
     model.tie_weights()
-    log.info("task %s: %s with the merged weights of %s%s", task, model_class.__name__,
-             out_dir, f" and head {head.task!r}" if head else "")
-    return model.eval()
+    log.info("task %s: %s with the merged weights of %s%s%s", task, model_class.__name__,
+             out_dir, f" and head {head.task!r}" if head else "",
+             ", routed per input (Twin-Merging)" if routed else "")
+    if (out_dir / SURGERY_JSON).is_file():
+        surgery = read_surgery(out_dir)
+        site = model.get_submodule((surgery.head_prefix or "").rstrip("."))
+        _surgery(out_dir, site, head.task if head is not None else task)
+    return load_twin(model.eval(), out_dir) if routed else model.eval()
+
+
+def _surgery(out_dir: Path, site: torch.nn.Module, task: int | str) -> None:
+    """Apply the task's Representation Surgery module, if the merge has them, in front of
+    ``site`` (its head); CheckpointError if the merge has none for the task."""
+    if not (out_dir / SURGERY_JSON).is_file():
+        return
+    modules = read_surgery(out_dir).modules
+    names = list(modules)
+    name = names[task] if isinstance(task, int) and 0 <= task < len(names) else task
+    if name not in modules:
+        raise CheckpointError(f"no surgery module for task {task!r}", file=out_dir /
+                              SURGERY_JSON, fix=f"give one of the tasks: {', '.join(names)}")
+    apply_surgery(site, modules[name])
 
 
 def _pooled_classifier(transformers: Any, config: Any, weights: Mapping[str, torch.Tensor],

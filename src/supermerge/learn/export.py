@@ -192,16 +192,20 @@ def export_learned(
     inputs: Sequence[str | Path] = (),
     head_meta: Mapping[str, HeadMeta] | None = None,
     base_dir: str | Path | None = None,
+    files: Mapping[str, str | bytes] | None = None,
+    notes: str = "",
 ) -> Path:
     """Write the merged model (a Hugging Face directory) with its coefficients; returns ``out``.
 
-    As :func:`export_model`, plus the coefficients (JSON, CSV, safetensors, heatmap).
+    As :func:`export_model` (``files`` and ``notes`` too), plus the coefficients (JSON,
+    CSV, safetensors, heatmap).
     Costs one merged copy of the weights in memory plus the writer's shard buffer.
     """
     from supermerge.plotting import can_plot
 
     fits = merge.fits
-    files: dict[str, str | bytes] = {
+    files = {
+        **(files or {}),
         "coefficients.json": coefficients_json(fits, merge.selection, merge.chosen),
         "coefficients.csv": coefficients_csv(fits),
         "coefficients.safetensors": coefficient_tensors(fits),
@@ -210,7 +214,7 @@ def export_learned(
         files["coefficients.png"] = plot_coefficients(fits)
     return export_model(out, merge.model.merged_state_dict(), merge.model.head_state_dicts(),
                         method=method, base_models=base_models, recipe_yaml=recipe_yaml,
-                        model_dir=model_dir, notes=_card_notes(merge), files=files,
+                        model_dir=model_dir, notes=_card_notes(merge) + notes, files=files,
                         overwrite=overwrite, shard_size=shard_size, inputs=inputs,
                         head_meta=head_meta, base_dir=base_dir)
 
@@ -254,7 +258,9 @@ def _selection_notes(merge: LearnedMerge) -> str:
 def export_outcome(out: str | Path, outcome: LearnedOutcome, **written: Any) -> Path:
     """Write a learned method's outcome; returns ``out``: with its coefficients
     (:func:`export_learned`) when the method trained them, else the merged weights and
-    heads (:func:`export_model`). ``written`` are those functions' keywords."""
+    heads (:func:`export_model`); either with the outcome's own files and notes beside
+    them. ``written`` are those functions' keywords."""
+    extra = {"files": outcome.files, "notes": outcome.notes}
     if outcome.merge is not None:
-        return export_learned(out, outcome.merge, **written)
-    return export_model(out, outcome.state, outcome.heads, **written)
+        return export_learned(out, outcome.merge, **extra, **written)
+    return export_model(out, outcome.state, outcome.heads, **extra, **written)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,13 +39,27 @@ class LearnedOutcome:
     ``state`` is the module's state dict with the merged tensors (the module's own head
     tensors stay the base's); ``heads`` each task's head tensors; ``merge`` the learned
     coefficients and merge tree of methods that train (None for closed forms);
-    ``peak_rss`` the measured RSS rise in bytes.
+    ``peak_rss`` the measured RSS rise in bytes; ``files`` what the method writes beside
+    the model (name -> text or bytes, e.g. Twin-Merging's router) and ``notes`` markdown
+    for the model card.
     """
 
     state: dict[str, torch.Tensor]
     heads: dict[str, dict[str, torch.Tensor]]
     merge: LearnedMerge | None
     peak_rss: int
+    files: dict[str, str | bytes] = field(default_factory=dict)
+    notes: str = ""
+
+
+@dataclass
+class ClosedForm:
+    """What a closed-form merge returns when it writes more than the merged tensors:
+    ``files`` and ``notes`` as in :class:`LearnedOutcome`."""
+
+    tensors: dict[str, torch.Tensor]
+    files: dict[str, str | bytes] = field(default_factory=dict)
+    notes: str = ""
 
 
 Run = Callable[..., LearnedOutcome]
@@ -155,13 +169,16 @@ def trained_run(train: Callable[..., LearnedMerge]) -> Run:
     return run
 
 
-def closed_form_run(name: str, merge: Callable[..., dict[str, torch.Tensor]],
+def closed_form_run(name: str,
+                    merge: Callable[..., dict[str, torch.Tensor] | ClosedForm],
                     params_type: type[Params]) -> Run:
     """Return the :data:`Run` of closed-form method ``name`` (``merge(module, experts, tasks,
-    ...) -> merged tensors``): its parameters are typed by ``params_type`` first (keywords
-    it does not declare, such as fisher's per-expert ``weights``, pass through); the
-    module's other tensors and the experts' heads (under ``head_prefix``, or ``heads`` as
-    given) complete the outcome; the peak RSS rise is measured around the merge."""
+    ...) -> merged tensors``, or a :class:`ClosedForm` with files to write beside them;
+    no coefficients are trained, though a method may fit a side module): its parameters
+    are typed by ``params_type`` first (keywords it does not declare, such as fisher's
+    per-expert ``weights``, pass through); the module's other tensors and the experts'
+    heads (under ``head_prefix``, or ``heads`` as given) complete the outcome; the peak
+    RSS rise is measured around the merge."""
 
     def run(module: nn.Module, experts: Mapping[str, State], tasks: Sequence[Task], *,
             head_prefix: str | None = None, heads: Mapping[str, Head] | None = None,
@@ -170,15 +187,18 @@ def closed_form_run(name: str, merge: Callable[..., dict[str, torch.Tensor]],
         if parallel is not None:
             raise MethodError("this method has no data-parallel mode",
                               fix="run it in one process")
-        declared = {k: v for k, v in params.items() if k in params_type.model_fields}
-        options = {**params, **typed_params(name, params_type, declared).model_dump()}
+        fields = {key for n, f in params_type.model_fields.items() for key in (n, f.alias)}
+        declared = {k: v for k, v in params.items() if k in fields}
+        undeclared = {k: v for k, v in params.items() if k not in fields}
+        options = {**undeclared, **typed_params(name, params_type, declared).model_dump()}
         with PeakRSS() as memory:
             merged = merge(module, experts, tasks, head_prefix=head_prefix, heads=heads,
                            progress=progress, **options)
+        extra = merged if isinstance(merged, ClosedForm) else ClosedForm(merged)
         tensor_heads = expert_heads(experts, head_prefix) if head_prefix else {
             task: dict(head.state_dict()) if isinstance(head, nn.Module) else dict(head)
             for task, head in (heads or {}).items()}
-        return LearnedOutcome({**module.state_dict(), **merged}, tensor_heads, None,
-                              memory.peak)
+        return LearnedOutcome({**module.state_dict(), **extra.tensors}, tensor_heads, None,
+                              memory.peak, extra.files, extra.notes)
 
     return run

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import supermerge.learn.fisher
 import supermerge.learn.merge
-import supermerge.learn.regmean  # noqa: F401  (each registers its methods)
+import supermerge.learn.regmean
+import supermerge.learn.surgery
+import supermerge.learn.twin  # noqa: F401  (each registers its methods)
 from supermerge.learn.method import LearnedMethod, lookup, registered
 
 LEARNED_METHODS: list[LearnedMethod] = [m for _, m in sorted(registered().items())]

@@ -18,6 +18,7 @@
         input_key: text
         label_key: topic
     parameters: {steps: 200, granularity: tensor, hierarchical: false, fan_in: 2}
+    surgery: true                       # or {rank: 16, steps: 200}: Representation Surgery
 
 The module is the experts' architecture (transformers' Auto class for ``architecture``)
 loaded with the base model's weights; each task's head comes from its own expert. With
@@ -65,9 +66,11 @@ from supermerge.learn import (
     load_task_data,
 )
 from supermerge.learn.distributed import TorchDataParallel
-from supermerge.learn.method import TRAINED_EXAMPLES
+from supermerge.learn.method import TRAINED_EXAMPLES, closed_form_run, typed_params
 from supermerge.learn.modules import MeanPooledEncoder, read_linear_head
 from supermerge.learn.registry import LEARNED_METHODS
+from supermerge.learn.surgery import SurgeryParams, with_surgery
+from supermerge.methods.registry import Params
 from supermerge.progress import Progress
 from supermerge.recipes.recipe import check_file_name, load_yaml, locate_path, warn_repeated_models
 
@@ -126,6 +129,16 @@ class LearnRecipe(BaseModel):
         "adamerging, the `examples` parameter for fisher and regmean)")
     max_length: int = Field(128, ge=4)
     parameters: dict[str, Any] = Field(default_factory=dict)
+    surgery: bool | dict[str, Any] = Field(
+        False, description="Representation Surgery on the merged model: true, or its "
+        "parameters (rank, steps, lr, batch_size, seed)")
+
+    @property
+    def surgery_params(self) -> dict[str, Any] | None:
+        """The surgery's parameters as given (None: no surgery)."""
+        if self.surgery is False:
+            return None
+        return {} if self.surgery is True else dict(self.surgery)
 
     def to_yaml(self) -> str:
         """The recipe as YAML (saved beside the merged model)."""
@@ -187,6 +200,8 @@ def load_learn_recipe(source: str | Path | dict[str, Any]) -> tuple[LearnRecipe,
                           fix=f"valid top-level keys: {', '.join(LearnRecipe.model_fields)}"
                           ) from None
     params = _method_params(recipe)  # validated: MethodError naming every invalid value
+    if recipe.surgery_params is not None:
+        typed_params("surgery", SurgeryParams, recipe.surgery_params)
     if recipe.architecture == "causal_lm" and params.get("labels") == "exact":  # fisher
         raise RecipeError("labels: exact sums over the classes, which a language model's "
                           "vocabulary makes impractical", file=path,
@@ -236,9 +251,15 @@ def run_learn_recipe(
     shard_size: int = 5 * 2**30,
     progress: Progress | None = None,
     parallel: TorchDataParallel | None = None,
+    merged: str | Path | None = None,
 ) -> LearnOutcome:
     """Run the data-driven merge a recipe describes, export it to ``out``; returns a
     LearnOutcome.
+
+    ``merged``: a model already merged from the recipe's experts (any method, e.g. from
+    `supermerge merge`) that replaces the recipe's method; Representation Surgery (the
+    recipe's ``surgery`` parameters, on by default here) is trained on it
+    (`supermerge surgery`).
 
     Everything that can be checked before training is: the recipe, every path, every data
     file (read and validated against its head) and the experts' tensor names. Costs the
@@ -251,6 +272,9 @@ def run_learn_recipe(
     """
     recipe, root = load_learn_recipe(source)
     method = recipe.method
+    surgery = recipe.surgery_params if merged is None else recipe.surgery_params or {}
+    if parallel is not None and (surgery is not None or merged is not None):
+        raise RecipeError("surgery has no data-parallel mode", fix="run it in one process")
     if parallel is not None and not method.parallel:
         raise RecipeError(f"{recipe.merge_method} has no data-parallel mode",
                           fix="run it in one process; data parallelism is for " + ", ".join(
@@ -267,7 +291,8 @@ def run_learn_recipe(
     inputs = [base_dir, *(p for d in expert_dirs.values() for p in input_paths(str(d))),
               *(locate(e.data) for e in recipe.experts),
               *(locate(e.unlabelled) for e in recipe.experts if e.unlabelled),
-              *(locate(e.head) for e in recipe.experts if e.head)]
+              *(locate(e.head) for e in recipe.experts if e.head),
+              *([] if merged is None else [Path(merged)])]
     check_output(out, inputs=inputs, overwrite=overwrite,  # size: the weights of an expert
                  nbytes=sum(i.nbytes for i in next(iter(checkpoints.values())).infos().values()))
     open_checkpoint(base_dir).close()  # headers (or a refused pickle) before transformers
@@ -306,12 +331,42 @@ def run_learn_recipe(
     options = dict(recipe.parameters)  # as given: a method may read which were set
     if "weight" in method.model_params.model_fields:
         options["weights"] = {e.task_name: e.weight or 1.0 for e in recipe.experts}
-    outcome = method.run(module, experts, tasks, head_prefix=recipe.head_prefix,
-                         heads=heads, progress=progress, parallel=parallel, **options)
+    run = method.run if merged is None else _merged_run(Path(merged), module,
+                                                        recipe.head_prefix)
+    outcome = run(module, experts, tasks, head_prefix=recipe.head_prefix,
+                  heads=heads, progress=progress, parallel=parallel, **options)
+    if surgery is not None:
+        outcome = with_surgery(outcome, module, experts, tasks, head_prefix=recipe.head_prefix,
+                               heads=heads, progress=progress, **surgery)
     if parallel is not None and parallel.rank != 0:
         return LearnOutcome(Path(out), recipe.merge_method, outcome.merge)
     return LearnOutcome(export_outcome(out, outcome, **written), recipe.merge_method,
                         outcome.merge)
+
+
+def _merged_run(merged: Path, module: Any, head_prefix: str | None) -> Any:
+    """A learned method's run that returns the tensors of the model at ``merged`` (each
+    expert's head kept, as the methods keep them); RecipeError naming the model and a
+    tensor it lacks, from its headers before any weight is read."""
+    with open_checkpoint(merged) as checkpoint:
+        names = set(checkpoint.names())
+    wanted = [n for n, t in module.state_dict().items() if t.is_floating_point()
+              and not (head_prefix and n.startswith(head_prefix))]
+    missing = [n for n in wanted if n not in names]
+    if missing:
+        raise RecipeError(f"the merged model lacks {len(missing)} tensor(s) of the experts' "
+                          f"architecture", file=merged, tensor=missing[0],
+                          fix="give a model merged from this recipe's experts")
+
+    def read(module: Any, experts: Any, tasks: Any, **_options: Any) -> dict[str, Any]:
+        with open_checkpoint(merged) as checkpoint:
+            return {n: checkpoint.read(n) for n in wanted}
+
+    return closed_form_run("merged", read, MergedModelParams)
+
+
+class MergedModelParams(Params):
+    """A merged model read as it is takes no parameters."""
 
 
 def _head_files(recipe: LearnRecipe, locate: Any, base_dir: Path) -> dict[str, Any]:

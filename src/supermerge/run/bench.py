@@ -44,8 +44,8 @@ from supermerge.progress import Progress, ignore
 
 log = logging.getLogger(__name__)
 
-LEARNED_RUNS = ("adamerging", "fisher", "regmean", "supermerge", "supermerge_paper",
-                "supermerge_hierarchical")
+LEARNED_RUNS = ("adamerging", "fisher", "regmean", "twin", "surgery", "supermerge",
+                "supermerge_paper", "supermerge_hierarchical")
 PAPER = {"objective": "labels", "basis": "task_vectors"}
 """SuperMerge as its paper configures it (cross-entropy on labels, raw task vectors)."""
 Row = dict[str, Any]
@@ -367,14 +367,20 @@ class _Bench:
             fit = outcome.merge.fits["root"]
             extra = {"heldout_loss": fit.heldout_loss, "objective": fit.objective,
                      "configuration": outcome.merge.chosen, "selection": outcome.merge.selection}
-        if self.config.keep_models:
+        routed = bool(outcome.files)  # a router or surgery beside the model: scored from disk
+        if self.config.keep_models or routed:
             export_outcome(self.target(name), outcome, method=method.name, overwrite=True,
                            model_dir=self.base,
                            base_models=[str(e.path) for e in self.experts.values()])
         state, peak = outcome.state, outcome.peak_rss
-        merged = load_encoder(self.base)
-        merged.load_weights(state)
-        report = self.score(merged, name, progress)
+        if routed:
+            report = self.score(self.target(name), name, progress)
+            if not self.config.keep_models:
+                shutil.rmtree(self.target(name))
+        else:
+            merged = load_encoder(self.base)
+            merged.load_weights(state)
+            report = self.score(merged, name, progress)
         changed = {k: [v, getattr(defaults, k)] for k, v in params.items()
                    if v != getattr(defaults, k)}
         return self.entry(report, needs=needs, seconds=seconds, params=params,
