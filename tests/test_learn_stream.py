@@ -144,3 +144,26 @@ def test_layerwise_fitting_refuses_a_streamed_model(tiny_bert_tasks, tmp_path) -
                                      workdir=tmp_path)
     with pytest.raises(LearnError, match="holds the task vectors in memory"):
         learn_layerwise(model, tasks, steps=1)
+
+
+@pytest.mark.parametrize("rows", [None, 3])
+def test_spilled_merge_follows_the_formula_and_its_gradient_re_reads_the_vectors(
+        tmp_path, rows) -> None:
+    generator = torch.Generator().manual_seed(0)
+    taus = torch.randn(4, 3, 5, dtype=torch.float64, generator=generator)  # K = 4
+    other = torch.randn(4, 2, dtype=torch.float64, generator=generator)
+    spill = SpilledVectors([("w", (3, 5)), ("b", (2,))], 4, torch.float64, [taus, other],
+                           device=torch.device("cpu"), workdir=tmp_path)
+    assert [torch.equal(v, t) for v, t in zip(spill.each(0), taus, strict=True)] == [True] * 4
+    base = torch.randn(3, 5, dtype=torch.float64, generator=generator)
+    c = torch.randn((4, rows) if rows else (4,), dtype=torch.float64, generator=generator,
+                    requires_grad=True)
+    scale = c.unsqueeze(-1) if rows else c.view(4, 1, 1)
+    torch.testing.assert_close(spill.merge(0, base, c), base + (scale * taus).sum(0))
+    torch.autograd.gradcheck(lambda coefficients: spill.merge(0, base, coefficients), (c,))
+    gradient = torch.randn(3, 5, dtype=torch.float64, generator=generator)
+    expected = torch.einsum("krc,rc->kr", taus, gradient) if rows else \
+        (taus * gradient).sum((1, 2))
+    torch.testing.assert_close(spill.products(0, gradient, rows), expected)
+    spill.close()
+    assert not list(tmp_path.iterdir())

@@ -6,11 +6,11 @@ of every tensor: K model sizes. Streamed, it holds none of them:
 - **Spill.** At construction each tensor's K task vectors (after ``prepare``, e.g. TSV's
   basis, computed once per tensor: that needs the tensor's K vectors together; without
   ``prepare`` one vector is resident at a time) are written to one safetensors file in a
-  temporary folder under the workdir (:class:`SpilledVectors`) and dropped. Each use
-  reads one expert's vector of one tensor back with a positional read into fresh memory,
-  freed after use. Reads, not a memory map: pages of a map stay in the process's resident
-  set until unmapped, so reading a K-model file through one map would put K model sizes
-  back into the RSS this mode exists to bound; a read costs one copy out of the page cache.
+  temporary folder under the workdir (:class:`SpilledVectors`) and dropped. The file is
+  memory-mapped; each use takes one expert's vector of one tensor as a view of the map (no
+  copy) and, once used, hands its pages back (``madvise(MADV_DONTNEED)``): pages of a map
+  stay in the process's resident set until then, so a K-model file read through one map
+  would otherwise put K model sizes back into the RSS this mode exists to bound.
 - **One merge, its gradient by re-reading.** A tensor's merge ``base + sum_i c_i tau_i``
   is an autograd function (``_Merge``) that adds the vectors one at a time and keeps none:
   its backward pass reads them again for ``d/dc_i = <dL/dtheta_j, tau_ij>``.
@@ -40,6 +40,8 @@ resident copy twice per step (benchmarks/learned_memory.py measures both).
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -52,7 +54,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from supermerge.io import CheckpointWriter, open_checkpoint
+from supermerge.io import CheckpointWriter
+from supermerge.io.checkpoint import safetensors_offsets
 from supermerge.names import block_of
 
 Build = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
@@ -86,8 +89,8 @@ class SpilledVectors:
     task vectors (a ``[K, *shape]`` stack or any iterable of K tensors), each written as it
     comes, so that no more than the caller's stack is resident. The file lives in a
     temporary folder under ``workdir`` (default: the system's), removed by :meth:`close`
-    or when this object is garbage-collected. Writing costs one pass over the vectors;
-    each :meth:`read`, one vector's bytes from the page cache (or the disk).
+    or when this object is garbage-collected, and is memory-mapped: :meth:`each` costs
+    no copy (page faults into the page cache, or reads from the disk).
     """
 
     def __init__(self, layout: Sequence[tuple[str, tuple[int, ...]]], k: int,
@@ -105,14 +108,26 @@ class SpilledVectors:
                     for key, vector in zip(keys, tensors, strict=True):
                         writer.add(key, vector.to(device="cpu", dtype=dtype).contiguous())
                 writer.commit()
-            self._checkpoint = open_checkpoint(out / _SPILL)
+            self._offsets = safetensors_offsets(out / _SPILL)
+            with open(out / _SPILL, "rb") as file:  # private: writable views, never written
+                self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
         except BaseException:
             self._folder.cleanup()
             raise
 
-    def read(self, index: int, expert: int) -> torch.Tensor:
-        """Return tensor ``index``'s task vector of expert ``expert`` (new memory)."""
-        return self._checkpoint.read(self._keys[index][expert]).to(self._device)
+    def each(self, index: int) -> Iterator[torch.Tensor]:
+        """Yield tensor ``index``'s task vectors, expert by expert: views of the map, each
+        one's pages handed back to the page cache when the next is asked for (use them
+        before; a view kept longer stays valid, it only faults its pages in again)."""
+        for key in self._keys[index]:
+            info, offset = self._offsets[key]
+            count = info.nbytes // info.dtype.itemsize
+            vector = torch.frombuffer(self._map, dtype=info.dtype, count=count,
+                                      offset=offset) if count else torch.empty(0, dtype=info.dtype)
+            yield vector.view(info.shape).to(self._device)
+            start = offset - offset % mmap.PAGESIZE
+            if info.nbytes:
+                self._map.madvise(mmap.MADV_DONTNEED, start, offset + info.nbytes - start)
 
     def merge(self, index: int, base: torch.Tensor, coefficients: torch.Tensor
               ) -> torch.Tensor:
@@ -124,11 +139,12 @@ class SpilledVectors:
     def products(self, index: int, gradient: torch.Tensor, rows: int | None) -> torch.Tensor:
         """Return ``<gradient, tau_i>`` of tensor ``index`` per expert (K), or per expert and
         output row (K x ``rows``), in the vectors' dtype. Reads each task vector once."""
-        return torch.stack([_dot(self.read(index, i), gradient, rows) for i in range(self.k)])
+        return torch.stack([_dot(vector, gradient, rows) for vector in self.each(index)])
 
     def close(self) -> None:
-        """Remove the file; later reads raise CheckpointError."""
-        self._checkpoint.close()
+        """Remove the file (its map closes when no view of it is left)."""
+        with contextlib.suppress(BufferError):  # views alive: it closes with the last one
+            self._map.close()
         self._folder.cleanup()
 
 
@@ -153,12 +169,11 @@ class _Merge(torch.autograd.Function):
         c = coefficients.to(spill.dtype)
         delta = torch.zeros(base.shape, dtype=spill.dtype, device=base.device)
         view = delta.view(rows, -1) if rows else delta.view(-1)
-        for i in range(spill.k):
-            vector = spill.read(index, i).view(view.shape)
+        for i, vector in enumerate(spill.each(index)):
             if rows:
-                view.addcmul_(c[i].unsqueeze(-1), vector)
+                view.addcmul_(c[i].unsqueeze(-1), vector.view(view.shape))
             else:
-                view.add_(vector, alpha=float(c[i]))
+                view.add_(vector.view(view.shape), alpha=float(c[i]))
         if base.dtype != delta.dtype:
             return base + delta.to(base.dtype)
         return delta.add_(base)  # base + delta, as the in-memory mode adds, without a copy
