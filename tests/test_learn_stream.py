@@ -3,6 +3,7 @@ task vectors kept in a file, blocks built as they run, refusals where it cannot 
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -16,10 +17,11 @@ from supermerge.learn.bases import PREPARE
 from supermerge.learn.distill import attach_teachers
 from supermerge.learn.errors import LearnError
 from supermerge.learn.layerwise import learn_layerwise
-from supermerge.learn.merge import SUPERMERGE
+from supermerge.learn.merge import SUPERMERGE, supermerge
 from supermerge.learn.model import prepare_experts
 from supermerge.learn.stream import SpilledVectors
 from supermerge.learn.train import learn_coefficients
+from supermerge.search.toy import toy_problem
 
 transformers = pytest.importorskip("transformers")
 
@@ -167,3 +169,22 @@ def test_spilled_merge_follows_the_formula_and_its_gradient_re_reads_the_vectors
     torch.testing.assert_close(spill.products(0, gradient, rows), expected)
     spill.close()
     assert not list(tmp_path.iterdir())
+
+
+def test_streamed_hierarchical_merge_learns_every_node_as_in_memory_and_cleans_up(
+        tmp_path) -> None:
+    fits = {}
+    for memory in ("in_memory", "stream"):
+        module, experts, toy_tasks = toy_problem(3, seed=2, examples=24)
+        tasks = [Task(t.name, TaskData(t.data.inputs, t.data.labels)) for t in toy_tasks]
+        (tmp_path / memory).mkdir()
+        merge = supermerge(module, module.state_dict(), experts, tasks, hierarchical=True,
+                           fan_in=2, steps=4, eval_every=2, lr=0.05, memory=memory,
+                           workdir=tmp_path / memory)
+        fits[memory] = {node: fit.raw for node, fit in merge.fits.items()}
+        del merge
+        gc.collect()
+        assert not list((tmp_path / memory).iterdir())  # every spill file removed
+    assert len(fits["stream"]) == 2  # a level-1 node and the root
+    for node, raw in fits["in_memory"].items():
+        torch.testing.assert_close(fits["stream"][node], raw)
