@@ -22,7 +22,6 @@ Run: ``python benchmarks/learned_memory.py`` (a few minutes on 2 loaded cores).
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import resource
 import statistics
@@ -31,7 +30,16 @@ import time
 from pathlib import Path
 
 import torch
-from learned import HEAD, build_model, exact_rss, lazy_experts, make_tasks, write_experts
+from learned import (
+    HEAD,
+    build_model,
+    describe,
+    expert_files,
+    in_fresh_process,
+    lazy_experts,
+    make_tasks,
+    model_arguments,
+)
 
 from supermerge.learn import supermerge
 
@@ -61,35 +69,22 @@ def run_merge(k: int, memory: str, paths: dict[str, Path], args: argparse.Namesp
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8, 16])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--per-task", type=int, default=4, help="examples per task per step")
+    parser = model_arguments(__doc__.splitlines()[0], experts=[2, 4, 8, 16], hidden=256,
+                             vocab=8000, seq=64)
     parser.add_argument("--steps", type=int, default=4, help="timed steps")
     parser.add_argument("--basis", choices=["task_vectors", "tsv"], default="task_vectors")
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     base = build_model(args)
     size = sum(t.numel() * t.element_size() for t in base.state_dict().values())
-    largest = max(t.numel() * t.element_size() for t in base.state_dict().values())
-    spawn = multiprocessing.get_context("spawn")
-    print(f"BERT {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: model size "
-          f"{size / 1e6:.1f} MB (largest tensor {largest / 1e6:.1f} MB); basis {args.basis}; "
-          f"batch {args.per_task} x {args.seq} tokens per task; {args.threads} thread(s); "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
+    print(f"{describe(args, base)}; basis {args.basis}; {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}\n")
     print("| K | memory | peak RSS rise | model sizes | step CPU / wall | stream / in memory "
           "(CPU, wall) | process CPU s |")
     print("|---|---|---|---|---|---|---|")
     for k in args.experts:
-        with tempfile.TemporaryDirectory() as folder:
-            paths = write_experts(base, k, Path(folder))
-            results = {}
-            for memory in MODES:
-                with exact_rss(), spawn.Pool(1) as pool:
-                    results[memory] = pool.apply(run_merge, (k, memory, paths, args))
+        with expert_files(base, k) as paths:
+            results = {memory: in_fresh_process(run_merge, k, memory, paths, args)
+                       for memory in MODES}
         _, cpu0, wall0, _ = results["in_memory"]
         for memory, (peak, cpu, wall, process) in results.items():
             print(f"| {k} | {memory} | {peak / 2**20:.0f} MiB | {peak / size:.2f} | "
