@@ -62,6 +62,7 @@ Build = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 """Coefficients (K x J, map(W)) -> one block's merged tensors by their names in the block."""
 
 _SPILL = "vectors.safetensors"
+_RELEASE = getattr(mmap, "MADV_DONTNEED", None)  # absent where madvise is (Windows)
 
 
 def named_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -126,8 +127,8 @@ class SpilledVectors:
                                       offset=offset) if count else torch.empty(0, dtype=info.dtype)
             yield vector.view(info.shape).to(self._device)
             start = offset - offset % mmap.PAGESIZE
-            if info.nbytes:
-                self._map.madvise(mmap.MADV_DONTNEED, start, offset + info.nbytes - start)
+            if info.nbytes and _RELEASE is not None:
+                self._map.madvise(_RELEASE, start, offset + info.nbytes - start)
 
     def merge(self, index: int, base: torch.Tensor, coefficients: torch.Tensor
               ) -> torch.Tensor:
