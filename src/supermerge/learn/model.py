@@ -12,9 +12,9 @@ Memory (``memory="in_memory"``): the base (shared with the module when ``base_st
 ``module.state_dict()``), the K task vectors stacked per tensor (in ``vector_dtype``;
 bfloat16 halves them) and, for each forward pass, one merged copy computed tensor by
 tensor. No per-expert merged copy is ever materialised. ``memory="stream"`` keeps the
-stacked task vectors in a file and builds each transformer block's merged weights when the
-block runs (:mod:`supermerge.learn.stream`): the base, one block's K slices and merged
-weights, the tensors outside the blocks merged, and the activations.
+task vectors in a file and builds each transformer block's merged weights when the block
+runs (:mod:`supermerge.learn.stream`): the base, one block's merged weights, one task
+vector, the tensors outside the blocks merged, and the blocks' boundary activations.
 
 Heads: a task may have its own head, never merged. Either a mapping of parameter
 overrides (e.g. the ``classifier.*`` tensors of that task's expert, swapped into the module
@@ -327,7 +327,7 @@ class MergedModel(nn.Module):
     it where it will run (``.to()`` moves W and the module, not the stacked vectors). With
     ``memory="stream"`` it writes them to a temporary file under ``workdir`` instead and
     holds none (:mod:`supermerge.learn.stream`; same coefficients up to float rounding,
-    each block run twice per backward pass).
+    each block run twice per task and step).
     """
 
     def __init__(
@@ -369,19 +369,19 @@ class MergedModel(nn.Module):
         self.group_names, self._group_of = assign_groups(
             self.names, granularity, [b.shape[0] if b.dim() else 1 for b in self._base])
         self.memory = memory
-        stacks = (self._stack(name, base, task_vectors, vector_dtype, prepare)
-                  for name, base in zip(self.names, self._base, strict=True))
+        pairs = list(zip(self.names, self._base, strict=True))
         self._vectors: list[torch.Tensor] | SpilledVectors
-        if memory == "stream":
-            if prepare is None:  # one task vector resident at a time
-                stacks = (self._vectors_of(name, base, task_vectors)
-                          for name, base in zip(self.names, self._base, strict=True))
+        if memory == "in_memory":
+            self._vectors = [self._stack(n, b, task_vectors, vector_dtype, prepare)
+                             for n, b in pairs]
+            self._blocks, self._rest = [], list(self.names)
+        elif memory == "stream":  # without prepare, one task vector resident at a time
             self._vectors = SpilledVectors(
-                [(n, tuple(b.shape)) for n, b in zip(self.names, self._base, strict=True)],
-                k, vector_dtype, stacks, device=self._base[0].device, workdir=workdir)
+                [(n, tuple(b.shape)) for n, b in pairs], k, vector_dtype,
+                (self._vectors_of(n, b, task_vectors) if prepare is None
+                 else self._stack(n, b, task_vectors, vector_dtype, prepare) for n, b in pairs),
+                device=self._base[0].device, workdir=workdir)
             self._blocks, self._rest = self._block_plan()
-        elif memory == "in_memory":
-            self._vectors, self._blocks, self._rest = list(stacks), [], list(self.names)
         else:
             raise LearnError(f"unknown memory mode {memory!r}", fix="use in_memory or stream")
         w_dtype = torch.promote_types(torch.float32, vector_dtype)

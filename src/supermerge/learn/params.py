@@ -44,9 +44,9 @@ class LearnParams(Params):
     )
     memory: Literal["in_memory", "stream"] = Field(
         "in_memory", description="in_memory: hold the K task vectors (K model sizes); "
-        "stream: keep them in a temporary file in the workdir and build each transformer "
-        "block's merged weights when it runs (about the base plus one block's K slices; "
-        "each block runs twice per backward pass; same coefficients)",
+        "stream: keep them in a temporary file and build each transformer block's merged "
+        "weights when it runs (the base, one block's merged weights, the tensors outside "
+        "the blocks; each block runs twice per task and step; same coefficients)",
     )
     stream_gradients: bool = Field(
         False, description="reduce each merged tensor's gradient as soon as it is computed: "
