@@ -145,38 +145,62 @@ def exact_rss() -> Iterator[None]:
         del os.environ["MALLOC_MMAP_THRESHOLD_"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8])
+@contextmanager
+def expert_files(base: torch.nn.Module, k: int) -> Iterator[dict[str, Path]]:
+    """K experts of ``base`` written to a temporary folder (:func:`write_experts`), by name."""
+    with tempfile.TemporaryDirectory() as folder:
+        yield write_experts(base, k, Path(folder))
+
+
+def in_fresh_process(function, *args):  # noqa: ANN001, ANN002, ANN201
+    """Return ``function(*args)`` run in a fresh process that frees memory exactly."""
+    with exact_rss(), multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def model_arguments(description: str, *, experts: list[int], hidden: int, vocab: int,
+                    seq: int) -> argparse.ArgumentParser:
+    """A parser of the model, data and thread options, with these defaults."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--experts", type=int, nargs="+", default=experts)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=30522)
-    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--vocab", type=int, default=vocab)
+    parser.add_argument("--seq", type=int, default=seq)
     parser.add_argument("--per-task", type=int, default=4, help="examples per task per step")
+    parser.add_argument("--threads", type=int, default=1)
+    return parser
+
+
+def describe(args: argparse.Namespace, base: torch.nn.Module) -> str:
+    """The model and batch measured, in words."""
+    state = base.state_dict().values()
+    size = sum(t.numel() * t.element_size() for t in state)
+    largest = max(t.numel() * t.element_size() for t in state)
+    return (f"BERT {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: one weight "
+            f"set {size / 1e6:.1f} MB (largest tensor {largest / 1e6:.1f} MB); batch "
+            f"{args.per_task} x {args.seq} tokens per task; {args.threads} thread(s)")
+
+
+def main() -> None:
+    parser = model_arguments(__doc__.splitlines()[0], experts=[2, 4, 8], hidden=128,
+                             vocab=30522, seq=32)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (the fastest counts)")
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--fan-in", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = build_model(args)
-    weights = sum(t.numel() * t.element_size() for t in base.state_dict().values())
-    spawn = multiprocessing.get_context("spawn")
-    print(f"BERT {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: one weight "
-          f"set {weights / 2**20:.1f} MiB; batch {args.per_task} x {args.seq} tokens per "
-          f"task; {args.threads} thread(s); fan-in g = {args.fan_in}\n")
+    print(f"{describe(args, base)}; fan-in g = {args.fan_in}\n")
     print("| K | fine-tune step | SuperMerge step (ratio) | streamed step (ratio) | flat peak "
           "| hierarchical peak (ratio) | streamed hierarchical (ratio) | (g+1)/(K+1) |")
     print("|---|---|---|---|---|---|---|---|")
     for k in args.experts:
-        with tempfile.TemporaryDirectory() as folder:
-            paths = write_experts(base, k, Path(folder))
+        with expert_files(base, k) as paths:
             tune_s = finetune_step(k, args)
             steps = [supermerge_step(k, paths, args, stream) for stream in (False, True)]
-            peaks = []
-            for hierarchical, stream in ((False, False), (True, False), (True, True)):
-                with exact_rss(), spawn.Pool(1) as pool:
-                    peaks.append(pool.apply(peak_rss, (k, hierarchical, stream, paths, args)))
+            peaks = [in_fresh_process(peak_rss, k, hierarchical, stream, paths, args)
+                     for hierarchical, stream in ((False, False), (True, False), (True, True))]
         step_cells = " | ".join(f"{s * 1e3:.0f} ms ({s / tune_s:.2f})" for s in steps)
         peak_cells = " | ".join(f"{p / 2**20:.0f} MiB ({p / peaks[0]:.2f})" for p in peaks[1:])
         print(f"| {k} | {tune_s * 1e3:.0f} ms | {step_cells} | {peaks[0] / 2**20:.0f} MiB | "

@@ -13,11 +13,13 @@ from supermerge.learn.distributed import TorchDataParallel, init_from_env, learn
 from supermerge.learn.errors import LearnError
 from supermerge.search.toy import toy_problem
 
-# uneven shards (batch 7 -> 4 + 3 examples), held-out selection, a hierarchical tree
+# uneven shards (batch 7 -> 4 + 3 examples), held-out selection, a hierarchical tree,
+# task vectors streamed from a file with the blocks built as they run
 RUNS = {
     "supermerge": {"steps": 12, "batch_size": 7, "eval_every": 4, "lr": 0.05,
                    "hierarchical": True, "fan_in": 2},
-    "adamerging": {"steps": 12, "batch_size": 7, "eval_every": 4, "lr": 0.05},
+    "adamerging": {"steps": 12, "batch_size": 7, "eval_every": 4, "lr": 0.05,
+                   "memory": "stream"},
 }
 
 

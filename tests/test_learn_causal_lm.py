@@ -60,6 +60,7 @@ def lm_setup(tmp_path_factory):
     ("supermerge", {"steps": 4, "eval_every": 2, "batch_size": 8}),
     ("supermerge", {"steps": 4, "eval_every": 2, "batch_size": 8, "objective": "distill",
                     "basis": "tsv"}),
+    ("supermerge", {"steps": 4, "eval_every": 2, "batch_size": 8, "memory": "stream"}),
     ("supermerge", {"steps": 4, "eval_every": 2, "batch_size": 8,
                     "objective": "labels+distill"}),
     ("adamerging", {"steps": 4, "eval_every": 2, "batch_size": 8}),

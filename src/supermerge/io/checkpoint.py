@@ -505,6 +505,13 @@ def _corrupt(file: Path, problem: str, tensor: str | None = None) -> CheckpointE
     )
 
 
+def safetensors_offsets(file: str | Path) -> dict[str, tuple[TensorInfo, int]]:
+    """Return ``{name: (info, absolute byte offset of its data)}`` of one safetensors file,
+    from its header alone (validated as :func:`open_checkpoint` does), for a caller that
+    maps the file itself. Raises CheckpointError for a missing or corrupt file."""
+    return _read_safetensors_header(Path(file))[0]
+
+
 def _read_safetensors_header(file: Path) -> tuple[dict[str, tuple[TensorInfo, int]], _Identity]:
     """({name: (info, absolute data offset)} in data order, file identity); header only."""
     try:

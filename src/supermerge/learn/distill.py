@@ -26,16 +26,9 @@ from supermerge.learn.model import (
     wide_float,
 )
 from supermerge.learn.objectives import logits_of
-from supermerge.names import block_of
+from supermerge.learn.stream import named_blocks
 
 log = logging.getLogger(__name__)
-
-
-def named_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Return the module's numbered transformer blocks with their names, in order of
-    definition."""
-    return [(name, m) for name, m in module.named_modules()
-            if name and block_of(name + ".") == name]
 
 
 def block_modules(module: nn.Module) -> list[nn.Module]:

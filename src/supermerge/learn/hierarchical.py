@@ -228,6 +228,7 @@ def merge_tree(
                 [TaskVectors(base_state, sources[c.name], names) for c in group],
                 expert_names=[c.name for c in group],
                 heads={t.name: all_heads[t.name] for t in node_tasks if t.name in all_heads},
+                workdir=workdir,
                 **options,
             )
             result = fit(model, node_tasks, progress=counter.callback(), **fit_options)

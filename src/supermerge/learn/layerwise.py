@@ -31,6 +31,7 @@ from supermerge.learn.distill import named_blocks
 from supermerge.learn.errors import LearnError
 from supermerge.learn.model import MergedModel, eval_mode
 from supermerge.learn.objectives import Objective, as_objective, feature_distance, token_mask
+from supermerge.learn.stream import uncached
 from supermerge.learn.train import (
     DataParallel,
     LearnResult,
@@ -97,18 +98,7 @@ def _call_block(model: MergedModel, task: Task, data: TaskData, block: nn.Module
                          fix="layerwise fitting needs a model that runs all its blocks")
     args, kwargs = captured[0]
     # a replayed block must not append to the key/value cache of the captured call
-    return args, {k: _uncached(k, v) for k, v in kwargs.items()}
-
-
-def _uncached(name: str, value: Any) -> Any:
-    """A keyword argument as a replayed block gets it: no key/value cache (a replay must
-    not append to the captured call's), ``use_cache`` off."""
-    if name == "use_cache":
-        return False
-    if name in {"cache", "past_key_values", "past_key_value", "layer_past"} or \
-            type(value).__name__.endswith("Cache"):
-        return None
-    return value
+    return args, {k: uncached(k, v) for k, v in kwargs.items()}
 
 
 def _per_example(full: Any, one: Any, n: int) -> Any:
@@ -199,12 +189,16 @@ def learn_layerwise(
     block per task; memory: one block's activations for a batch of every task, plus each
     task's inputs to the current block (examples x tokens x width floats). Raises
     LearnError if the tasks lack their experts' block states, the module has no numbered
-    blocks, a merge group spans blocks, or ``parallel`` is given.
+    blocks, a merge group spans blocks, ``parallel`` is given, or the model streams its task
+    vectors (``memory="stream"``).
     """
     objective_fn = as_objective(objective)
     if parallel is not None:
         raise LearnError("layerwise fitting runs in one process",
                          fix="drop layerwise or run without torch.distributed")
+    if model.memory == "stream":
+        raise LearnError("layerwise fitting holds the task vectors in memory",
+                         fix="build the model with memory in_memory, or fit end to end")
     check_tasks(model, tasks, needs_labels=objective_fn.needs_labels, needs_teacher=True)
     blocks = named_blocks(model.module)
     fits = [_BlockFit(model, prefix, block, position)

@@ -8,10 +8,13 @@ For every merged tensor ``p`` in merge group ``j``::
 with ``torch.func.functional_call`` on the merged tensors, so gradients flow into ``W``
 alone; the base, the task vectors and the module's own parameters stay frozen.
 
-Memory: the base (shared with the module when ``base_state`` is ``module.state_dict()``),
-the K task vectors stacked per tensor (in ``vector_dtype``; bfloat16 halves them) and, for
-each forward pass, one merged copy computed tensor by tensor. No per-expert merged copy is
-ever materialised.
+Memory (``memory="in_memory"``): the base (shared with the module when ``base_state`` is
+``module.state_dict()``), the K task vectors stacked per tensor (in ``vector_dtype``;
+bfloat16 halves them) and, for each forward pass, one merged copy computed tensor by
+tensor. No per-expert merged copy is ever materialised. ``memory="stream"`` keeps the
+task vectors in a file and builds each transformer block's merged weights when the block
+runs (:mod:`supermerge.learn.stream`): the base, one block's merged weights, one task
+vector, the tensors outside the blocks merged, and the blocks' boundary activations.
 
 Heads: a task may have its own head, never merged. Either a mapping of parameter
 overrides (e.g. the ``classifier.*`` tensors of that task's expert, swapped into the module
@@ -26,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from itertools import chain
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -35,12 +39,14 @@ from torch.func import functional_call
 from supermerge.io import Checkpoint
 from supermerge.learn.errors import LearnError
 from supermerge.learn.groups import Granularity, assign_groups
+from supermerge.learn.stream import SpilledVectors, named_blocks, streamed_blocks
 
 log = logging.getLogger(__name__)
 
 CoefficientMap = Literal["tanh", "clamp", "identity"]
 Head = Mapping[str, torch.Tensor] | nn.Module
 Prepare = Callable[[torch.Tensor], torch.Tensor]
+Memory = Literal["in_memory", "stream"]
 
 # map name -> (map applied to W, inverse used to initialise W from a mapped value)
 _MAPS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[float], float]]] = {
@@ -265,26 +271,36 @@ class MergedLeaves:
         """Add ``tau @ leaf.grad`` (one value per expert) to the gradient of map(W) at the
         leaf's group, and free the leaf's gradient: the chain rule of
         ``base + sum_i c_i tau_i`` for ``c``, in the task vectors' dtype as the merge uses."""
-        index = self._index[name]
-        vectors, group = self.model._vectors[index], self.model._group_of[index]
-        if isinstance(group, slice):  # one coefficient per row: K x rows products
-            rows = group.stop - group.start
-            product = torch.einsum("krc,rc->kr", vectors.reshape(len(vectors), rows, -1),
-                                   leaf.grad.reshape(rows, -1).to(vectors.dtype))
-        else:
-            flat = vectors.reshape(len(vectors), -1)
-            product = torch.mv(flat, leaf.grad.reshape(-1).to(flat.dtype))
-        self._gradient[:, group] += product.to(self._gradient.dtype)
+        self._reduce(name, leaf.grad)
         leaf.grad = None
+
+    def _reduce(self, name: str, gradient: torch.Tensor) -> None:
+        index = self._index[name]
+        group = self.model._group_of[index]
+        rows = group.stop - group.start if isinstance(group, slice) else None
+        vectors = self.model._vectors
+        if isinstance(vectors, SpilledVectors):
+            product = vectors.products(index, gradient, rows)
+        elif rows is not None:  # one coefficient per row: K x rows products
+            stacked = vectors[index]
+            product = torch.einsum("krc,rc->kr", stacked.reshape(len(stacked), rows, -1),
+                                   gradient.reshape(rows, -1).to(stacked.dtype))
+        else:
+            flat = vectors[index].reshape(self.model.weight.shape[0], -1)
+            product = torch.mv(flat, gradient.reshape(-1).to(flat.dtype))
+        self._gradient[:, group] += product.to(self._gradient.dtype)
 
     def backward(self) -> None:
         """Reduce the gradients the leaves still hold, then add ``d loss / d W`` to the
         model's ``weight.grad`` (through the coefficient map). Releases the leaves: the
         hooks referring back to this object are removed, so the weight set is freed as soon
-        as the caller drops it, not at the next garbage collection."""
-        for name, leaf in self.weights.items():
-            if leaf.grad is not None:
-                self.reduce(name, leaf)
+        as the caller drops it, not at the next garbage collection. Each leaf is dropped
+        before its gradient is reduced, so a tensor's merged value, gradient and task vectors
+        are not all resident at once."""
+        for name in list(self.weights):
+            gradient = self.weights.pop(name).grad
+            if gradient is not None:
+                self._reduce(name, gradient)
         for hook in self.hooks:
             hook.remove()
         self.hooks, self.weights = [], {}
@@ -308,7 +324,10 @@ class MergedModel(nn.Module):
     vectors ``[K, *shape]`` (AdaMerging++ trims them here). ``init`` is the starting
     map(W), one value for every expert or one per expert. Construction reads every task
     vector once and holds K stacked copies in ``vector_dtype``, on the base's device: build
-    it where it will run (``.to()`` moves W and the module, not the stacked vectors).
+    it where it will run (``.to()`` moves W and the module, not the stacked vectors). With
+    ``memory="stream"`` it writes them to a temporary file under ``workdir`` instead and
+    holds none (:mod:`supermerge.learn.stream`; same coefficients up to float rounding,
+    each block run twice per task and step).
     """
 
     def __init__(
@@ -324,6 +343,8 @@ class MergedModel(nn.Module):
         init: float | Sequence[float] = 0.3,
         vector_dtype: torch.dtype = torch.float32,
         prepare: Prepare | None = None,
+        memory: Memory = "in_memory",
+        workdir: str | Path | None = None,
     ) -> None:
         super().__init__()
         if not task_vectors:
@@ -347,10 +368,22 @@ class MergedModel(nn.Module):
         self._base = [base_state[n].detach() for n in self.names]
         self.group_names, self._group_of = assign_groups(
             self.names, granularity, [b.shape[0] if b.dim() else 1 for b in self._base])
-        self._vectors = [
-            self._stack(name, base, task_vectors, vector_dtype, prepare)
-            for name, base in zip(self.names, self._base, strict=True)
-        ]
+        self.memory = memory
+        pairs = list(zip(self.names, self._base, strict=True))
+        self._vectors: list[torch.Tensor] | SpilledVectors
+        if memory == "in_memory":
+            self._vectors = [self._stack(n, b, task_vectors, vector_dtype, prepare)
+                             for n, b in pairs]
+            self._blocks, self._rest = [], list(self.names)
+        elif memory == "stream":  # without prepare, one task vector resident at a time
+            self._vectors = SpilledVectors(
+                [(n, tuple(b.shape)) for n, b in pairs], k, vector_dtype,
+                (self._vectors_of(n, b, task_vectors) if prepare is None
+                 else self._stack(n, b, task_vectors, vector_dtype, prepare) for n, b in pairs),
+                device=self._base[0].device, workdir=workdir)
+            self._blocks, self._rest = self._block_plan()
+        else:
+            raise LearnError(f"unknown memory mode {memory!r}", fix="use in_memory or stream")
         w_dtype = torch.promote_types(torch.float32, vector_dtype)
         self.weight = nn.Parameter(
             torch.tensor(starts, dtype=w_dtype, device=self._base[0].device)
@@ -429,14 +462,37 @@ class MergedModel(nn.Module):
     ) -> torch.Tensor:
         wide = torch.promote_types(base.dtype, torch.float32)
         stacked = torch.empty((len(task_vectors), *base.shape), dtype=wide)
-        for i, (expert, vectors) in enumerate(zip(self.expert_names, task_vectors, strict=True)):
-            vector = vectors[name]
-            if vector.shape != base.shape:
-                raise _shape_error(expert, name, vector.shape, base.shape)
+        for i, vector in enumerate(self._vectors_of(name, base, task_vectors)):
             stacked[i] = vector
         if prepare is not None:
             stacked = prepare(stacked)
         return stacked.to(device=base.device, dtype=dtype)
+
+    def _block_plan(self) -> tuple[list[tuple[nn.Module, str, list[int]]], list[str]]:
+        """Return (each numbered block, its name prefix, the indices of the merged tensors
+        it owns) and the names of the merged tensors no block owns. A block owns a tensor
+        whose name and tied aliases all lie inside it."""
+        outside: dict[str, list[str]] = {}
+        for alias, primary in self._aliases.items():
+            outside.setdefault(primary, []).append(alias)
+        blocks, owned = [], set()
+        for name, block in named_blocks(self.module):
+            prefix = name + "."
+            indices = [i for i, n in enumerate(self.names) if n.startswith(prefix)
+                       and all(a.startswith(prefix) for a in outside.get(n, []))]
+            blocks.append((block, prefix, indices))
+            owned.update(indices)
+        return blocks, [n for i, n in enumerate(self.names) if i not in owned]
+
+    def _vectors_of(self, name: str, base: torch.Tensor,
+                    task_vectors: Sequence[Mapping[str, torch.Tensor]]) -> Iterator[torch.Tensor]:
+        """Yield tensor ``name``'s task vector of each expert in turn, read as it is asked
+        for; LearnError if one's shape is not the base's."""
+        for expert, vectors in zip(self.expert_names, task_vectors, strict=True):
+            vector = vectors[name]
+            if vector.shape != base.shape:
+                raise _shape_error(expert, name, vector.shape, base.shape)
+            yield vector
 
     def _add_head(self, task: str, head: Head) -> None:
         if isinstance(head, nn.Module):
@@ -486,27 +542,34 @@ class MergedModel(nn.Module):
         """
         coefficients = self.coefficients()
         wanted = None if names is None else set(names)
-        merged = {}
-        for name, base, vectors, group in zip(
-            self.names, self._base, self._vectors, self._group_of, strict=True
-        ):
-            if wanted is not None and name not in wanted:
-                continue
-            c = coefficients[:, group].to(vectors.dtype)
-            if isinstance(group, slice):  # a coefficient per row: K row-scaled additions
-                rows = c.shape[1]
-                delta = torch.zeros((rows, base.numel() // rows), dtype=vectors.dtype,
-                                    device=base.device)
-                for row_scale, vector in zip(c, vectors.reshape(len(c), rows, -1), strict=True):
-                    delta.addcmul_(row_scale.unsqueeze(-1), vector)
-                merged[name] = (base.reshape(rows, -1) + delta.to(base.dtype)).reshape(base.shape)
-                continue
-            flat = vectors.reshape(len(c), -1)
-            if vectors.dtype == base.dtype:  # one fused op, no temporary delta
-                merged[name] = torch.addmv(base.reshape(-1), flat.T, c).reshape(base.shape)
-            else:
-                merged[name] = base + (c @ flat).reshape(base.shape).to(base.dtype)
-        return merged
+        return {name: self._merged(index, coefficients) for index, name in enumerate(self.names)
+                if wanted is None or name in wanted}
+
+    def _merged(self, index: int, coefficients: torch.Tensor) -> torch.Tensor:
+        """Return merged tensor ``index`` under ``coefficients`` (map(W)), differentiable
+        w.r.t. them; reads its stacked task vectors (from the file when streamed)."""
+        base, group = self._base[index], self._group_of[index]
+        if isinstance(self._vectors, SpilledVectors):
+            return self._vectors.merge(index, base, coefficients[:, group])
+        vectors = self._vectors[index]
+        c = coefficients[:, group].to(vectors.dtype)
+        if isinstance(group, slice):  # a coefficient per row: K row-scaled additions
+            rows = c.shape[1]
+            delta = torch.zeros((rows, base.numel() // rows), dtype=vectors.dtype,
+                                device=base.device)
+            for row_scale, vector in zip(c, vectors.reshape(len(c), rows, -1), strict=True):
+                delta.addcmul_(row_scale.unsqueeze(-1), vector)
+            return (base.reshape(rows, -1) + delta.to(base.dtype)).reshape(base.shape)
+        flat = vectors.reshape(len(c), -1)
+        if vectors.dtype == base.dtype:  # one fused op, no temporary delta
+            return torch.addmv(base.reshape(-1), flat.T, c).reshape(base.shape)
+        return base + (c @ flat).reshape(base.shape).to(base.dtype)
+
+    def run_weights(self) -> dict[str, torch.Tensor]:
+        """Return the merged tensors :meth:`forward` takes as ``weights``: all of them in
+        memory; streamed, those outside the blocks (the blocks build theirs as they run).
+        Costs a read of the stacked task vectors of the tensors it merges."""
+        return self.merged_parameters(None if not self._blocks else self._rest)
 
     def merged_leaves(self, *, streamed: bool = False) -> MergedLeaves:
         """Return the merged tensors as leaves that require grad, for a backward pass.
@@ -518,10 +581,11 @@ class MergedModel(nn.Module):
         held meanwhile (one weight set); ``streamed=True`` reduces each leaf's gradient as
         soon as a backward pass computes it and frees it, holding none, at the cost of one
         read of the task vectors per backward pass instead of one in all. Costs one merged
-        weight set.
+        weight set; streamed, the leaves are only the tensors outside the blocks (the blocks'
+        gradients reach W through :meth:`forward`).
         """
         with torch.no_grad():
-            merged = self.merged_parameters()
+            merged = self.run_weights()
         leaves = MergedLeaves(self, merged)
         for name, tensor in merged.items():
             tensor.requires_grad_()
@@ -539,16 +603,35 @@ class MergedModel(nn.Module):
     ) -> Any:
         """Run the module with merged weights and ``task``'s head; returns the module's output.
 
-        ``weights`` (from :meth:`merged_parameters`) lets several tasks share one merge.
+        ``weights`` (from :meth:`run_weights`) lets several tasks share one merge. Streamed,
+        each block builds its merged tensors from the current W as it runs (entries of
+        ``weights`` inside a block it owns are ignored).
         """
-        weights = self.merged_parameters() if weights is None else weights
+        weights = self.run_weights() if weights is None else weights
         if self.tasks and task not in self.tasks:
             raise LearnError(
                 f"no head for task {task!r}", fix=f"tasks with a head: {', '.join(self.tasks)}"
             )
         head = self.head_modules[task] if task in self.head_modules else \
             self._tensor_heads.get(task)
-        return run_with_head(self.module, weights, head, args, kwargs)
+        if not self._blocks:
+            return run_with_head(self.module, weights, head, args, kwargs)
+        given = {**weights, **head} if isinstance(head, Mapping) else weights
+        coefficients = self.coefficients()
+        builds = [(block, partial(self._block_weights, prefix, indices,
+                                  {n[len(prefix):]: t for n, t in given.items()
+                                   if n.startswith(prefix)}))
+                  for block, prefix, indices in self._blocks]
+        with streamed_blocks(builds, coefficients):
+            return run_with_head(self.module, weights, head, args, kwargs)
+
+    def _block_weights(self, prefix: str, indices: Sequence[int],
+                       given: Mapping[str, torch.Tensor], coefficients: torch.Tensor,
+                       ) -> dict[str, torch.Tensor]:
+        """Return a block's tensors by their names in it: those ``given`` (merged outside,
+        or a head's), then the ones it owns merged under ``coefficients``."""
+        built = {self.names[i][len(prefix):]: self._merged(i, coefficients) for i in indices}
+        return {**given, **built}
 
     # -- results ------------------------------------------------------------------------
     @torch.no_grad()

@@ -42,6 +42,12 @@ class LearnParams(Params):
     vector_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype the task vectors are held in (bfloat16 halves memory)"
     )
+    memory: Literal["in_memory", "stream"] = Field(
+        "in_memory", description="in_memory: hold the K task vectors (K model sizes); "
+        "stream: keep them in a temporary file and build each transformer block's merged "
+        "weights when it runs (the base, one block's merged weights, the tensors outside "
+        "the blocks; each block runs twice per task and step; same coefficients)",
+    )
     stream_gradients: bool = Field(
         False, description="reduce each merged tensor's gradient as soon as it is computed: "
         "one weight set less memory, slower steps (the task vectors are read once per task)",
@@ -65,6 +71,7 @@ class LearnParams(Params):
             "granularity": self.granularity,
             "init": self.init,
             "vector_dtype": VECTOR_DTYPES[self.vector_dtype],
+            "memory": self.memory,
         }
 
     def fit_options(self) -> dict[str, Any]:
@@ -115,6 +122,9 @@ class SuperMergeParams(LearnParams):
         if self.layerwise and (self.objective != "distill" or self.feature_weight <= 0):
             raise ValueError("layerwise fits the experts' block states: it needs objective "
                              "distill with feature_weight > 0")
+        if self.layerwise and self.memory == "stream":
+            raise ValueError("layerwise fitting holds the task vectors in memory: use memory "
+                             "stream with layerwise false (end to end), or memory in_memory")
         return self
 
     def model_options(self) -> dict[str, Any]:

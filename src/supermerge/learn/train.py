@@ -191,7 +191,7 @@ def check_tasks(model: MergedModel, tasks: Sequence[Task], *, needs_labels: bool
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise LearnError(f"task names repeat: {names}", fix="name each task once")
-    weights = model.merged_parameters()
+    weights = model.run_weights()
     for task in tasks:
         source = task.data.source
         if model.tasks and task.name not in model.tasks:
@@ -239,7 +239,7 @@ def prediction_loss(model: MergedModel, tasks: Sequence[Task], objective: Object
     parts = [held if held is not None else train for train, held in splits]
     predictions = replace(as_objective(objective), feature_weight=0.0)
     with eval_mode(model), torch.no_grad():
-        return _loss(model, tasks, parts, predictions, model.merged_parameters())[0]
+        return _loss(model, tasks, parts, predictions, model.run_weights())[0]
 
 
 def prediction_losses(model: MergedModel, tasks: Sequence[Task], objective: Objective, *,
@@ -251,7 +251,7 @@ def prediction_losses(model: MergedModel, tasks: Sequence[Task], objective: Obje
     parts = [held if held is not None else train for train, held in splits]
     predictions = replace(as_objective(objective), feature_weight=0.0)
     with eval_mode(model), torch.no_grad():
-        weights = model.merged_parameters()
+        weights = model.run_weights()
         return [torch.tensor([_task_loss(model, task, part.select(torch.tensor([i])),
                                          predictions, weights)[0].item()
                               for i in range(len(part))], dtype=torch.float64)
@@ -395,7 +395,7 @@ def evaluate(model: MergedModel, tasks: Sequence[Task],
               step: int, parallel: DataParallel | None = None) -> Evaluation:
     """Return the objective's losses on the training and held-out parts at ``step`` (and
     the held-out accuracy). Costs one merge and a forward pass over every example."""
-    weights = model.merged_parameters()
+    weights = model.run_weights()
     train, _ = _loss(model, tasks, [t for t, _ in splits], objective, weights, parallel)
     heldout = accuracy = None
     if any(h is not None for _, h in splits):
