@@ -203,7 +203,7 @@ def test_benchmark_smoke(built, tiny_base, tasks, tmp_path):
     assert {"linear", "task_arithmetic", "ties", "dare_ties", "slerp"} <= run
     assert set(on_disk["methods"]) == run | {"adamerging", "fisher", "regmean", "supermerge",
                                              "supermerge_paper", "supermerge_hierarchical",
-                                             "twin", "surgery"}
+                                             "twin", "surgery", "supermerge_surgery"}
     assert set(on_disk["not_run"]) == not_run and "passthrough" in not_run
     for name, row in on_disk["methods"].items():
         assert set(row["per_task"]) == {"colour", "animal"}, name
@@ -222,6 +222,7 @@ def test_benchmark_smoke(built, tiny_base, tasks, tmp_path):
     assert on_disk["methods"]["supermerge"]["non_default"] == {"steps": [2, 40]}
     markdown = (tmp_path / "demo" / "results.md").read_text()
     assert "supermerge ran with steps 2 (default 40)." in markdown
+    assert "supermerge_surgery then ran Representation Surgery" in markdown
     assert "| ties (lambda " in markdown and "Not run: passthrough" in markdown
     assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 1000
     assert not (tmp_path / "demo" / ".work").exists()

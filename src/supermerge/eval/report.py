@@ -101,6 +101,8 @@ def benchmark_notes(results: Mapping[str, Any]) -> list[str]:
     lines += [f"{name} ran with every default of its method."
               for name, row in results["methods"].items()
               if "non_default" in row and not row["non_default"]]
+    lines += [f"{name} then ran {row['then']}." for name, row in results["methods"].items()
+              if row.get("then")]
     lines += [f"{name} kept {row['configuration']} by held-out prediction loss (" + ", ".join(
         f"{label} {loss:.4f}" for label, loss in row["selection"].items()) + ")."
         for name, row in results["methods"].items() if row.get("selection")]

@@ -45,7 +45,7 @@ from supermerge.progress import Progress, ignore
 log = logging.getLogger(__name__)
 
 LEARNED_RUNS = ("adamerging", "fisher", "regmean", "twin", "surgery", "supermerge",
-                "supermerge_paper", "supermerge_hierarchical")
+                "supermerge_surgery", "supermerge_paper", "supermerge_hierarchical")
 PAPER = {"objective": "labels", "basis": "task_vectors"}
 """SuperMerge as its paper configures it (cross-entropy on labels, raw task vectors)."""
 Row = dict[str, Any]
@@ -341,6 +341,7 @@ class _Bench:
         from supermerge.io import open_checkpoint
         from supermerge.learn import CheckpointState, TaskData, export_outcome, get_learned_method
         from supermerge.learn import Task as LearnTask
+        from supermerge.learn.surgery import with_surgery
 
         method = get_learned_method(learned_method_name(name))
         params = dict(self.config.learned_params(name) if params is None else params)
@@ -358,15 +359,22 @@ class _Bench:
             experts = {n: CheckpointState(stack.enter_context(open_checkpoint(e.path)))
                        for n, e in self.experts.items()}
             started = time.perf_counter()
+            def report_progress(stage: str, done: int, total: int, info: Any = None) -> None:
+                progress(f"{stage} {name}", done, total, info)
+
             outcome = method.run(module, experts, data, heads=self.heads,
-                                 progress=lambda stage, d, t, info=None: progress(
-                                     f"{stage} {name}", d, t, info), **params)
+                                 progress=report_progress, **params)
+            if name == "supermerge_surgery":  # SuperMerge's merge, repaired per task
+                outcome = with_surgery(outcome, module, experts, data, heads=self.heads,
+                                       progress=report_progress)
             seconds = time.perf_counter() - started
         extra: dict[str, Any] = {}
         if outcome.merge is not None:
             fit = outcome.merge.fits["root"]
             extra = {"heldout_loss": fit.heldout_loss, "objective": fit.objective,
                      "configuration": outcome.merge.chosen, "selection": outcome.merge.selection}
+        if name == "supermerge_surgery":
+            extra["then"] = "Representation Surgery (surgery's defaults) on its merged model"
         routed = bool(outcome.files)  # a router or surgery beside the model: scored from disk
         if self.config.keep_models or routed:
             export_outcome(self.target(name), outcome, method=method.name, overwrite=True,
