@@ -176,7 +176,7 @@ def surgery_merge(
     head_prefix: str | None = None, heads: Mapping[str, Head] | None = None,
     progress: Progress | None = None, merge: str = "task_arithmetic", scale: float = 0.3,
     density: float = 0.2, rank: int = 16, steps: int = 200, lr: float = 1e-3,
-    batch_size: int = 32, seed: int = 0, **_unused: Any,
+    batch_size: int = 32, seed: int = 0,
 ) -> ClosedForm:
     """``surgery``: the data-free ``merge`` of the experts, with a surgery module per task
     (see the module docstring). Costs the merge (one read of every expert) and

@@ -173,7 +173,6 @@ def twin_merge(
     hidden: int = 64,
     batch_size: int = 32,
     seed: int = 0,
-    **_unused: Any,
 ) -> ClosedForm:
     """Twin-Merging: the shared expert's tensors, and the compressed exclusive parts and
     router as ``twin.safetensors`` / ``twin.json`` (see the module docstring).
